@@ -1,0 +1,157 @@
+"""The `dlstore` command line: build zoos, ask SQL questions, inspect runs.
+
+Errors a user can cause print as one line on stderr with exit status 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import sys
+from pathlib import Path
+
+import polars as pl
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from dlstore.errors import DlstoreError
+
+DEFAULT_STORE = "dlstore-store"
+
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="dlstore: build populations of neural networks and query them with SQL.",
+)
+out = Console()
+err = Console(stderr=True)
+
+StoreOption = typer.Option(DEFAULT_STORE, "--store", "-s", envvar="DLSTORE_STORE",
+                           help="Store directory (env DLSTORE_STORE).")
+
+
+class Device(str, enum.Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Format(str, enum.Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+@app.command("build-zoo")
+def build_zoo_command(
+    spec: Path = typer.Argument(..., help="Zoo spec (TOML), e.g. zoo/quickstart.toml."),
+    store: str = StoreOption,
+    device: Device = typer.Option(Device.auto, help="Where to train: auto picks cuda if present."),
+) -> None:
+    """Train every run of SPEC that STORE does not hold yet (resumable, idempotent)."""
+    from dlstore.store.store import Store
+    from dlstore.zoo.builder import build_zoo
+    from dlstore.zoo.spec import ZooSpec
+
+    zoo = ZooSpec.from_toml(spec)
+    target = Store(store, create=True)
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(),
+               TextColumn("{task.percentage:>5.1f}%"), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=False) as bar:
+        task = bar.add_task(f"{zoo.name}: training", total=None)
+
+        def advance(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=max(total, 1))
+
+        report = build_zoo(zoo, target, device=device.value, progress=advance)
+    out.print(
+        f"zoo [bold]{report.zoo}[/]: {report.runs_built} runs built "
+        f"({report.runs_diverged} diverged), {report.runs_skipped} already in the store, "
+        f"{report.cohorts} cohorts, {report.checkpoints} cohort checkpoints, "
+        f"{report.seconds:.1f} s ({report.train_seconds:.1f} s in training steps) -> {store}"
+    )
+
+
+@app.command()
+def sql(
+    query: str = typer.Argument(..., help="SQL over the views runs, checkpoints, metrics, "
+                                          "final, curves, metrics_wide, zoos."),
+    store: str = StoreOption,
+    format: Format = typer.Option(Format.table, "--format", "-f"),
+) -> None:
+    """Answer a SQL query over the store."""
+    from dlstore.store.store import Store
+
+    _print_frame(Store(store).sql(query), format)
+
+
+@app.command()
+def runs(
+    store: str = StoreOption,
+    zoo: str = typer.Option(None, help="Only runs of this zoo."),
+    format: Format = typer.Option(Format.table, "--format", "-f"),
+) -> None:
+    """List the runs in the store."""
+    from dlstore.store.store import Store
+
+    frame = Store(store).runs(zoo).select(
+        "run_id", "zoo", "status", "arch", "dataset", "width", "depth", "n_params", "n_train",
+        "label_noise", "optimizer", "lr", "weight_decay", "batch_size", "total_steps", "seed")
+    _print_frame(frame, format)
+
+
+@app.command()
+def show(run_id: str = typer.Argument(..., help="A run id, as listed by `dlstore runs`."),
+         store: str = StoreOption) -> None:
+    """Show one run: its config, its checkpoints and its final metrics."""
+    from dlstore.store.store import Store
+
+    s = Store(store)
+    run = s.run(run_id)
+    table = Table(show_header=False, box=None)
+    for key, value in run.items():
+        if key == "config":
+            value = json.dumps(json.loads(value), indent=1)
+        table.add_row(f"[bold]{key}[/]", str(value))
+    out.print(table)
+    steps = s.sql(f"SELECT step FROM checkpoints WHERE run_id = '{run_id}' ORDER BY step")
+    out.print(f"[bold]checkpoints[/] at steps {steps['step'].to_list()}")
+    final = s.sql(f"SELECT metric, tensor, value FROM final WHERE run_id = '{run_id}' "
+                  "ORDER BY metric, tensor")
+    out.print(f"[bold]metrics at step {run['final_step']}[/]")
+    _print_frame(final, Format.table)
+
+
+def _print_frame(frame: pl.DataFrame, format: Format) -> None:
+    if format is Format.csv:
+        sys.stdout.write(frame.write_csv())
+    elif format is Format.json:
+        sys.stdout.write(json.dumps(frame.to_dicts(), default=str) + "\n")
+    else:
+        table = Table(*frame.columns, header_style="bold")
+        for row in frame.iter_rows():
+            table.add_row(*(_cell(v) for v in row))
+        out.print(table)
+        out.print(f"[dim]{frame.height} rows[/]")
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "" if value is None else str(value)
+
+
+def main() -> None:
+    try:
+        app()
+    except DlstoreError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err.print("interrupted; rerun the same command to resume")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""Errors a user can cause. The CLI prints any DlstoreError as one line and exits non-zero."""
+
+
+class DlstoreError(Exception):
+    """Base class: something the user gave (spec, store, run id, query, file) is wrong."""
+
+
+class SpecError(DlstoreError):
+    """A zoo spec is malformed: unknown key, wrong type, unknown dataset or architecture."""
+
+
+class StoreError(DlstoreError):
+    """A store is missing, unreadable, or not a dlstore store."""
+
+
+class NotFoundError(DlstoreError):
+    """A run id, step or blob that the store does not hold."""
+
+
+class QueryError(DlstoreError):
+    """A SQL query failed to parse, bind or run."""
+
+
+class CorruptBlobError(DlstoreError):
+    """A weight shard whose bytes do not match its content hash, or that cannot be read."""
+
+
+class DataMismatchError(DlstoreError):
+    """Regenerated training data differs from what a run recorded it trained on."""
+
+
+def format_validation_error(error, prefix: str = "") -> str:
+    """One line naming every bad field of a pydantic ValidationError, e.g.
+    `train.lr: Input should be greater than 0; train.epochs: ...`."""
+    parts = []
+    for err in error.errors():
+        loc = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
+        parts.append(f"{loc}: {err['msg']}" if loc else err["msg"])
+    return "; ".join(parts)

@@ -1,0 +1,59 @@
+"""Whole-model metrics recorded at every checkpoint, computed for all members of a cohort at once.
+
+Functions take stacked parameters (a leading member axis P) and return one value per member.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+Params = dict[str, torch.Tensor]
+
+BASIC_METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "weight_norm",
+                 "dist_from_init")
+
+
+def loss_and_accuracy(forward: Callable[[Params, torch.Tensor], torch.Tensor], params: Params,
+                      x: torch.Tensor, y: torch.Tensor, n_valid: torch.Tensor | None = None,
+                      chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy and accuracy of every member on a whole split.
+
+    `forward(params, x)` maps stacked params [P, ...] and shared inputs [N, ...] to logits
+    [P, N, C]. `y` is [N] (shared labels) or [P, N] (per-member labels, e.g. label noise);
+    `n_valid` [P] restricts member i to the first n_valid[i] examples (its training subset).
+    Examples are processed in chunks to bound activation memory.
+    """
+    n_members = next(iter(params.values())).shape[0]
+    n = x.shape[0]
+    loss_sum = torch.zeros(n_members, dtype=torch.float64, device=x.device)
+    correct = torch.zeros(n_members, dtype=torch.float64, device=x.device)
+    for start in range(0, n, chunk):
+        xs = x[start:start + chunk]
+        logits = forward(params, xs)  # [P, n, C]
+        ys = (y[start:start + chunk] if y.dim() == 1 else y[:, start:start + chunk])
+        ys = ys.expand(n_members, -1)
+        losses = F.cross_entropy(logits.transpose(1, 2), ys, reduction="none")
+        hits = (logits.argmax(-1) == ys).to(torch.float64)
+        if n_valid is not None:
+            keep = (torch.arange(start, start + xs.shape[0], device=x.device)[None, :]
+                    < n_valid[:, None])
+            losses = torch.where(keep, losses, 0.0)
+            hits = hits * keep
+        loss_sum += losses.sum(1, dtype=torch.float64)
+        correct += hits.sum(1)
+    count = n_valid.to(torch.float64) if n_valid is not None else torch.full_like(loss_sum, n)
+    return loss_sum / count, correct / count
+
+
+def weight_norm(params: Params) -> torch.Tensor:
+    """L2 norm of all parameters of each member."""
+    return torch.sqrt(sum(p.flatten(1).to(torch.float64).pow(2).sum(1) for p in params.values()))
+
+
+def dist_from_init(params: Params, init: Params) -> torch.Tensor:
+    """L2 distance of each member's parameters from its initial parameters."""
+    return torch.sqrt(sum((params[k] - init[k]).flatten(1).to(torch.float64).pow(2).sum(1)
+                          for k in params))

@@ -1,0 +1,94 @@
+"""The Arrow schema of every table: the single source of truth for what the store holds.
+
+Tables are appended to, never updated in place. Rows written by one cohort commit share a
+`commit_id`; the views in `store/catalog.py` show metric and checkpoint rows only when the run's
+`runs` row (written last) carries the same commit id, so rows left by an interrupted commit, or by
+a build that was rerun after a crash, are never visible.
+"""
+
+import pyarrow as pa
+
+TS = pa.timestamp("us", tz="UTC")
+
+ZOOS = pa.schema([
+    ("zoo", pa.string()),
+    ("spec", pa.string()),          # the TOML text as given
+    ("spec_hash", pa.string()),     # sha256 of the text
+    ("n_runs", pa.int64()),
+    ("created_at", TS),
+    ("dlstore_version", pa.string()),
+])
+
+RUNS = pa.schema([
+    ("run_id", pa.string()),
+    ("zoo", pa.string()),
+    ("status", pa.string()),        # complete | diverged
+    ("arch", pa.string()),
+    ("dataset", pa.string()),
+    ("width", pa.int64()),
+    ("depth", pa.int64()),
+    ("n_params", pa.int64()),
+    ("n_train", pa.int64()),
+    ("label_noise", pa.float64()),
+    ("optimizer", pa.string()),
+    ("lr", pa.float64()),
+    ("momentum", pa.float64()),     # null for adam
+    ("weight_decay", pa.float64()),
+    ("batch_size", pa.int64()),
+    ("schedule", pa.string()),
+    ("epochs", pa.int64()),         # null when the spec gives steps
+    ("total_steps", pa.int64()),
+    ("seed", pa.int64()),
+    ("init_seed", pa.int64()),
+    ("order_seed", pa.int64()),
+    ("noise_seed", pa.int64()),
+    ("n_classes", pa.int64()),
+    ("input_shape", pa.list_(pa.int64())),
+    ("config", pa.string()),        # the full run config as JSON, defaults spelled out
+    ("final_step", pa.int64()),     # last checkpoint step with weights (before divergence)
+    ("diverged_step", pa.int64()),  # step whose loss was NaN/inf; null if none
+    ("parent_run_id", pa.string()),
+    ("cohort_id", pa.string()),
+    ("commit_id", pa.string()),
+    ("data_hash", pa.string()),     # fingerprint of the exact tensors the run used
+    ("device", pa.string()),
+    ("train_seconds", pa.float64()),  # the cohort's training time, split evenly over members
+    ("created_at", TS),
+    ("dlstore_version", pa.string()),
+    ("torch_version", pa.string()),
+])
+
+CHECKPOINTS = pa.schema([
+    ("run_id", pa.string()),
+    ("step", pa.int64()),
+    ("epoch", pa.float64()),
+    ("blob", pa.string()),          # sha256 of the shard file
+    ("member", pa.int32()),         # index along the shard's leading axis
+    ("dtype", pa.string()),
+    ("n_bytes", pa.int64()),        # bytes of this member's tensors
+    ("commit_id", pa.string()),
+])
+
+METRICS = pa.schema([
+    ("run_id", pa.string()),
+    ("step", pa.int64()),
+    ("metric", pa.string()),
+    ("tensor", pa.string()),        # state-dict name for per-tensor metrics; null otherwise
+    ("value", pa.float64()),
+    ("commit_id", pa.string()),
+])
+
+TABLES: dict[str, pa.Schema] = {
+    "zoos": ZOOS,
+    "runs": RUNS,
+    "checkpoints": CHECKPOINTS,
+    "metrics": METRICS,
+}
+
+# Run columns that describe what was trained: joined onto metric rows by the `final` and
+# `curves` views so that a query can group by them directly.
+HYPERPARAMETER_COLUMNS = (
+    "run_id", "zoo", "status", "arch", "dataset", "width", "depth", "n_params", "n_train",
+    "label_noise", "optimizer", "lr", "momentum", "weight_decay", "batch_size", "schedule",
+    "epochs", "total_steps", "seed",
+)

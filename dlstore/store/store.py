@@ -1,0 +1,175 @@
+"""Store: the one object through which everything reads and writes a store.
+
+    <store>/tables/<table>/        Delta Lake tables (Parquet + _delta_log)
+    <store>/blobs/ab/cdef....safetensors   content-addressed cohort shards
+
+Commit order makes crashes harmless: shards first (`put_shard`), then checkpoint and metric rows,
+then the runs rows last (`commit`). A run exists for queries only once its runs row exists.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from pathlib import Path
+
+import duckdb
+import polars as pl
+import torch
+from torch import nn
+
+from dlstore.errors import DataMismatchError, NotFoundError, QueryError, StoreError
+from dlstore.store.blobs import BlobStore
+from dlstore.store.catalog import Catalog
+from dlstore.store.tables import Tables
+from dlstore.zoo.data import parse_dataset_options, run_data
+from dlstore.zoo.models import parse_arch_options
+
+_MARKER = "dlstore.json"
+FORMAT_VERSION = 1
+
+
+class Store:
+    """A dlstore store on the local filesystem. Use `dlstore.open(path)`."""
+
+    def __init__(self, root: str | Path, create: bool = False):
+        self.root = Path(root)
+        marker = self.root / _MARKER
+        if not marker.is_file():
+            if not create:
+                what = "is a file, not a store" if self.root.is_file() else (
+                    "holds no dlstore store" if self.root.exists() else "does not exist")
+                raise StoreError(f"store {self.root} {what}; build a zoo into it first "
+                                 "(dlstore build-zoo SPEC --store PATH)")
+            self._initialise(marker)
+        self.blobs = BlobStore(self.root / "blobs")
+        self.tables = Tables(self.root / "tables")
+        if create:
+            self.tables.create_missing()
+        self.catalog = Catalog(self.tables)
+
+    def _initialise(self, marker: Path) -> None:
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"store path {self.root} is a file, not a directory")
+        if self.root.is_dir() and any(self.root.iterdir()):
+            raise StoreError(f"{self.root} is a non-empty directory that holds no dlstore store; "
+                             "choose an empty or new directory")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            marker.write_text(json.dumps({"format": "dlstore", "version": FORMAT_VERSION}) + "\n")
+        except OSError as e:
+            raise StoreError(f"cannot create a store at {self.root}: {e}") from None
+
+    # -- queries --------------------------------------------------------------------------
+
+    def sql(self, query: str) -> pl.DataFrame:
+        """Run a SQL query over the store's views (runs, checkpoints, metrics, final, curves,
+        metrics_wide, zoos) and return a polars DataFrame."""
+        con = self.catalog.refresh()
+        try:
+            relation = con.sql(query)
+        except duckdb.Error as e:
+            raise QueryError(_one_line(e)) from None
+        if relation is None:
+            raise QueryError("the statement returned no rows; dlstore sql answers queries only")
+        try:
+            return relation.pl()
+        except duckdb.Error as e:
+            raise QueryError(_one_line(e)) from None
+
+    def runs(self, zoo: str | None = None) -> pl.DataFrame:
+        where = "" if zoo is None else f"WHERE zoo = '{zoo.replace(chr(39), chr(39) * 2)}'"
+        return self.sql(f"SELECT * FROM runs {where} ORDER BY zoo, run_id")
+
+    def run(self, run_id: str) -> dict:
+        """The runs row of one run, as a dict."""
+        rows = self._lookup("SELECT * FROM runs WHERE run_id = ?", [run_id])
+        if not rows:
+            raise NotFoundError(f"no run {run_id!r} in store {self.root}")
+        return rows[0]
+
+    def run_ids(self) -> set[str]:
+        return {r["run_id"] for r in self._lookup("SELECT run_id FROM runs", [])}
+
+    def _lookup(self, query: str, params: list) -> list[dict]:
+        # through Arrow/polars: DuckDB's own fetchall() needs pytz for timestamp columns
+        return self.catalog.refresh().sql(query, params=params).to_arrow_table().to_pylist()
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def checkpoint(self, run_id: str, step: int | None = None) -> dict:
+        """The checkpoints row of (run_id, step); step None = the run's last checkpoint."""
+        run = self.run(run_id)
+        step = run["final_step"] if step is None else step
+        rows = self._lookup("SELECT * FROM checkpoints WHERE run_id = ? AND step = ?",
+                            [run_id, step])
+        if not rows:
+            steps = [r["step"] for r in self._lookup(
+                "SELECT step FROM checkpoints WHERE run_id = ? ORDER BY step", [run_id])]
+            raise NotFoundError(f"run {run_id} has no checkpoint at step {step}; "
+                                f"its checkpoints are at steps {steps}")
+        return rows[0]
+
+    def load_state_dict(self, run_id: str, step: int | None = None) -> dict[str, torch.Tensor]:
+        row = self.checkpoint(run_id, step)
+        return self.blobs.read_member(row["blob"], row["member"])
+
+    def load_model(self, run_id: str, step: int | None = None) -> nn.Module:
+        """The run's network at `step` (None = last checkpoint), in eval mode, on the CPU."""
+        run = self.run(run_id)
+        config = json.loads(run["config"])
+        model = parse_arch_options(config["model"]).build(tuple(run["input_shape"]),
+                                                          run["n_classes"])
+        model.load_state_dict(self.load_state_dict(run_id, step))
+        return model.eval()
+
+    def load_dataset(self, run_id: str) -> dict[str, torch.Tensor]:
+        """The tensors the run trained on (its subset, its label noise) and was evaluated on,
+        regenerated and checked against the fingerprint recorded at training time."""
+        run = self.run(run_id)
+        config = json.loads(run["config"])
+        data = run_data(parse_dataset_options(config["dataset"]), config["seed"])
+        if data.fingerprint() != run["data_hash"]:
+            raise DataMismatchError(
+                f"regenerated data for run {run_id} differs from what it trained on (a dataset "
+                "generator changed since it was built); its weights are intact")
+        return {"x_train": data.x_train, "y_train": data.y_train,
+                "x_test": data.x_test, "y_test": data.y_test}
+
+    # -- writing (the builder's side) -----------------------------------------------------
+
+    def put_shard(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+        return self.blobs.put(tensors, metadata)
+
+    def commit(self, checkpoints: list[dict], metrics: list[dict], runs: list[dict]) -> str:
+        """Append one cohort's rows, runs last; returns the commit id stamped on every row."""
+        commit_id = uuid.uuid4().hex
+        now = dt.datetime.now(dt.timezone.utc)
+        for rows in (checkpoints, metrics, runs):
+            for row in rows:
+                row["commit_id"] = commit_id
+        for row in runs:
+            row.setdefault("created_at", now)
+        self.tables.append("checkpoints", checkpoints)
+        self.tables.append("metrics", metrics)
+        self.tables.append("runs", runs)
+        return commit_id
+
+    def record_zoo(self, row: dict) -> bool:
+        """Add a zoos row unless this exact spec text is already recorded for the zoo."""
+        seen = self._lookup("SELECT 1 FROM zoos WHERE zoo = ? AND spec_hash = ?",
+                            [row["zoo"], row["spec_hash"]])
+        if seen:
+            return False
+        self.tables.append("zoos", [{"created_at": dt.datetime.now(dt.timezone.utc), **row}])
+        return True
+
+
+def open(path: str | Path) -> Store:  # noqa: A001 - mirrors dlstore.open
+    return Store(path)
+
+
+def _one_line(error: Exception) -> str:
+    lines = [ln.strip() for ln in str(error).strip().splitlines() if ln.strip()]
+    return " ".join(lines[:3])

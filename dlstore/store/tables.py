@@ -1,0 +1,47 @@
+"""Delta Lake tables: one per schema in `dlstore.schemas`, appended to with ACID commits.
+
+Several processes may append to the same table at once (Delta's optimistic concurrency); a
+reader sees the files of one committed snapshot and never blocks a writer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+from deltalake import DeltaTable, write_deltalake
+from deltalake.exceptions import DeltaError, TableNotFoundError
+
+from dlstore.errors import StoreError
+from dlstore.schemas import TABLES
+
+
+class Tables:
+    def __init__(self, root: Path):
+        self.root = root
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    def create_missing(self) -> None:
+        for name, schema in TABLES.items():
+            if not DeltaTable.is_deltatable(str(self.path(name))):
+                self.path(name).mkdir(parents=True, exist_ok=True)
+                DeltaTable.create(str(self.path(name)), schema=schema, mode="ignore")
+
+    def append(self, name: str, rows: list[dict]) -> None:
+        if not rows:
+            return
+        table = pa.Table.from_pylist(rows, schema=TABLES[name])
+        write_deltalake(str(self.path(name)), table, mode="append")
+
+    def snapshot(self, name: str) -> tuple[int, list[str]]:
+        """(version, Parquet file URIs) of the table's current snapshot."""
+        try:
+            table = DeltaTable(str(self.path(name)))
+        except TableNotFoundError:
+            raise StoreError(f"table {name!r} is missing from the store ({self.path(name)})"
+                             ) from None
+        except (DeltaError, OSError) as e:
+            raise StoreError(f"table {name!r} cannot be read ({self.path(name)}): {e}") from None
+        return table.version(), table.file_uris()

@@ -1,0 +1,249 @@
+"""Dataset registry: a name in a spec's [dataset] table maps to an options class that generates
+the data in-process. Nothing is ever downloaded.
+
+Every dataset shares three run-level options: `n_train` (the first n examples of the train split,
+so subsets nest), `label_noise` (a fraction of train labels replaced by a different class) and
+`noise_seed` (None = derived from the run's seed). The remaining options decide generation; the
+generated split is cached per process because runs of one zoo share it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from dlstore.errors import SpecError, format_validation_error
+from dlstore.zoo.seeds import derive_seed
+
+RUN_LEVEL = {"n_train", "label_noise", "noise_seed"}
+
+
+@dataclass(frozen=True)
+class DatasetTensors:
+    """A train/test split. Tensors may be shared with the in-process cache: do not modify them."""
+
+    x_train: torch.Tensor  # float32 [N_train, *input_shape]
+    y_train: torch.Tensor  # int64 [N_train]
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    n_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    def fingerprint(self) -> str:
+        """sha256 over shapes, dtypes and bytes of the four tensors: what a run trained on."""
+        digest = hashlib.sha256(f"classes={self.n_classes}".encode())
+        for t in (self.x_train, self.y_train, self.x_test, self.y_test):
+            t = t.detach().cpu().contiguous()
+            digest.update(f"{tuple(t.shape)}{t.dtype}".encode())
+            digest.update(t.numpy().tobytes())
+        return digest.hexdigest()
+
+
+class DatasetOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    n_train: int | None = Field(default=None, ge=1, description="first n train examples")
+    label_noise: float = Field(default=0.0, ge=0.0, lt=1.0, description="fraction relabelled")
+    noise_seed: int | None = Field(default=None, description="None = derived from the run seed")
+
+    def generate(self) -> DatasetTensors:
+        """The full clean split (no subset, no noise)."""
+        raise NotImplementedError
+
+
+DATASETS: dict[str, type[DatasetOptions]] = {}
+
+
+def register_dataset(name: str):
+    def add(cls: type[DatasetOptions]) -> type[DatasetOptions]:
+        DATASETS[name] = cls
+        return cls
+
+    return add
+
+
+def _tensors(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
+             n_classes: int) -> DatasetTensors:
+    return DatasetTensors(
+        torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32),
+        torch.as_tensor(np.ascontiguousarray(y), dtype=torch.int64),
+        torch.as_tensor(np.ascontiguousarray(x_test), dtype=torch.float32),
+        torch.as_tensor(np.ascontiguousarray(y_test), dtype=torch.int64),
+        n_classes,
+    )
+
+
+def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int,
+           n_classes: int) -> DatasetTensors:
+    order = np.random.default_rng(seed).permutation(len(y))
+    n_test = int(round(len(y) * test_fraction))
+    test, train = order[:n_test], order[n_test:]
+    return _tensors(x[train], y[train], x[test], y[test], n_classes)
+
+
+@register_dataset("mnist1d")
+class MNIST1dOptions(DatasetOptions):
+    """MNIST-1D (Greydanus 2020), generated locally: 40-point sequences, 10 classes."""
+
+    name: Literal["mnist1d"]
+    num_samples: int = Field(default=5000, ge=20, description="train + test (80/20)")
+    data_seed: int = Field(default=42, description="generation seed (the package's default)")
+    shuffle_seq: bool = Field(default=False, description="permute the sequence positions")
+
+    def generate(self) -> DatasetTensors:
+        from mnist1d.data import get_dataset_args, make_dataset
+
+        args = get_dataset_args()
+        args.num_samples, args.seed, args.shuffle_seq = (self.num_samples, self.data_seed,
+                                                         self.shuffle_seq)
+        state = np.random.get_state()  # make_dataset seeds numpy's global generator
+        try:
+            d = make_dataset(args)
+        finally:
+            np.random.set_state(state)
+        return _tensors(d["x"], d["y"], d["x_test"], d["y_test"], 10)
+
+
+@register_dataset("digits")
+class DigitsOptions(DatasetOptions):
+    """scikit-learn's 8x8 handwritten digits (1,797 images), scaled to [0, 1], shape [1, 8, 8]."""
+
+    name: Literal["digits"]
+    test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    split_seed: int = 0
+
+    def generate(self) -> DatasetTensors:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        x = (digits.images / 16.0).astype(np.float32)[:, None, :, :]
+        return _split(x, digits.target, self.test_fraction, self.split_seed, 10)
+
+
+@register_dataset("modular")
+class ModularOptions(DatasetOptions):
+    """All pairs (a, b) of Z_p with label a op b mod p; inputs are two concatenated one-hots."""
+
+    name: Literal["modular"]
+    p: int = Field(default=97, ge=2)
+    operation: Literal["add", "sub", "mul"] = "add"
+    train_fraction: float = Field(default=0.5, gt=0.0, lt=1.0)
+    split_seed: int = 0
+
+    def generate(self) -> DatasetTensors:
+        p = self.p
+        a, b = (g.ravel() for g in np.meshgrid(np.arange(p), np.arange(p), indexing="ij"))
+        op = {"add": a + b, "sub": a - b, "mul": a * b}[self.operation]
+        y = np.mod(op, p)
+        x = np.zeros((p * p, 2 * p), dtype=np.float32)
+        x[np.arange(p * p), a] = 1.0
+        x[np.arange(p * p), p + b] = 1.0
+        return _split(x, y, 1.0 - self.train_fraction, self.split_seed, p)
+
+
+@register_dataset("teacher_student")
+class TeacherStudentOptions(DatasetOptions):
+    """Gaussian inputs labelled by the argmax of a random one-hidden-layer tanh teacher."""
+
+    name: Literal["teacher_student"]
+    dim: int = Field(default=20, ge=1)
+    teacher_width: int = Field(default=64, ge=1)
+    n_classes: int = Field(default=10, ge=2)
+    n_samples: int = Field(default=5000, ge=10)
+    test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    data_seed: int = 0
+
+    def generate(self) -> DatasetTensors:
+        rng = np.random.default_rng(self.data_seed)
+        w1 = rng.standard_normal((self.dim, self.teacher_width)) / np.sqrt(self.dim)
+        w2 = rng.standard_normal((self.teacher_width, self.n_classes)) / np.sqrt(
+            self.teacher_width)
+        x = rng.standard_normal((self.n_samples, self.dim)).astype(np.float32)
+        y = np.argmax(np.tanh(x @ w1) @ w2, axis=1)
+        return _split(x, y, self.test_fraction, self.data_seed + 1, self.n_classes)
+
+
+@register_dataset("gaussian_mixture")
+class GaussianMixtureOptions(DatasetOptions):
+    """Balanced isotropic Gaussian classes with unit variance and means `separation` from 0."""
+
+    name: Literal["gaussian_mixture"]
+    n_classes: int = Field(default=4, ge=2)
+    dim: int = Field(default=10, ge=1)
+    n_samples: int = Field(default=3000, ge=10)
+    separation: float = Field(default=3.0, ge=0.0)
+    test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    data_seed: int = 0
+
+    def generate(self) -> DatasetTensors:
+        rng = np.random.default_rng(self.data_seed)
+        means = rng.standard_normal((self.n_classes, self.dim))
+        means *= self.separation / np.linalg.norm(means, axis=1, keepdims=True)
+        y = np.arange(self.n_samples) % self.n_classes
+        x = (means[y] + rng.standard_normal((self.n_samples, self.dim))).astype(np.float32)
+        return _split(x, y, self.test_fraction, self.data_seed + 1, self.n_classes)
+
+
+def parse_dataset_options(raw: dict) -> DatasetOptions:
+    """Validate a spec's [dataset] table against its dataset's options, naming bad fields."""
+    name = raw.get("name")
+    known = ", ".join(sorted(DATASETS))
+    if name is None:
+        raise SpecError(f"dataset.name: missing; known datasets: {known}")
+    if name not in DATASETS:
+        raise SpecError(f"dataset.name: unknown dataset {name!r}; known: {known}")
+    try:
+        return DATASETS[name].model_validate(raw)
+    except ValidationError as e:
+        raise SpecError(format_validation_error(e, "dataset")) from None
+
+
+@functools.lru_cache(maxsize=16)
+def _generate_cached(cls: type[DatasetOptions], generation_json: str) -> DatasetTensors:
+    return cls.model_validate_json(generation_json).generate()
+
+
+def clean_split(options: DatasetOptions) -> DatasetTensors:
+    """The generated split for `options`, ignoring the run-level options; cached per process."""
+    generation = options.model_dump_json(exclude=RUN_LEVEL)
+    return _generate_cached(type(options), generation)
+
+
+def apply_label_noise(y: torch.Tensor, n_classes: int, fraction: float,
+                      seed: int) -> torch.Tensor:
+    """A copy of `y` with round(fraction * len(y)) labels, chosen by `seed`, each replaced by a
+    uniformly drawn *different* class."""
+    y = y.clone()
+    n_noisy = int(round(fraction * len(y)))
+    if n_noisy == 0:
+        return y
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(y), generator=g)[:n_noisy]
+    shift = torch.randint(1, n_classes, (n_noisy,), generator=g)
+    y[idx] = (y[idx] + shift) % n_classes
+    return y
+
+
+def run_data(options: DatasetOptions, run_seed: int) -> DatasetTensors:
+    """Exactly what one run trains and is evaluated on: its train subset with its label noise."""
+    full = clean_split(options)
+    available = full.x_train.shape[0]
+    n = available if options.n_train is None else options.n_train
+    if n > available:
+        raise SpecError(f"dataset.n_train: {n} exceeds the {available} training examples of "
+                        f"{options.name} with these options")
+    y = full.y_train[:n]
+    if options.label_noise > 0:
+        seed = (options.noise_seed if options.noise_seed is not None
+                else derive_seed(run_seed, "noise"))
+        y = apply_label_noise(y, full.n_classes, options.label_noise, seed)
+    return DatasetTensors(full.x_train[:n], y, full.x_test, full.y_test, full.n_classes)

@@ -1,0 +1,159 @@
+"""Architecture registry: a name in a spec's [model] table maps to an options class that builds
+an ordinary `torch.nn.Module`.
+
+The trainer stacks the parameters of many such modules and calls them functionally; `load_model`
+builds the same module and loads one member's weights into it. Adding an architecture is one
+options class with `build`, registered with `@register_arch`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import nn
+
+from dlstore.errors import SpecError, format_validation_error
+from dlstore.zoo.seeds import derive_seed
+
+Activation = Literal["relu", "tanh", "gelu"]
+_ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
+
+
+class ArchOptions(BaseModel):
+    """Options shared by every architecture. `width` and `depth` mean something in every family
+    (hidden units / channels, hidden / conv layers), so the runs table holds them as typed
+    columns."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    arch: str
+    width: int
+    depth: int
+    init_seed: int | None = Field(default=None, description="None = derived from the run seed")
+
+    def build(self, input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
+        raise NotImplementedError
+
+    def shape_key(self) -> str:
+        """Everything that determines parameter shapes: runs whose keys match share a cohort."""
+        return self.model_dump_json(exclude={"init_seed"})
+
+
+ARCHS: dict[str, type[ArchOptions]] = {}
+
+
+def register_arch(name: str):
+    def add(cls: type[ArchOptions]) -> type[ArchOptions]:
+        ARCHS[name] = cls
+        return cls
+
+    return add
+
+
+class MLP(nn.Module):
+    def __init__(self, n_in: int, width: int, depth: int, n_classes: int, activation: str):
+        super().__init__()
+        sizes = [n_in] + [width] * depth + [n_classes]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.act = _ACTIVATIONS[activation]()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers[-1](self.features(x))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate-layer representation (input to the classifier)."""
+        x = x.flatten(1)
+        for layer in self.layers[:-1]:
+            x = self.act(layer(x))
+        return x
+
+
+@register_arch("mlp")
+class MLPOptions(ArchOptions):
+    arch: Literal["mlp"]
+    width: int = Field(default=64, ge=1, description="units per hidden layer")
+    depth: int = Field(default=2, ge=0, description="number of hidden layers")
+    activation: Activation = "relu"
+
+    def build(self, input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
+        return MLP(math.prod(input_shape), self.width, self.depth, n_classes, self.activation)
+
+
+class CNN1d(nn.Module):
+    """Strided 1-D convolutions then a linear classifier, the MNIST-1D paper's CNN family."""
+
+    def __init__(self, length: int, in_channels: int, channels: int, depth: int, kernel: int,
+                 n_classes: int, activation: str):
+        super().__init__()
+        convs = []
+        c_in = in_channels
+        for _ in range(depth):
+            convs.append(nn.Conv1d(c_in, channels, kernel, stride=2, padding=kernel // 2))
+            c_in = channels
+            length = (length + 2 * (kernel // 2) - kernel) // 2 + 1
+        self.convs = nn.ModuleList(convs)
+        self.act = _ACTIVATIONS[activation]()
+        self.out = nn.Linear(c_in * length, n_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:  # [N, L] sequences get a channel axis
+            x = x.unsqueeze(1)
+        for conv in self.convs:
+            x = self.act(conv(x))
+        return x.flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.features(x))
+
+
+@register_arch("cnn1d")
+class CNN1dOptions(ArchOptions):
+    arch: Literal["cnn1d"]
+    width: int = Field(default=32, ge=1, description="channels of every convolution")
+    depth: int = Field(default=3, ge=1, description="number of convolution layers")
+    kernel: int = Field(default=5, ge=1)
+    activation: Activation = "relu"
+
+    def build(self, input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
+        if len(input_shape) == 1:
+            in_channels, length = 1, input_shape[0]
+        elif len(input_shape) == 2:
+            in_channels, length = input_shape
+        else:
+            raise SpecError(f"model.arch: cnn1d needs 1-D inputs, the dataset gives {input_shape}")
+        return CNN1d(length, in_channels, self.width, self.depth, self.kernel, n_classes,
+                     self.activation)
+
+
+def parse_arch_options(raw: dict) -> ArchOptions:
+    """Validate a spec's [model] table against its architecture's options, naming bad fields."""
+    name = raw.get("arch")
+    if name is None:
+        raise SpecError(f"model.arch: missing; known architectures: {', '.join(sorted(ARCHS))}")
+    if name not in ARCHS:
+        raise SpecError(
+            f"model.arch: unknown architecture {name!r}; known: {', '.join(sorted(ARCHS))}"
+        )
+    try:
+        return ARCHS[name].model_validate(raw)
+    except ValidationError as e:
+        raise SpecError(format_validation_error(e, "model")) from None
+
+
+def init_state(options: ArchOptions, input_shape: tuple[int, ...], n_classes: int,
+               run_seed: int) -> dict[str, torch.Tensor]:
+    """The initial parameters of one run: PyTorch's default init drawn from the run's init seed,
+    independent of global RNG state and of anything else in the process."""
+    seed = options.init_seed if options.init_seed is not None else derive_seed(run_seed, "init")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = options.build(input_shape, n_classes)
+    return {k: v.detach() for k, v in module.state_dict().items()}
+
+
+def n_params(options: ArchOptions, input_shape: tuple[int, ...], n_classes: int) -> int:
+    with torch.device("meta"):
+        module = options.build(input_shape, n_classes)
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,56 @@
+"""The plain sequential reference: one `nn.Module`, one `torch.optim` optimizer, one run.
+
+It is the definition the cohort trainer is tested against (same init, same batches, same
+learning rates) and the baseline the throughput benchmark compares with.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dlstore.zoo.data import DatasetTensors
+from dlstore.zoo.models import init_state
+from dlstore.zoo.schedule import BatchOrder, lr_factor
+from dlstore.zoo.seeds import derive_seed
+from dlstore.zoo.spec import RunConfig
+
+
+def train_reference(run: RunConfig, data: DatasetTensors,
+                    device: str | torch.device = "cpu") -> dict[int, dict[str, torch.Tensor]]:
+    """Train `run` alone on `data` (the run's own tensors); return {step: state_dict} at the
+    run's checkpoint steps. Stops early, like the cohort trainer freezes, if the loss diverges."""
+    train = run.train
+    n_train = data.x_train.shape[0]
+    total = train.total_steps(n_train)
+    save_at = set(run.checkpoint_steps(total))
+    model = run.model.build(data.input_shape, data.n_classes)
+    model.load_state_dict(init_state(run.model, data.input_shape, data.n_classes, run.seed))
+    model.to(device)
+    if train.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum,
+                              weight_decay=train.weight_decay)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=train.lr, betas=train.betas, eps=train.eps,
+                               weight_decay=train.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda t: lr_factor(train.schedule, t, total))
+    order_seed = train.order_seed if train.order_seed is not None else derive_seed(run.seed,
+                                                                                   "order")
+    order = BatchOrder(order_seed, n_train, train.batch_size)
+    x, y = data.x_train.to(device), data.y_train.to(device)
+    states = {}
+    for t in range(total + 1):
+        if t in save_at:
+            states[t] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        if t == total:
+            break
+        idx = order.batch(t).to(device)
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        if not torch.isfinite(loss):
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return states

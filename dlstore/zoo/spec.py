@@ -1,0 +1,286 @@
+"""ZooSpec: a TOML file that names a population of runs, validated field by field.
+
+    name = "quickstart"
+    seeds = 2                      # or an explicit list [0, 1]
+    checkpoints = "log:10"         # "log:K", "every:N", or a list of steps
+    [dataset]  name = "mnist1d", n_train = 4000, label_noise = 0.0, ...
+    [model]    arch = "mlp", width = 64, depth = 2, activation = "relu"
+    [train]    optimizer = "sgd", lr = 0.1, momentum = 0.9, batch_size = 128, epochs = 20, ...
+    [grid]     model.width = [16, 32, 64]     # any field above as a list of values
+               train.lr = [0.01, 0.1]
+    [build]    cohort_size = 512               # how the zoo is built, not what it contains
+
+The runs are the Cartesian product of the grid times the seeds. Each run has a stable id: a hash
+of its canonical config with defaults left out, plus the zoo name, so adding an option with a
+no-op default later does not rename existing runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import tomllib
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dlstore.errors import SpecError, format_validation_error
+from dlstore.zoo.data import DatasetOptions, parse_dataset_options
+from dlstore.zoo.models import ArchOptions, parse_arch_options
+
+SECTIONS = ("dataset", "model", "train")
+DEFAULT_CHECKPOINTS = "log:10"
+
+
+class TrainOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(default=0.1, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1, description="sgd only")
+    betas: tuple[float, float] = Field(default=(0.9, 0.999), description="adam only")
+    eps: float = Field(default=1e-8, gt=0, description="adam only")
+    weight_decay: float = Field(default=0.0, ge=0, description="L2 penalty added to the gradient")
+    batch_size: int = Field(default=128, ge=1)
+    epochs: int | None = Field(default=None, ge=1)
+    steps: int | None = Field(default=None, ge=1)
+    schedule: Literal["constant", "cosine"] = "constant"
+    order_seed: int | None = Field(default=None, description="data order; None = from the seed")
+
+    @model_validator(mode="after")
+    def _one_length(self) -> TrainOptions:
+        if (self.epochs is None) == (self.steps is None):
+            raise ValueError("give exactly one of epochs or steps")
+        if self.optimizer == "adam" and "momentum" in self.model_fields_set:
+            raise ValueError("momentum is an sgd option; adam uses betas")
+        if self.optimizer == "sgd" and self.model_fields_set & {"betas", "eps"}:
+            raise ValueError("betas and eps are adam options")
+        return self
+
+    def total_steps(self, n_train: int) -> int:
+        return self.steps if self.steps is not None else self.epochs * self.steps_per_epoch(n_train)
+
+    def steps_per_epoch(self, n_train: int) -> int:
+        """Batches per epoch; the last partial batch is dropped so that every step of every member
+        has the same batch shape (what lets a cohort train as one computation)."""
+        return n_train // self.batch_size
+
+
+class BuildOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    cohort_size: int = Field(default=1024, ge=1, description="most members trained together")
+
+
+class _SpecFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)
+    seeds: int | list[int] = 1
+    checkpoints: str | list[int] = DEFAULT_CHECKPOINTS
+    dataset: dict[str, Any]
+    model: dict[str, Any]
+    train: dict[str, Any]
+    grid: dict[str, Any] = {}
+    build: BuildOptions = BuildOptions()
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that determines one trained model."""
+
+    zoo: str
+    dataset: DatasetOptions
+    model: ArchOptions
+    train: TrainOptions
+    checkpoints: str | tuple[int, ...]
+    seed: int
+
+    def canonical(self) -> dict[str, Any]:
+        """The config with defaults left out: what the run id hashes."""
+        out: dict[str, Any] = {
+            "dataset": self.dataset.model_dump(exclude_defaults=True),
+            "model": self.model.model_dump(exclude_defaults=True),
+            "train": self.train.model_dump(exclude_defaults=True),
+            "seed": self.seed,
+        }
+        if self.checkpoints != DEFAULT_CHECKPOINTS:
+            out["checkpoints"] = self.checkpoints
+        return out
+
+    def full(self) -> dict[str, Any]:
+        """The config with every default spelled out: what the runs table stores as JSON."""
+        return {
+            "dataset": self.dataset.model_dump(mode="json"),
+            "model": self.model.model_dump(mode="json"),
+            "train": self.train.model_dump(mode="json"),
+            "checkpoints": list(self.checkpoints)
+            if isinstance(self.checkpoints, tuple) else self.checkpoints,
+            "seed": self.seed,
+        }
+
+    @property
+    def run_id(self) -> str:
+        text = json.dumps({"zoo": self.zoo, **self.canonical()}, sort_keys=True,
+                          separators=(",", ":"))
+        return f"{self.zoo}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+    def checkpoint_steps(self, total_steps: int) -> list[int]:
+        return checkpoint_steps(self.checkpoints, total_steps)
+
+
+@dataclass(frozen=True)
+class ZooSpec:
+    name: str
+    text: str
+    runs: tuple[RunConfig, ...]
+    build: BuildOptions
+
+    @property
+    def spec_hash(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> ZooSpec:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise SpecError(f"spec file not found: {path}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise SpecError(f"cannot read spec file {path}: {e}") from None
+        return cls.from_text(text, source=str(path))
+
+    @classmethod
+    def from_text(cls, text: str, source: str = "<spec>") -> ZooSpec:
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise SpecError(f"{source} is not valid TOML: {e}") from None
+        return cls.from_dict(raw, text=text)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], text: str | None = None) -> ZooSpec:
+        try:
+            top = _SpecFile.model_validate(raw)
+        except ValidationError as e:
+            raise SpecError(format_validation_error(e)) from None
+        seeds = list(range(top.seeds)) if isinstance(top.seeds, int) else top.seeds
+        if not seeds or (isinstance(top.seeds, int) and top.seeds < 1):
+            raise SpecError("seeds: give a positive count or a non-empty list of seeds")
+        if len(set(seeds)) != len(seeds):
+            raise SpecError("seeds: repeated seed")
+        parse_checkpoints(top.checkpoints)
+        base = {"dataset": top.dataset, "model": top.model, "train": top.train,
+                "checkpoints": top.checkpoints}
+        if not top.grid:
+            _parse_sections(base)
+        axes = _grid_axes(top.grid, base)
+        runs = []
+        for values in itertools.product(*(vals for _, vals in axes)):
+            sections = copy.deepcopy(base)
+            for (path, _), value in zip(axes, values):
+                _set_path(sections, path, value)
+            dataset, model, train = _parse_sections(sections)
+            ckpt = sections["checkpoints"]
+            for seed in seeds:
+                runs.append(RunConfig(top.name, dataset, model, train,
+                                      ckpt if isinstance(ckpt, str) else tuple(ckpt), seed))
+        ids = [r.run_id for r in runs]
+        if len(set(ids)) != len(ids):
+            raise SpecError("grid: two grid points describe the same run (repeated value?)")
+        return cls(top.name, text if text is not None else json.dumps(raw), tuple(runs), top.build)
+
+
+def _parse_sections(sections: dict[str, Any]) -> tuple[DatasetOptions, ArchOptions, TrainOptions]:
+    dataset = parse_dataset_options(sections["dataset"])
+    model = parse_arch_options(sections["model"])
+    try:
+        train = TrainOptions.model_validate(sections["train"])
+    except ValidationError as e:
+        raise SpecError(format_validation_error(e, "train")) from None
+    return dataset, model, train
+
+
+def _flatten(grid: dict[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[tuple, Any]]:
+    """`[grid] model.width = [..]` arrives nested, `"model.width" = [..]` as one key: take both."""
+    out = []
+    for key, value in grid.items():
+        path = prefix + tuple(key.split("."))
+        if isinstance(value, dict):
+            out.extend(_flatten(value, path))
+        else:
+            out.append((path, value))
+    return out
+
+
+def _grid_axes(grid: dict[str, Any], base: dict[str, Any]) -> list[tuple[tuple[str, ...], list]]:
+    axes = []
+    for path, values in _flatten(grid):
+        name = "grid." + ".".join(path)
+        if path[0] not in (*SECTIONS, "checkpoints") or (path[0] in SECTIONS) != (len(path) == 2):
+            raise SpecError(f"{name}: not a spec field; sweep fields such as model.width, "
+                            "train.lr, dataset.label_noise or checkpoints")
+        if not isinstance(values, list) or not values:
+            raise SpecError(f"{name}: expected a non-empty list of values")
+        for value in values:  # each value checked alone, so the error names the grid entry
+            sections = copy.deepcopy(base)
+            _set_path(sections, path, value)
+            try:
+                if path[0] == "checkpoints":
+                    parse_checkpoints(value)
+                else:
+                    _parse_sections(sections)
+            except SpecError as e:
+                raise SpecError(f"{name} = {value!r}: {e}") from None
+        axes.append((path, values))
+    return axes
+
+
+def _set_path(sections: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    if len(path) == 1:
+        sections[path[0]] = value
+    else:
+        sections[path[0]][path[1]] = value
+
+
+def parse_checkpoints(value: str | list[int]) -> tuple[str, int] | list[int]:
+    """`"log:K"` / `"every:N"` -> (kind, number); an explicit list of steps -> the sorted list."""
+    if isinstance(value, list):
+        if not value or any(not isinstance(s, int) or s < 0 for s in value):
+            raise SpecError("checkpoints: an explicit list must hold non-negative step numbers")
+        return sorted(set(value))
+    kind, _, number = value.partition(":")
+    if kind not in ("log", "every") or not number.isdigit() or int(number) < 1:
+        raise SpecError(f"checkpoints: {value!r} is not 'log:K', 'every:N' or a list of steps")
+    if kind == "log" and int(number) < 2:
+        raise SpecError("checkpoints: 'log:K' needs K >= 2 (step 0 and the last step)")
+    return kind, int(number)
+
+
+def checkpoint_steps(value: str | tuple[int, ...] | list[int], total_steps: int) -> list[int]:
+    """The concrete steps to save for a run of `total_steps` optimizer steps."""
+    parsed = parse_checkpoints(list(value) if isinstance(value, tuple) else value)
+    if isinstance(parsed, list):
+        late = [s for s in parsed if s > total_steps]
+        if late:
+            raise SpecError(f"checkpoints: step {late[0]} is past the last step ({total_steps})")
+        return parsed
+    kind, k = parsed
+    if kind == "every":
+        return sorted(set(range(0, total_steps + 1, k)) | {total_steps})
+    # log:K -> step 0 plus K-1 distinct log-spaced steps from 1 to the last step
+    want = min(k - 1, total_steps)
+    n = want
+    while True:
+        steps = sorted({round(math.exp(math.log(total_steps) * i / max(n - 1, 1)))
+                        for i in range(n)} | {total_steps})
+        if len(steps) >= want or n > total_steps:
+            break
+        n += 1
+    if len(steps) > want:  # keep the first and the last, thin the middle evenly
+        idx = [round(i * (len(steps) - 1) / (want - 1)) for i in range(want)] if want > 1 else [-1]
+        steps = [steps[i] for i in idx]
+    return [0, *steps]

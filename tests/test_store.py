@@ -1,0 +1,172 @@
+"""Store, views and checkpoints, on a tiny zoo built once per session."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dlstore
+from dlstore.errors import (
+    CorruptBlobError,
+    NotFoundError,
+    QueryError,
+    StoreError,
+)
+from dlstore.zoo.builder import build_zoo
+
+
+def test_runs_view_has_typed_hyperparameters(built_store, tiny_spec):
+    runs = built_store.runs()
+    assert runs.height == 8
+    assert set(runs["run_id"]) == {r.run_id for r in tiny_spec.runs}
+    assert set(runs["width"]) == {8, 16} and set(runs["lr"]) == {0.05, 0.2}
+    assert set(runs["status"]) == {"complete"}
+    # n_params of a 1-hidden-layer MLP: 10 inputs -> w -> 4 classes
+    for row in runs.iter_rows(named=True):
+        w = row["width"]
+        assert row["n_params"] == 10 * w + w + w * 4 + 4
+        assert json.loads(row["config"])["model"]["width"] == w
+
+
+def test_checkpoints_and_metrics_long_format(built_store):
+    counts = built_store.sql(
+        "SELECT run_id, count(*) AS n, min(step) AS first, max(step) AS last "
+        "FROM checkpoints GROUP BY run_id")
+    assert counts.height == 8
+    assert set(counts["n"]) == {5} and set(counts["first"]) == {0}
+    total = built_store.sql("SELECT DISTINCT total_steps FROM runs")["total_steps"].to_list()
+    assert counts["last"].unique().to_list() == total  # log:5 includes the last step
+    metrics = built_store.sql("SELECT DISTINCT metric FROM metrics ORDER BY metric")
+    assert metrics["metric"].to_list() == sorted(
+        ["train_loss", "train_acc", "test_loss", "test_acc", "weight_norm", "dist_from_init"])
+    assert built_store.sql("SELECT count(*) AS n FROM metrics")["n"][0] == 8 * 5 * 6
+    zero = built_store.sql("SELECT max(value) AS v FROM metrics "
+                           "WHERE metric = 'dist_from_init' AND step = 0")
+    assert zero["v"][0] == 0.0
+
+
+def test_final_view_answers_questions_across_runs(built_store):
+    answer = built_store.sql(
+        "SELECT width, lr, avg(value) AS acc, count(*) AS n FROM final "
+        "WHERE metric = 'test_acc' GROUP BY width, lr ORDER BY width, lr")
+    assert answer.height == 4 and set(answer["n"]) == {2}
+    assert answer["acc"].min() > 0.5  # a separable mixture: every config learns something
+    steps = built_store.sql("SELECT DISTINCT f.step = r.final_step AS ok FROM final f "
+                            "JOIN runs r USING (run_id)")
+    assert steps["ok"].to_list() == [True]
+
+
+def test_curves_and_wide_views(built_store):
+    curves = built_store.sql("SELECT run_id, step, epoch, value FROM curves "
+                             "WHERE metric = 'train_loss' ORDER BY run_id, step")
+    assert curves.height == 40
+    assert curves.filter(curves["step"] == 0)["epoch"].to_list() == [0.0] * 8
+    wide = built_store.sql("SELECT * FROM metrics_wide")
+    assert wide.height == 40 and "test_acc" in wide.columns
+
+
+def test_loaded_model_reproduces_stored_test_accuracy(built_store):
+    row = built_store.sql("SELECT run_id, final_step FROM runs ORDER BY run_id LIMIT 1").row(0)
+    run_id, step = row
+    model = built_store.load_model(run_id)
+    assert isinstance(model, torch.nn.Module) and not model.training
+    data = built_store.load_dataset(run_id)
+    with torch.no_grad():
+        logits = model(data["x_test"])
+        acc = (logits.argmax(1) == data["y_test"]).float().mean().item()
+        loss = F.cross_entropy(logits, data["y_test"]).item()
+    stored = built_store.sql(f"SELECT metric, value FROM metrics WHERE run_id = '{run_id}' "
+                             f"AND step = {step}")
+    values = dict(stored.iter_rows())
+    assert acc == pytest.approx(values["test_acc"], abs=1e-9)
+    assert loss == pytest.approx(values["test_loss"], rel=1e-5)
+
+
+def test_load_state_dict_at_every_step(built_store):
+    run_id = built_store.runs()["run_id"][0]
+    steps = built_store.sql(f"SELECT step FROM checkpoints WHERE run_id = '{run_id}' "
+                            "ORDER BY step")["step"].to_list()
+    first = built_store.load_state_dict(run_id, steps[0])
+    last = built_store.load_state_dict(run_id)
+    assert first.keys() == last.keys()
+    assert not torch.equal(first["layers.0.weight"], last["layers.0.weight"])
+    dist = built_store.sql(f"SELECT value FROM metrics WHERE run_id = '{run_id}' AND "
+                           f"metric = 'dist_from_init' AND step = {steps[-1]}")["value"][0]
+    flat = torch.cat([(last[k] - first[k]).flatten() for k in last])
+    assert flat.double().norm().item() == pytest.approx(dist, rel=1e-5)
+
+
+def test_load_dataset_is_what_the_run_used(built_store):
+    run_id = built_store.runs()["run_id"][0]
+    data = built_store.load_dataset(run_id)
+    run = built_store.run(run_id)
+    assert data["x_train"].shape[0] == run["n_train"]
+    assert data["x_train"].dtype == torch.float32 and data["y_train"].dtype == torch.int64
+
+
+def test_rebuilding_the_same_spec_adds_nothing(built_store, tiny_spec):
+    versions = {n: built_store.tables.snapshot(n)[0] for n in ("runs", "metrics", "zoos")}
+    report = build_zoo(tiny_spec, built_store, device="cpu")
+    assert report.runs_built == 0 and report.runs_skipped == 8
+    assert {n: built_store.tables.snapshot(n)[0] for n in versions} == versions
+    assert built_store.sql("SELECT count(*) AS n FROM zoos")["n"][0] == 1
+
+
+def test_unknown_run_and_step(built_store):
+    with pytest.raises(NotFoundError, match="no run 'nope'"):
+        built_store.load_model("nope")
+    run_id = built_store.runs()["run_id"][0]
+    with pytest.raises(NotFoundError, match="no checkpoint at step 7777"):
+        built_store.load_state_dict(run_id, 7777)
+
+
+@pytest.mark.parametrize("query, message", [
+    ("SELEC 1", "syntax"),
+    ("SELECT nope FROM runs", "nope"),
+    ("SELECT * FROM no_such_table", "no_such_table"),
+])
+def test_bad_sql_is_a_query_error(built_store, query, message):
+    with pytest.raises(QueryError, match=message):
+        built_store.sql(query)
+
+
+def test_missing_store_and_file_store(tmp_path):
+    with pytest.raises(StoreError, match="does not exist"):
+        dlstore.open(tmp_path / "absent")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StoreError, match="is a file"):
+        dlstore.open(tmp_path / "file")
+    assert not (tmp_path / "absent").exists()
+
+
+def test_interrupted_commit_is_invisible_and_resume_completes(tmp_path, tiny_spec):
+    store = dlstore.Store(tmp_path / "s", create=True)
+    # a crash after rows were appended but before the runs row: simulate by committing
+    # checkpoint and metric rows of a real run without its runs row
+    run = tiny_spec.runs[0]
+    store.tables.append("metrics", [{"run_id": run.run_id, "step": 0, "metric": "test_acc",
+                                     "tensor": None, "value": 0.123, "commit_id": "dead"}])
+    assert store.sql("SELECT count(*) AS n FROM metrics")["n"][0] == 0
+    report = build_zoo(tiny_spec, store, device="cpu")
+    assert report.runs_built == 8
+    leftover = store.sql("SELECT count(*) AS n FROM metrics WHERE value = 0.123")
+    assert leftover["n"][0] == 0
+    assert store.sql("SELECT count(*) AS n FROM metrics")["n"][0] == 8 * 5 * 6
+
+
+def test_corrupted_shard_is_reported(tmp_path, built_store):
+    copy = tmp_path / "copy"
+    shutil.copytree(built_store.root, copy)
+    store = dlstore.open(copy)
+    row = store.checkpoint(store.runs()["run_id"][0])
+    path = store.blobs.path(row["blob"])
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptBlobError, match="corrupted"):
+        store.load_state_dict(row["run_id"])
+    path.unlink()
+    with pytest.raises(NotFoundError, match="missing"):
+        dlstore.open(copy).load_state_dict(row["run_id"])
