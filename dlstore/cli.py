@@ -115,10 +115,10 @@ def show(run_id: str = typer.Argument(..., help="A run id, as listed by `dlstore
             value = json.dumps(json.loads(value), indent=1)
         table.add_row(f"[bold]{key}[/]", str(value))
     out.print(table)
-    steps = s.sql(f"SELECT step FROM checkpoints WHERE run_id = '{run_id}' ORDER BY step")
+    steps = s.sql("SELECT step FROM checkpoints WHERE run_id = ? ORDER BY step", [run_id])
     out.print(f"[bold]checkpoints[/] at steps {steps['step'].to_list()}")
-    final = s.sql(f"SELECT metric, tensor, value FROM final WHERE run_id = '{run_id}' "
-                  "ORDER BY metric, tensor")
+    final = s.sql("SELECT metric, tensor, value FROM final WHERE run_id = ? "
+                  "ORDER BY metric, tensor", [run_id])
     out.print(f"[bold]metrics at step {run['final_step']}[/]")
     _print_frame(final, Format.table)
 

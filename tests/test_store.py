@@ -170,3 +170,24 @@ def test_corrupted_shard_is_reported(tmp_path, built_store):
     path.unlink()
     with pytest.raises(NotFoundError, match="missing"):
         dlstore.open(copy).load_state_dict(row["run_id"])
+
+
+def test_diverged_runs_are_stored_as_data(tmp_path):
+    from dlstore.zoo.spec import ZooSpec
+
+    text = (
+        'name = "blowup"\nseeds = 1\ncheckpoints = "every:5"\n'
+        '[dataset]\nname = "gaussian_mixture"\nn_samples = 300\n'
+        '[model]\narch = "mlp"\nwidth = 8\n'
+        '[train]\nbatch_size = 30\nsteps = 20\n[grid]\ntrain.lr = [0.05, 1e8]\n')
+    store = dlstore.Store(tmp_path / "s", create=True)
+    report = build_zoo(ZooSpec.from_text(text), store, device="cpu")
+    assert report.runs_built == 2 and report.runs_diverged == 1
+    runs = {r["lr"]: r for r in store.runs().iter_rows(named=True)}
+    assert runs[0.05]["status"] == "complete" and runs[0.05]["diverged_step"] is None
+    blown = runs[1e8]
+    assert blown["status"] == "diverged" and 0 <= blown["diverged_step"] < 20
+    assert blown["final_step"] is None or blown["final_step"] <= blown["diverged_step"]
+    steps = store.sql("SELECT max(step) AS s FROM checkpoints WHERE run_id = ?",
+                      [blown["run_id"]])["s"][0]
+    assert steps == blown["final_step"]

@@ -12,12 +12,14 @@ import hashlib
 import os
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as save_safetensors
 
 from dlstore.errors import CorruptBlobError, NotFoundError
+
+if TYPE_CHECKING:
+    import torch
 
 _CHUNK = 1 << 22
 
@@ -32,6 +34,8 @@ class BlobStore:
 
     def put(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
         """Write a shard and return its hash; writing bytes that already exist is a no-op."""
+        from safetensors.torch import save as save_safetensors
+
         data = save_safetensors({k: v.contiguous() for k, v in tensors.items()}, metadata)
         blob = hashlib.sha256(data).hexdigest()
         path = self.path(blob)

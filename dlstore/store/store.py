@@ -13,18 +13,19 @@ import datetime as dt
 import json
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
 import polars as pl
-import torch
-from torch import nn
 
 from dlstore.errors import DataMismatchError, NotFoundError, QueryError, StoreError
 from dlstore.store.blobs import BlobStore
 from dlstore.store.catalog import Catalog
 from dlstore.store.tables import Tables
-from dlstore.zoo.data import parse_dataset_options, run_data
-from dlstore.zoo.models import parse_arch_options
+
+if TYPE_CHECKING:  # torch is imported where weights are touched, so that SQL starts fast
+    import torch
+    from torch import nn
 
 _MARKER = "dlstore.json"
 FORMAT_VERSION = 1
@@ -63,12 +64,12 @@ class Store:
 
     # -- queries --------------------------------------------------------------------------
 
-    def sql(self, query: str) -> pl.DataFrame:
+    def sql(self, query: str, params: list | None = None) -> pl.DataFrame:
         """Run a SQL query over the store's views (runs, checkpoints, metrics, final, curves,
-        metrics_wide, zoos) and return a polars DataFrame."""
+        metrics_wide, zoos) and return a polars DataFrame. `params` fill `?` placeholders."""
         con = self.catalog.refresh()
         try:
-            relation = con.sql(query)
+            relation = con.sql(query, params=params)
         except duckdb.Error as e:
             raise QueryError(_one_line(e)) from None
         if relation is None:
@@ -79,8 +80,9 @@ class Store:
             raise QueryError(_one_line(e)) from None
 
     def runs(self, zoo: str | None = None) -> pl.DataFrame:
-        where = "" if zoo is None else f"WHERE zoo = '{zoo.replace(chr(39), chr(39) * 2)}'"
-        return self.sql(f"SELECT * FROM runs {where} ORDER BY zoo, run_id")
+        if zoo is None:
+            return self.sql("SELECT * FROM runs ORDER BY zoo, run_id")
+        return self.sql("SELECT * FROM runs WHERE zoo = ? ORDER BY run_id", [zoo])
 
     def run(self, run_id: str) -> dict:
         """The runs row of one run, as a dict."""
@@ -117,6 +119,8 @@ class Store:
 
     def load_model(self, run_id: str, step: int | None = None) -> nn.Module:
         """The run's network at `step` (None = last checkpoint), in eval mode, on the CPU."""
+        from dlstore.zoo.models import parse_arch_options
+
         run = self.run(run_id)
         config = json.loads(run["config"])
         model = parse_arch_options(config["model"]).build(tuple(run["input_shape"]),
@@ -127,6 +131,8 @@ class Store:
     def load_dataset(self, run_id: str) -> dict[str, torch.Tensor]:
         """The tensors the run trained on (its subset, its label noise) and was evaluated on,
         regenerated and checked against the fingerprint recorded at training time."""
+        from dlstore.zoo.data import parse_dataset_options, run_data
+
         run = self.run(run_id)
         config = json.loads(run["config"])
         data = run_data(parse_dataset_options(config["dataset"]), config["seed"])

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value, vmap
 
+from dlstore.errors import DlstoreError
 from dlstore.metrics.basic import dist_from_init, loss_and_accuracy, weight_norm
 from dlstore.zoo.models import ArchOptions
 from dlstore.zoo.schedule import BatchOrder, lr_factor
@@ -80,9 +81,16 @@ class Checkpoint:
 
 
 def resolve_device(device: str) -> torch.device:
+    """"auto" = cuda when available, else cpu; asking for cuda without one is a user error."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DlstoreError(f"device {device!r} asked for, but torch sees no CUDA device "
+                           f"(torch {torch.__version__}); use --device cpu or auto")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise DlstoreError(f"unknown device {device!r}; use auto, cpu or cuda") from None
 
 
 class CohortTrainer:
