@@ -123,6 +123,72 @@ def show(run_id: str = typer.Argument(..., help="A run id, as listed by `dlstore
     _print_frame(final, Format.table)
 
 
+fit_app = typer.Typer(no_args_is_help=True, help="Fit analyses to runs selected with SQL.")
+app.add_typer(fit_app, name="fit")
+
+
+@fit_app.command("scaling")
+def fit_scaling(
+    query: str = typer.Option(..., "--query", "-q",
+                              help="SQL returning columns N, D, loss (two-variable law) or the "
+                                   "columns named by --x and --y (one variable)."),
+    store: str = StoreOption,
+    x: str = typer.Option(None, "--x", help="Column of the query for L(x) = E + A x^-alpha."),
+    y: str = typer.Option(None, "--y", help="Loss column for the one-variable law."),
+    plot: Path = typer.Option(Path("scaling.png"), help="Where to write the figure (PNG)."),
+    bootstrap: int = typer.Option(200, min=0, help="Bootstrap resamples for the intervals."),
+    level: float = typer.Option(0.95, min=0.5, max=0.999, help="Confidence level."),
+    seed: int = typer.Option(0, help="Seed of the bootstrap."),
+) -> None:
+    """Fit a scaling law to the runs a query selects; save it in the fits table; plot it."""
+    import numpy as np
+
+    from dlstore.analysis.scaling import fit_chinchilla, fit_power_law
+    from dlstore.errors import QueryError
+    from dlstore.plots import scaling_figure
+    from dlstore.store.store import Store
+
+    s = Store(store)
+    frame = s.sql(query)
+    if (x is None) != (y is None):
+        raise QueryError("give both --x and --y for a one-variable fit, or neither")
+    wanted = [x, y] if x is not None else ["N", "D", "loss"]
+    missing = [c for c in wanted if c not in frame.columns]
+    if missing:
+        raise QueryError(f"the query returned columns {frame.columns}; missing {missing}")
+    cols = [frame[c].cast(float).to_numpy() for c in wanted]
+    options = {"ci_level": level, "n_bootstrap": bootstrap, "seed": seed}
+    if x is not None:
+        result = fit_power_law(*cols, **options)
+        figure = scaling_figure(result, cols[0], cols[1], x_label=x)
+    else:
+        result = fit_chinchilla(*cols, **options)
+        figure = scaling_figure(result, cols[0], cols[2], d=cols[1])
+    info = result.to_dict()
+    fit_id = s.record_fit({
+        "kind": result.kind, "query": query, "params": json.dumps(info["params"]),
+        "ci": json.dumps(info["ci"]), "ci_level": level, "objective": result.objective,
+        "n": result.n, "dlstore_version": _version()})
+    table = Table("parameter", "estimate", f"{level:.0%} interval", header_style="bold")
+    for name, value in result.params.items():
+        low, high = result.ci.get(name, (np.nan, np.nan))
+        table.add_row(name, f"{value:.6g}", f"[{low:.4g}, {high:.4g}]")
+    out.print(table)
+    out.print(f"{result.kind} fit of {result.n} points, objective {result.objective:.4g}; "
+              f"saved as fit {fit_id} (SELECT * FROM fits)")
+    if result.kind == "chinchilla":
+        a, b = result.compute_optimal_exponents()
+        out.print(f"compute-optimal: N_opt ~ C^{a:.3f}, D_opt ~ C^{b:.3f}")
+    figure.savefig(plot, dpi=120)
+    out.print(f"figure -> {plot}")
+
+
+def _version() -> str:
+    from dlstore import __version__
+
+    return __version__
+
+
 def _print_frame(frame: pl.DataFrame, format: Format) -> None:
     if format is Format.csv:
         sys.stdout.write(frame.write_csv())

@@ -78,11 +78,25 @@ METRICS = pa.schema([
     ("commit_id", pa.string()),
 ])
 
+FITS = pa.schema([
+    ("fit_id", pa.string()),
+    ("kind", pa.string()),          # power_law | chinchilla
+    ("query", pa.string()),         # the SQL that selected the points
+    ("params", pa.string()),        # JSON: E, A, alpha (, B, beta)
+    ("ci", pa.string()),            # JSON: name -> [low, high]
+    ("ci_level", pa.float64()),
+    ("objective", pa.float64()),    # minimised sum of Huber losses
+    ("n", pa.int64()),              # points fitted
+    ("created_at", TS),
+    ("dlstore_version", pa.string()),
+])
+
 TABLES: dict[str, pa.Schema] = {
     "zoos": ZOOS,
     "runs": RUNS,
     "checkpoints": CHECKPOINTS,
     "metrics": METRICS,
+    "fits": FITS,
 }
 
 # Run columns that describe what was trained: joined onto metric rows by the `final` and

@@ -55,8 +55,13 @@ def assert_matches_reference(spec: ZooSpec, atol: float = ATOL) -> float:
         assert set(alone) == set(cohort[run.run_id])
         for step, state in alone.items():
             for name, value in state.items():
-                diff = (cohort[run.run_id][step][name] - value).abs().max().item()
+                padded = cohort[run.run_id][step][name]
+                corner = padded[tuple(slice(0, n) for n in value.shape)]
+                diff = (corner - value).abs().max().item()
                 worst = max(worst, diff)
+                # outside its true shape, a narrower member is exactly zero
+                assert padded.abs().sum().item() == pytest.approx(corner.abs().sum().item(),
+                                                                  rel=1e-6)
     assert worst < atol, f"cohort and reference differ by {worst}"
     return worst
 
@@ -168,3 +173,48 @@ def test_training_reduces_loss(optimizer):
     cks = list(CohortTrainer(cohort_plan(runs, datas)).run())
     assert (cks[-1].metrics["train_loss"] < 0.5 * cks[0].metrics["train_loss"]).all()
     assert (cks[-1].metrics["test_acc"] > 0.8).all()
+
+
+def test_mixed_widths_share_one_cohort_and_match_unpadded_reference():
+    # tanh: a padded unit's activation gradient is 1, so only the mask keeps padding at zero
+    spec = make_spec("batch_size = 25\nsteps = 30\nmomentum = 0.9",
+                     "model.width = [3, 8, 16]\ntrain.weight_decay = [0.0, 0.01]",
+                     model="activation = 'tanh'")
+    cohorts = plan_cohorts(list(spec.runs), cohort_size=64)
+    assert len(cohorts) == 1 and len(cohorts[0][0]) == 12
+    assert_matches_reference(spec)
+
+
+def test_padded_entries_stay_exactly_zero():
+    spec = make_spec("optimizer = 'adam'\nbatch_size = 25\nsteps = 20\nweight_decay = 0.1",
+                     "model.width = [4, 16]", model="activation = 'gelu'", seeds=1)
+    runs, datas = plan_cohorts(list(spec.runs), cohort_size=8)[0]
+    narrow = [r.model.width for r in runs].index(4)
+    last = list(CohortTrainer(cohort_plan(runs, datas)).run())[-1]
+    w0, w1 = last.params["layers.0.weight"][narrow], last.params["layers.1.weight"][narrow]
+    assert w0.shape == (16, 10) and w1.shape == (16, 16)
+    assert torch.count_nonzero(w0[4:]) == 0 and torch.count_nonzero(w1[:, 4:]) == 0
+    assert torch.count_nonzero(w1[4:]) == 0
+    assert torch.count_nonzero(w0[:4]) == 40  # the true units did train
+
+
+def test_cnn1d_mixed_channels_match_reference():
+    spec = ZooSpec.from_text(textwrap.dedent("""
+        name = "cnnw"
+        seeds = 1
+        checkpoints = [0, 12]
+        [dataset]
+        name = "mnist1d"
+        n_train = 240
+        [model]
+        arch = "cnn1d"
+        depth = 2
+        [train]
+        batch_size = 20
+        epochs = 1
+        lr = 0.05
+        [grid]
+        model.width = [2, 5]
+    """))
+    assert len(plan_cohorts(list(spec.runs), cohort_size=8)) == 1
+    assert_matches_reference(spec)

@@ -191,3 +191,18 @@ def test_diverged_runs_are_stored_as_data(tmp_path):
     steps = store.sql("SELECT max(step) AS s FROM checkpoints WHERE run_id = ?",
                       [blown["run_id"]])["s"][0]
     assert steps == blown["final_step"]
+
+
+def test_mixed_width_cohort_stores_each_member_at_its_true_shape(built_store):
+    runs = built_store.runs()
+    assert runs["cohort_id"].n_unique() == 1  # widths 8 and 16 trained together
+    blobs = built_store.sql("SELECT DISTINCT c.blob, r.width FROM checkpoints c "
+                            "JOIN runs r USING (run_id) WHERE c.step = 0")
+    assert blobs.height == 2  # one shard per width at each step, no padding on disk
+    for row in runs.iter_rows(named=True):
+        state = built_store.load_state_dict(row["run_id"])
+        assert state["layers.0.weight"].shape == (row["width"], 10)
+        assert state["layers.1.weight"].shape == (4, row["width"])
+    for blob, width in blobs.iter_rows():
+        layout = json.loads(built_store.blobs.metadata(blob)["layout"])
+        assert {e["name"]: e["shape"] for e in layout}["layers.0.weight"] == [width, 10]

@@ -17,6 +17,7 @@ _HYPER = ", ".join(f"r.{c}" for c in HYPERPARAMETER_COLUMNS)
 # Raw tables are `_<name>`; user-facing views hide rows of commits whose runs row never landed.
 VIEWS = {
     "zoos": "SELECT * FROM _zoos",
+    "fits": "SELECT * FROM _fits",
     "runs": """
         SELECT * EXCLUDE (_rank) FROM (
             SELECT *, row_number() OVER (PARTITION BY run_id ORDER BY created_at, commit_id)

@@ -66,7 +66,7 @@ class Store:
 
     def sql(self, query: str, params: list | None = None) -> pl.DataFrame:
         """Run a SQL query over the store's views (runs, checkpoints, metrics, final, curves,
-        metrics_wide, zoos) and return a polars DataFrame. `params` fill `?` placeholders."""
+        metrics_wide, zoos, fits) and return a polars DataFrame. `params` fill `?` placeholders."""
         con = self.catalog.refresh()
         try:
             relation = con.sql(query, params=params)
@@ -161,6 +161,13 @@ class Store:
         self.tables.append("metrics", metrics)
         self.tables.append("runs", runs)
         return commit_id
+
+    def record_fit(self, row: dict) -> str:
+        """Append an analysis result to the fits table; returns its fit id."""
+        row = {"fit_id": uuid.uuid4().hex[:16], "created_at": dt.datetime.now(dt.timezone.utc),
+               **row}
+        self.tables.append("fits", [row])
+        return row["fit_id"]
 
     def record_zoo(self, row: dict) -> bool:
         """Add a zoos row unless this exact spec text is already recorded for the zoo."""

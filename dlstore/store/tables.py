@@ -36,7 +36,10 @@ class Tables:
         write_deltalake(str(self.path(name)), table, mode="append")
 
     def snapshot(self, name: str) -> tuple[int, list[str]]:
-        """(version, Parquet file URIs) of the table's current snapshot."""
+        """(version, Parquet file URIs) of the table's current snapshot. A table that a newer
+        dlstore added and this store has not written yet reads as empty (version -1)."""
+        if not self.path(name).exists():
+            return -1, []
         try:
             table = DeltaTable(str(self.path(name)))
         except TableNotFoundError:

@@ -11,6 +11,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,7 @@ from dlstore.errors import SpecError
 from dlstore.store.store import Store
 from dlstore.zoo.data import DatasetTensors, run_data
 from dlstore.zoo.models import init_state, n_params
-from dlstore.zoo.population import CohortPlan, CohortTrainer, MemberPlan, resolve_device
+from dlstore.zoo.population import Checkpoint, CohortPlan, CohortTrainer, MemberPlan, resolve_device
 from dlstore.zoo.seeds import derive_seed
 from dlstore.zoo.spec import RunConfig, ZooSpec
 
@@ -44,7 +45,7 @@ def cohort_key(run: RunConfig, total_steps: int, steps: list[int]) -> str:
     """What must be equal for runs to step together (see CohortPlan)."""
     generation = run.dataset.model_dump(mode="json",
                                         exclude={"n_train", "label_noise", "noise_seed"})
-    return json.dumps([generation, run.model.shape_key(), run.train.optimizer,
+    return json.dumps([generation, run.model.family_key(), run.train.optimizer,
                        run.train.schedule, run.train.batch_size, total_steps, steps])
 
 
@@ -82,14 +83,15 @@ def _member(run: RunConfig, data: DatasetTensors) -> MemberPlan:
 
 def cohort_plan(runs: list[RunConfig], datas: list[DatasetTensors]) -> CohortPlan:
     first, data = runs[0], datas[0]
-    widest = max(range(len(datas)), key=lambda i: datas[i].x_train.shape[0])
+    largest = max(range(len(datas)), key=lambda i: datas[i].x_train.shape[0])
     total = first.train.total_steps(data.x_train.shape[0])
     return CohortPlan(
-        arch=first.model, input_shape=data.input_shape, n_classes=data.n_classes,
+        arch=max((r.model for r in runs), key=lambda m: m.width),
+        input_shape=data.input_shape, n_classes=data.n_classes,
         optimizer=first.train.optimizer, schedule=first.train.schedule,
         batch_size=first.train.batch_size, total_steps=total,
         checkpoint_steps=first.checkpoint_steps(total),
-        x_train=datas[widest].x_train, x_test=data.x_test, y_test=data.y_test,
+        x_train=datas[largest].x_train, x_test=data.x_test, y_test=data.y_test,
         members=[_member(r, d) for r, d in zip(runs, datas)],
     )
 
@@ -109,58 +111,96 @@ def build_zoo(spec: ZooSpec, store: Store, device: str = "auto",
     report = BuildReport(spec.name, len(spec.runs), len(spec.runs) - len(todo), 0, 0,
                          len(plans), 0, 0.0, 0.0)
     work_done = 0
-    for (runs, datas), plan in zip(cohorts, plans):
-        trainer = CohortTrainer(plan, dev)
-        checkpoint_rows: list[dict] = []
-        metric_rows: list[dict] = []
-        last_step = [-1] * len(runs)
-        for ck in trainer.run():
-            blob = store.put_shard(ck.params, _shard_metadata(spec.name, plan, runs, ck.step))
-            member_bytes = sum(v[0].numel() * v.element_size() for v in ck.params.values())
-            dtype = str(next(iter(ck.params.values())).dtype).removeprefix("torch.")
-            for i, run in enumerate(runs):
-                if not ck.alive[i]:
-                    continue
-                last_step[i] = ck.step
-                checkpoint_rows.append({
-                    "run_id": run.run_id, "step": ck.step, "epoch": float(ck.epoch[i]),
-                    "blob": blob, "member": i, "dtype": dtype, "n_bytes": member_bytes})
-                for name, values in ck.metrics.items():
-                    metric_rows.append({"run_id": run.run_id, "step": ck.step, "metric": name,
-                                        "tensor": None, "value": float(values[i])})
-            report.checkpoints += 1
+    # shards are written by a background thread while the next steps train (torch and hashing
+    # release the GIL); a cohort's rows are committed once all its shards are on disk
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dlstore-writer") as writer:
+        for (runs, datas), plan in zip(cohorts, plans):
+            offset = work_done
+
+            def on_step(step: int, offset: int = offset) -> None:
+                if progress:
+                    progress(offset + step, total_work)
+
+            trainer = CohortTrainer(plan, dev, on_step=on_step)
+            groups = _shape_groups(plan)
+            pending: list[tuple[Future, Checkpoint, list[int]]] = []
+            metric_rows: list[dict] = []
+            last_step = [-1] * len(runs)
+            for ck in trainer.run():
+                for members in groups:
+                    tensors = _member_slices(ck.params, plan, members)
+                    meta = _shard_metadata(spec.name, plan, [runs[i] for i in members],
+                                           tensors, ck.step)
+                    pending.append((writer.submit(store.put_shard, tensors, meta), ck, members))
+                for i, run in enumerate(runs):
+                    if not ck.alive[i]:
+                        continue
+                    last_step[i] = ck.step
+                    for name, values in ck.metrics.items():
+                        metric_rows.append({"run_id": run.run_id, "step": ck.step,
+                                            "metric": name, "tensor": None,
+                                            "value": float(values[i])})
+                report.checkpoints += 1
+            checkpoint_rows = [
+                row for future, ck, members in pending
+                for row in _checkpoint_rows(future.result(), ck, members, runs, plan)]
+            work_done += plan.total_steps
+            cohort_id = uuid.uuid4().hex[:16]
+            run_rows = [
+                _run_row(run, data, plan, cohort_id, last_step[i],
+                         int(trainer.diverged_step[i]), trainer.train_seconds / len(runs), dev)
+                for i, (run, data) in enumerate(zip(runs, datas))
+            ]
+            store.commit(checkpoint_rows, metric_rows, run_rows)
+            report.runs_built += len(runs)
+            report.runs_diverged += sum(r["status"] == "diverged" for r in run_rows)
+            report.train_seconds += trainer.train_seconds
             if progress:
-                progress(work_done + ck.step, total_work)
-        work_done += plan.total_steps
-        cohort_id = uuid.uuid4().hex[:16]
-        run_rows = [
-            _run_row(run, data, plan, cohort_id, last_step[i],
-                     int(trainer.diverged_step[i]), trainer.train_seconds / len(runs), dev)
-            for i, (run, data) in enumerate(zip(runs, datas))
-        ]
-        store.commit(checkpoint_rows, metric_rows, run_rows)
-        report.runs_built += len(runs)
-        report.runs_diverged += sum(r["status"] == "diverged" for r in run_rows)
-        report.train_seconds += trainer.train_seconds
-        if progress:
-            progress(work_done, total_work)
+                progress(work_done, total_work)
     store.record_zoo({"zoo": spec.name, "spec": spec.text, "spec_hash": spec.spec_hash,
                       "n_runs": len(spec.runs), "dlstore_version": dlstore.__version__})
     report.seconds = time.perf_counter() - started
     return report
 
 
-def _shard_metadata(zoo: str, plan: CohortPlan, runs: list[RunConfig], step: int) -> dict:
+def _shape_groups(plan: CohortPlan) -> list[list[int]]:
+    """Members with identical true parameter shapes: each group gets its own shard per step, so
+    shards hold every member at its own shape, never padded."""
+    groups: dict[tuple, list[int]] = {}
+    for i, m in enumerate(plan.members):
+        groups.setdefault(tuple(tuple(v.shape) for v in m.init.values()), []).append(i)
+    return list(groups.values())
+
+
+def _member_slices(params: dict[str, torch.Tensor], plan: CohortPlan,
+                   members: list[int]) -> dict[str, torch.Tensor]:
+    shapes = plan.members[members[0]].init
+    index = torch.tensor(members)
+    return {k: v.index_select(0, index)[(slice(None), *(slice(0, n) for n in shapes[k].shape))]
+            .contiguous() for k, v in params.items()}
+
+
+def _checkpoint_rows(blob: str, ck: Checkpoint, members: list[int], runs: list[RunConfig],
+                     plan: CohortPlan) -> list[dict]:
+    init = plan.members[members[0]].init
+    n_bytes = sum(v.numel() * v.element_size() for v in init.values())
+    dtype = str(next(iter(init.values())).dtype).removeprefix("torch.")
+    return [{"run_id": runs[i].run_id, "step": ck.step, "epoch": float(ck.epoch[i]),
+             "blob": blob, "member": position, "dtype": dtype, "n_bytes": n_bytes}
+            for position, i in enumerate(members) if ck.alive[i]]
+
+
+def _shard_metadata(zoo: str, plan: CohortPlan, runs: list[RunConfig],
+                    tensors: dict[str, torch.Tensor], step: int) -> dict:
     """What makes a shard readable without the tables: layout, architecture, members."""
-    first = plan.members[0].init
-    layout = [{"name": k, "shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
-              for k, v in first.items()]
+    layout = [{"name": k, "shape": list(v.shape[1:]),
+               "dtype": str(v.dtype).removeprefix("torch.")} for k, v in tensors.items()]
     return {
         "format": SHARD_FORMAT,
         "zoo": zoo,
         "step": str(step),
         "layout": json.dumps(layout),
-        "arch": plan.arch.model_dump_json(exclude={"init_seed"}),
+        "arch": runs[0].model.model_dump_json(exclude={"init_seed"}),
         "input_shape": json.dumps(list(plan.input_shape)),
         "n_classes": str(plan.n_classes),
         "run_ids": json.dumps([r.run_id for r in runs]),

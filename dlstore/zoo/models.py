@@ -36,9 +36,12 @@ class ArchOptions(BaseModel):
     def build(self, input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
         raise NotImplementedError
 
-    def shape_key(self) -> str:
-        """Everything that determines parameter shapes: runs whose keys match share a cohort."""
-        return self.model_dump_json(exclude={"init_seed"})
+    def family_key(self) -> str:
+        """Everything but the width: runs whose keys match can share a cohort, narrower members
+        zero-padded to the widest. Valid because in every registered family a narrower network
+        is the corner of a wider one (hidden units / channels first, channel-major flattening)
+        and zero units with zero weights stay inert under any activation."""
+        return self.model_dump_json(exclude={"init_seed", "width"})
 
 
 ARCHS: dict[str, type[ArchOptions]] = {}

@@ -1,0 +1,71 @@
+"""Matplotlib figures for the analyses. Functions return a Figure; callers decide where it goes."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # figures are written to files; no display is assumed
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+EXTRAPOLATE = 10.0  # draw fitted curves this factor beyond the largest observed value
+
+
+def scaling_figure(fit, x: np.ndarray, loss: np.ndarray, d: np.ndarray | None = None,
+                   x_label: str = "N (parameters)") -> Figure:
+    """Points and fitted curves (dashed beyond the data); for L(N, D) one curve per D plus the
+    compute-optimal frontier N_opt(C), D_opt(C) in a second panel."""
+    two_variable = d is not None
+    fig, axes = plt.subplots(1, 2 if two_variable else 1, figsize=(11 if two_variable else 6, 4.5),
+                             squeeze=False)
+    ax = axes[0, 0]
+    grid_in = np.geomspace(x.min(), x.max(), 100)
+    grid_out = np.geomspace(x.max(), x.max() * EXTRAPOLATE, 50)
+    if two_variable:
+        values = np.unique(d)
+        colours = plt.cm.viridis(np.linspace(0, 0.9, len(values)))
+        for value, colour in zip(values, colours):
+            mask = d == value
+            ax.scatter(x[mask], loss[mask], color=colour, s=18, label=f"D = {value:,.0f}")
+            ax.plot(grid_in, fit.predict(grid_in, np.full_like(grid_in, value)), color=colour)
+            ax.plot(grid_out, fit.predict(grid_out, np.full_like(grid_out, value)), color=colour,
+                    linestyle="--")
+    else:
+        ax.scatter(x, loss, s=18, color="C0", label="runs")
+        ax.plot(grid_in, fit.predict(grid_in), color="C0", label="fit")
+        ax.plot(grid_out, fit.predict(grid_out), color="C0", linestyle="--",
+                label="extrapolation")
+    ax.axhline(fit.params["E"], color="grey", linewidth=0.8, linestyle=":", label="E")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("loss")
+    ax.set_title(_title(fit))
+    ax.legend(fontsize=7)
+    if two_variable:
+        ax = axes[0, 1]
+        compute = 6 * x * d
+        c_grid = np.geomspace(compute.min(), compute.max() * EXTRAPOLATE ** 2, 100)
+        n_opt, d_opt = fit.compute_optimal(c_grid)
+        a, b = fit.compute_optimal_exponents()
+        ax.plot(c_grid, n_opt, label=f"N_opt ~ C^{a:.2f}")
+        ax.plot(c_grid, d_opt, label=f"D_opt ~ C^{b:.2f}")
+        ax.scatter(compute, x, s=8, color="C0", alpha=0.4, label="runs (N)")
+        ax.scatter(compute, d, s=8, color="C1", alpha=0.4, label="runs (D)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("C = 6 N D")
+        ax.set_title("compute-optimal frontier")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _title(fit) -> str:
+    p = fit.params
+    if "beta" in p:
+        return (f"L = {p['E']:.3g} + {p['A']:.3g}/N^{p['alpha']:.3f} "
+                f"+ {p['B']:.3g}/D^{p['beta']:.3f}")
+    return f"L = {p['E']:.3g} + {p['A']:.3g} x^-{p['alpha']:.3f}"

@@ -1,0 +1,113 @@
+"""Loss and gradients of a whole cohort in one pass: `loss_and_grads(params, x, y)` maps stacked
+parameters [P, ...], inputs [P, B, ...] and labels [P, B] to per-member mean cross-entropy [P]
+and per-member gradients.
+
+Two implementations:
+- `VmapKernel`, for any architecture: `torch.func.vmap(grad_and_value(...))` over
+  `functional_call` of the registry's module;
+- `MLPKernel`, for `mlp`: the forward and backward pass written out with batched matmuls
+  (`baddbmm`/`bmm`). On a CPU it is several times faster than the generic path at the sizes of a
+  model zoo, because autograd's layouts make the elementwise backward ops and `log_softmax` over
+  ten classes slow there. Equivalence tests pin both against the `torch.optim` reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad_and_value, vmap
+
+from dlstore.zoo.models import ArchOptions, MLPOptions
+
+Params = dict[str, torch.Tensor]
+
+
+class VmapKernel:
+    def __init__(self, arch: ArchOptions, input_shape: tuple[int, ...], n_classes: int):
+        with torch.device("meta"):
+            self.template = arch.build(input_shape, n_classes)
+        self._grad = vmap(grad_and_value(self._loss))
+        self._eval = vmap(self.forward_one, in_dims=(0, None))
+
+    def forward_one(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.template, params, (x,))
+
+    def _loss(self, params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.forward_one(params, x), y)
+
+    def loss_and_grads(self, params: Params, x: torch.Tensor, y: torch.Tensor
+                       ) -> tuple[torch.Tensor, Params]:
+        grads, losses = self._grad(params, x, y)
+        return losses, grads
+
+    def forward_shared(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        """Logits [P, N, C] of every member on the same inputs [N, ...]."""
+        return self._eval(params, x)
+
+
+class MLPKernel:
+    def __init__(self, arch: MLPOptions):
+        self.n_layers = arch.depth + 1
+        self.activation = arch.activation
+
+    def _act(self, z: torch.Tensor) -> torch.Tensor:
+        if self.activation == "relu":
+            return torch.relu(z)
+        if self.activation == "tanh":
+            return torch.tanh(z)
+        return F.gelu(z)
+
+    def _act_backward(self, grad: torch.Tensor, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        if self.activation == "relu":
+            return torch.ops.aten.threshold_backward(grad, a, 0.0)
+        if self.activation == "tanh":
+            return torch.ops.aten.tanh_backward(grad, a)
+        return torch.ops.aten.gelu_backward(grad, z)
+
+    def _forward(self, params: Params, h: torch.Tensor, keep: bool):
+        zs, acts = [], [h]
+        for i in range(self.n_layers):
+            w, b = params[f"layers.{i}.weight"], params[f"layers.{i}.bias"]
+            z = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+            if i < self.n_layers - 1:
+                h = self._act(z)
+                if keep:
+                    zs.append(z)
+                    acts.append(h)
+            else:
+                h = z
+        return h, zs, acts
+
+    def forward_shared(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        n_members = params["layers.0.weight"].shape[0]
+        h = x.flatten(1).unsqueeze(0).expand(n_members, -1, -1)
+        return self._forward(params, h, keep=False)[0]
+
+    def loss_and_grads(self, params: Params, x: torch.Tensor, y: torch.Tensor
+                       ) -> tuple[torch.Tensor, Params]:
+        logits, zs, acts = self._forward(params, x.flatten(2), keep=True)
+        batch = logits.shape[1]
+        # cross-entropy and its gradient, softmax written out (log_softmax over few classes is
+        # slow on CPU)
+        shifted = logits - logits.amax(-1, keepdim=True)
+        exp = shifted.exp()
+        total = exp.sum(-1, keepdim=True)
+        picked = shifted.gather(-1, y.unsqueeze(-1))
+        losses = (total.log() - picked).squeeze(-1).mean(1)
+        grad_z = exp / total
+        grad_z.scatter_add_(-1, y.unsqueeze(-1), torch.full_like(picked, -1.0))
+        grad_z /= batch
+        grads: Params = {}
+        for i in reversed(range(self.n_layers)):
+            grads[f"layers.{i}.weight"] = torch.bmm(grad_z.transpose(1, 2), acts[i])
+            grads[f"layers.{i}.bias"] = grad_z.sum(1)
+            if i > 0:
+                grad_a = torch.bmm(grad_z, params[f"layers.{i}.weight"])
+                grad_z = self._act_backward(grad_a, zs[i - 1], acts[i])
+        return losses, grads
+
+
+def kernel_for(arch: ArchOptions, input_shape: tuple[int, ...], n_classes: int):
+    if isinstance(arch, MLPOptions):
+        return MLPKernel(arch)
+    return VmapKernel(arch, input_shape, n_classes)
