@@ -24,7 +24,7 @@ demo: setup
 	   FROM final WHERE metric = 'test_acc' GROUP BY width, lr ORDER BY width, lr"
 
 lint: setup
-	$(BIN)/ruff check dlstore tests
+	$(BIN)/ruff check dlstore tests bench
 
 test: lint
 	$(BIN)/python -m pytest -q

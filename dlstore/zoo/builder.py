@@ -20,8 +20,15 @@ import dlstore
 from dlstore.errors import SpecError
 from dlstore.store.store import Store
 from dlstore.zoo.data import DatasetTensors, run_data
-from dlstore.zoo.models import init_state, n_params
-from dlstore.zoo.population import Checkpoint, CohortPlan, CohortTrainer, MemberPlan, resolve_device
+from dlstore.zoo.models import activation_units, init_state, n_params
+from dlstore.zoo.population import (
+    Checkpoint,
+    CohortPlan,
+    CohortTrainer,
+    MemberPlan,
+    auto_cohort_size,
+    resolve_device,
+)
 from dlstore.zoo.seeds import derive_seed
 from dlstore.zoo.spec import RunConfig, ZooSpec
 
@@ -49,9 +56,10 @@ def cohort_key(run: RunConfig, total_steps: int, steps: list[int]) -> str:
                        run.train.schedule, run.train.batch_size, total_steps, steps])
 
 
-def plan_cohorts(runs: list[RunConfig], cohort_size: int
+def plan_cohorts(runs: list[RunConfig], cohort_size: int | str = "auto", device: str = "cpu"
                  ) -> list[tuple[list[RunConfig], list[DatasetTensors]]]:
-    """Group runs into cohorts (in spec order), each with every member's own data."""
+    """Group runs into cohorts (in spec order), each with every member's own data. Groups larger
+    than the cohort size are split into near-equal cohorts."""
     groups: dict[str, list[tuple[RunConfig, DatasetTensors]]] = {}
     for run in runs:
         data = run_data(run.dataset, run.seed)
@@ -64,8 +72,16 @@ def plan_cohorts(runs: list[RunConfig], cohort_size: int
         groups.setdefault(cohort_key(run, total, steps), []).append((run, data))
     cohorts = []
     for members in groups.values():
-        for start in range(0, len(members), cohort_size):
-            chunk = members[start:start + cohort_size]
+        size = cohort_size
+        if size == "auto":
+            run, data = max(members, key=lambda m: m[0].model.width)
+            size = auto_cohort_size(
+                n_params(run.model, data.input_shape, data.n_classes),
+                activation_units(run.model, data.input_shape, data.n_classes),
+                run.train.batch_size, resolve_device(device))
+        n_chunks = -(-len(members) // size)
+        for k in range(n_chunks):
+            chunk = members[k * len(members) // n_chunks:(k + 1) * len(members) // n_chunks]
             cohorts.append(([r for r, _ in chunk], [d for _, d in chunk]))
     return cohorts
 
@@ -105,7 +121,7 @@ def build_zoo(spec: ZooSpec, store: Store, device: str = "auto",
     dev = resolve_device(device)
     done_ids = store.run_ids()
     todo = [r for r in spec.runs if r.run_id not in done_ids]
-    cohorts = plan_cohorts(todo, spec.build.cohort_size)
+    cohorts = plan_cohorts(todo, spec.build.cohort_size, device=str(dev))
     plans = [cohort_plan(runs, datas) for runs, datas in cohorts]
     total_work = sum(p.total_steps for p in plans)
     report = BuildReport(spec.name, len(spec.runs), len(spec.runs) - len(todo), 0, 0,

@@ -156,6 +156,25 @@ def init_state(options: ArchOptions, input_shape: tuple[int, ...], n_classes: in
     return {k: v.detach() for k, v in module.state_dict().items()}
 
 
+def activation_units(options: ArchOptions, input_shape: tuple[int, ...], n_classes: int) -> int:
+    """Numbers one example produces across the network's layers (outputs of its leaf modules):
+    what sets a cohort's activation memory per member and example."""
+    total = 0
+
+    def count(module, inputs, output) -> None:
+        nonlocal total
+        total += output[0].numel()
+
+    with torch.device("meta"):
+        module = options.build(input_shape, n_classes)
+        hooks = [m.register_forward_hook(count) for m in module.modules()
+                 if not list(m.children())]
+        module(torch.empty((1, *input_shape)))
+    for hook in hooks:
+        hook.remove()
+    return total
+
+
 def n_params(options: ArchOptions, input_shape: tuple[int, ...], n_classes: int) -> int:
     with torch.device("meta"):
         module = options.build(input_shape, n_classes)

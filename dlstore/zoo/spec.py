@@ -8,7 +8,7 @@
     [train]    optimizer = "sgd", lr = 0.1, momentum = 0.9, batch_size = 128, epochs = 20, ...
     [grid]     model.width = [16, 32, 64]     # any field above as a list of values
                train.lr = [0.01, 0.1]
-    [build]    cohort_size = 512               # how the zoo is built, not what it contains
+    [build]    cohort_size = "auto"            # how the zoo is built, not what it contains
 
 The runs are the Cartesian product of the grid times the seeds. Each run has a stable id: a hash
 of its canonical config with defaults left out, plus the zoo name, so adding an option with a
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dlstore.errors import SpecError, format_validation_error
 from dlstore.zoo.data import DatasetOptions, parse_dataset_options
@@ -72,7 +72,16 @@ class TrainOptions(BaseModel):
 
 class BuildOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    cohort_size: int = Field(default=1024, ge=1, description="most members trained together")
+    cohort_size: Literal["auto"] | int = Field(
+        default="auto", description="most members trained together; auto = from the device's "
+        "cache (CPU) or free memory (GPU) and the network's size")
+
+    @field_validator("cohort_size")
+    @classmethod
+    def _positive(cls, value):
+        if value != "auto" and value < 1:
+            raise ValueError("give a positive number of members or 'auto'")
+        return value
 
 
 class _SpecFile(BaseModel):
