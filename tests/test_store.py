@@ -75,7 +75,7 @@ def test_loaded_model_reproduces_stored_test_accuracy(built_store):
     data = built_store.load_dataset(run_id)
     with torch.no_grad():
         logits = model(data["x_test"])
-        acc = (logits.argmax(1) == data["y_test"]).float().mean().item()
+        acc = (logits.argmax(1) == data["y_test"]).double().mean().item()
         loss = F.cross_entropy(logits, data["y_test"]).item()
     stored = built_store.sql(f"SELECT metric, value FROM metrics WHERE run_id = '{run_id}' "
                              f"AND step = {step}")

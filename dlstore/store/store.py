@@ -136,27 +136,35 @@ class Store:
         run = self.run(run_id)
         config = json.loads(run["config"])
         data = run_data(parse_dataset_options(config["dataset"]), config["seed"])
-        if data.fingerprint() != run["data_hash"]:
+        if data.fingerprint != run["data_hash"]:
             raise DataMismatchError(
                 f"regenerated data for run {run_id} differs from what it trained on (a dataset "
                 "generator changed since it was built); its weights are intact")
-        return {"x_train": data.x_train, "y_train": data.y_train,
-                "x_test": data.x_test, "y_test": data.y_test}
+        # copies: the generated tensors are shared with an in-process cache
+        return {"x_train": data.x_train.clone(), "y_train": data.y_train.clone(),
+                "x_test": data.x_test.clone(), "y_test": data.y_test.clone()}
 
     # -- writing (the builder's side) -----------------------------------------------------
 
     def put_shard(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
         return self.blobs.put(tensors, metadata)
 
-    def commit(self, checkpoints: list[dict], metrics: list[dict], runs: list[dict]) -> str:
-        """Append one cohort's rows, runs last; returns the commit id stamped on every row."""
+    def commit(self, checkpoints: list[dict], metrics: list[dict] | dict[str, list],
+               runs: list[dict]) -> str:
+        """Append checkpoint and metric rows, then the runs rows last, all stamped with one
+        commit id, which is returned. `metrics` may be rows or columns."""
         commit_id = uuid.uuid4().hex
         now = dt.datetime.now(dt.timezone.utc)
-        for rows in (checkpoints, metrics, runs):
-            for row in rows:
-                row["commit_id"] = commit_id
+        for row in checkpoints:
+            row["commit_id"] = commit_id
         for row in runs:
+            row["commit_id"] = commit_id
             row.setdefault("created_at", now)
+        if isinstance(metrics, dict):
+            metrics = {**metrics, "commit_id": [commit_id] * len(metrics["run_id"])}
+        else:
+            for row in metrics:
+                row["commit_id"] = commit_id
         self.tables.append("checkpoints", checkpoints)
         self.tables.append("metrics", metrics)
         self.tables.append("runs", runs)

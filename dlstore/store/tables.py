@@ -29,10 +29,14 @@ class Tables:
                 self.path(name).mkdir(parents=True, exist_ok=True)
                 DeltaTable.create(str(self.path(name)), schema=schema, mode="ignore")
 
-    def append(self, name: str, rows: list[dict]) -> None:
-        if not rows:
+    def append(self, name: str, rows: list[dict] | dict[str, list]) -> None:
+        """Append rows (a list of dicts, or a dict of equal-length columns) in one commit."""
+        if isinstance(rows, dict):
+            table = pa.Table.from_pydict(rows, schema=TABLES[name])
+        else:
+            table = pa.Table.from_pylist(rows, schema=TABLES[name])
+        if table.num_rows == 0:
             return
-        table = pa.Table.from_pylist(rows, schema=TABLES[name])
         write_deltalake(str(self.path(name)), table, mode="append")
 
     def snapshot(self, name: str) -> tuple[int, list[str]]:

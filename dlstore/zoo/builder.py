@@ -112,6 +112,39 @@ def cohort_plan(runs: list[RunConfig], datas: list[DatasetTensors]) -> CohortPla
     )
 
 
+COMMIT_INTERVAL_S = 10.0  # commit finished cohorts at most this often: fewer, larger table files
+
+
+class _Committer:
+    """Collects finished cohorts' rows and commits them in batches (runs rows last, one commit
+    id). A crash loses at most the cohorts since the last commit; a rebuild retrains them."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.last = time.perf_counter()
+        self._clear()
+
+    def _clear(self) -> None:
+        self.checkpoints: list[dict] = []
+        self.metrics: dict[str, list] = {k: [] for k in ("run_id", "step", "metric", "tensor",
+                                                         "value")}
+        self.runs: list[dict] = []
+
+    def add(self, checkpoints: list[dict], metrics: dict[str, list], runs: list[dict]) -> None:
+        self.checkpoints += checkpoints
+        for k, values in metrics.items():
+            self.metrics[k] += values
+        self.runs += runs
+        if time.perf_counter() - self.last >= COMMIT_INTERVAL_S:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.runs:
+            self.store.commit(self.checkpoints, self.metrics, self.runs)
+        self._clear()
+        self.last = time.perf_counter()
+
+
 def build_zoo(spec: ZooSpec, store: Store, device: str = "auto",
               progress: Callable[[int, int], None] | None = None) -> BuildReport:
     """Train every run of `spec` that `store` does not hold yet and commit it.
@@ -122,61 +155,67 @@ def build_zoo(spec: ZooSpec, store: Store, device: str = "auto",
     done_ids = store.run_ids()
     todo = [r for r in spec.runs if r.run_id not in done_ids]
     cohorts = plan_cohorts(todo, spec.build.cohort_size, device=str(dev))
-    plans = [cohort_plan(runs, datas) for runs, datas in cohorts]
-    total_work = sum(p.total_steps for p in plans)
+    steps = [runs[0].train.total_steps(datas[0].x_train.shape[0]) for runs, datas in cohorts]
     report = BuildReport(spec.name, len(spec.runs), len(spec.runs) - len(todo), 0, 0,
-                         len(plans), 0, 0.0, 0.0)
-    work_done = 0
+                         len(cohorts), 0, 0.0, 0.0)
+    committer = _Committer(store)
     # shards are written by a background thread while the next steps train (torch and hashing
-    # release the GIL); a cohort's rows are committed once all its shards are on disk
+    # release the GIL); rows are committed once every shard they point to is on disk
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dlstore-writer") as writer:
-        for (runs, datas), plan in zip(cohorts, plans):
-            offset = work_done
+        for k, (runs, datas) in enumerate(cohorts):
+            offset = sum(steps[:k])
 
             def on_step(step: int, offset: int = offset) -> None:
                 if progress:
-                    progress(offset + step, total_work)
+                    progress(offset + step, sum(steps))
 
+            plan = cohort_plan(runs, datas)
             trainer = CohortTrainer(plan, dev, on_step=on_step)
-            groups = _shape_groups(plan)
-            pending: list[tuple[Future, Checkpoint, list[int]]] = []
-            metric_rows: list[dict] = []
-            last_step = [-1] * len(runs)
-            for ck in trainer.run():
-                for members in groups:
-                    tensors = _member_slices(ck.params, plan, members)
-                    meta = _shard_metadata(spec.name, plan, [runs[i] for i in members],
-                                           tensors, ck.step)
-                    pending.append((writer.submit(store.put_shard, tensors, meta), ck, members))
-                for i, run in enumerate(runs):
-                    if not ck.alive[i]:
-                        continue
-                    last_step[i] = ck.step
-                    for name, values in ck.metrics.items():
-                        metric_rows.append({"run_id": run.run_id, "step": ck.step,
-                                            "metric": name, "tensor": None,
-                                            "value": float(values[i])})
-                report.checkpoints += 1
-            checkpoint_rows = [
-                row for future, ck, members in pending
-                for row in _checkpoint_rows(future.result(), ck, members, runs, plan)]
-            work_done += plan.total_steps
-            cohort_id = uuid.uuid4().hex[:16]
-            run_rows = [
-                _run_row(run, data, plan, cohort_id, last_step[i],
-                         int(trainer.diverged_step[i]), trainer.train_seconds / len(runs), dev)
-                for i, (run, data) in enumerate(zip(runs, datas))
-            ]
-            store.commit(checkpoint_rows, metric_rows, run_rows)
+            rows = _train_cohort(spec.name, trainer, runs, datas, store, writer, report)
+            committer.add(*rows)
             report.runs_built += len(runs)
-            report.runs_diverged += sum(r["status"] == "diverged" for r in run_rows)
             report.train_seconds += trainer.train_seconds
-            if progress:
-                progress(work_done, total_work)
+        committer.flush()
     store.record_zoo({"zoo": spec.name, "spec": spec.text, "spec_hash": spec.spec_hash,
                       "n_runs": len(spec.runs), "dlstore_version": dlstore.__version__})
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _train_cohort(zoo: str, trainer: CohortTrainer, runs: list[RunConfig],
+                  datas: list[DatasetTensors], store: Store, writer: ThreadPoolExecutor,
+                  report: BuildReport) -> tuple[list[dict], dict[str, list], list[dict]]:
+    """Train one cohort, handing its shards to the writer; return its checkpoint, metric and
+    runs rows once its shards are written."""
+    plan = trainer.plan
+    groups = _shape_groups(plan)
+    pending: list[tuple[Future, Checkpoint, list[int]]] = []
+    metrics: dict[str, list] = {k: [] for k in ("run_id", "step", "metric", "tensor", "value")}
+    last_step = [-1] * len(runs)
+    for ck in trainer.run():
+        for members in groups:
+            tensors = _member_slices(ck.params, plan, members)
+            meta = _shard_metadata(zoo, plan, [runs[i] for i in members], tensors, ck.step)
+            pending.append((writer.submit(store.put_shard, tensors, meta), ck, members))
+        alive = ck.alive.nonzero().flatten().tolist()
+        for i in alive:
+            last_step[i] = ck.step
+        ids = [runs[i].run_id for i in alive]
+        for name, values in ck.metrics.items():
+            metrics["run_id"] += ids
+            metrics["step"] += [ck.step] * len(ids)
+            metrics["metric"] += [name] * len(ids)
+            metrics["tensor"] += [None] * len(ids)
+            metrics["value"] += values[alive].tolist()
+        report.checkpoints += 1
+    checkpoints = [row for future, ck, members in pending
+                   for row in _checkpoint_rows(future.result(), ck, members, runs, plan)]
+    cohort_id = uuid.uuid4().hex[:16]
+    run_rows = [_run_row(run, data, plan, cohort_id, last_step[i], int(trainer.diverged_step[i]),
+                         trainer.train_seconds / len(runs), trainer.device)
+                for i, (run, data) in enumerate(zip(runs, datas))]
+    report.runs_diverged += sum(r["status"] == "diverged" for r in run_rows)
+    return checkpoints, metrics, run_rows
 
 
 def _shape_groups(plan: CohortPlan) -> list[list[int]]:
@@ -247,7 +286,7 @@ def _run_row(run: RunConfig, data: DatasetTensors, plan: CohortPlan, cohort_id: 
         "final_step": final_step if final_step >= 0 else None,
         "diverged_step": diverged_step if diverged_step >= 0 else None,
         "parent_run_id": None, "cohort_id": cohort_id,
-        "data_hash": data.fingerprint(), "device": str(device),
+        "data_hash": data.fingerprint, "device": str(device),
         "train_seconds": train_seconds,
         "dlstore_version": dlstore.__version__, "torch_version": torch.__version__,
     }

@@ -1,5 +1,6 @@
 """Dataset registry: a name in a spec's [dataset] table maps to an options class that generates
-the data in-process. Nothing is ever downloaded.
+the data in-process. Nothing is ever downloaded, so a store can always regenerate what a run
+trained on and check it against the fingerprint recorded at training time.
 
 Every dataset shares three run-level options: `n_train` (the first n examples of the train split,
 so subsets nest), `label_noise` (a fraction of train labels replaced by a different class) and
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,25 +24,29 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from dlstore.errors import SpecError, format_validation_error
 from dlstore.zoo.seeds import derive_seed
 
-RUN_LEVEL = {"n_train", "label_noise", "noise_seed"}
+RUN_LEVEL = frozenset({"n_train", "label_noise", "noise_seed"})
 
 
 @dataclass(frozen=True)
 class DatasetTensors:
-    """A train/test split. Tensors may be shared with the in-process cache: do not modify them."""
+    """A train/test split. Tensors are shared with the in-process cache (runs of a zoo hold views
+    of one x_train) and the fingerprint is computed once per object: do not modify them in place.
+    """
 
     x_train: torch.Tensor  # float32 [N_train, *input_shape]
     y_train: torch.Tensor  # int64 [N_train]
-    x_test: torch.Tensor
-    y_test: torch.Tensor
+    x_test: torch.Tensor  # float32 [N_test, *input_shape]
+    y_test: torch.Tensor  # int64 [N_test]
     n_classes: int
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
 
+    @functools.cached_property
     def fingerprint(self) -> str:
-        """sha256 over shapes, dtypes and bytes of the four tensors: what a run trained on."""
+        """sha256 over n_classes and the shapes, dtypes and bytes of the four tensors, in a fixed
+        order: recorded with a run so that regenerated data can be checked against it."""
         digest = hashlib.sha256(f"classes={self.n_classes}".encode())
         for t in (self.x_train, self.y_train, self.x_test, self.y_test):
             t = t.detach().cpu().contiguous()
@@ -49,6 +56,8 @@ class DatasetTensors:
 
 
 class DatasetOptions(BaseModel):
+    """Options every dataset takes; subclasses add `name: Literal[...]` and generation options."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str
     n_train: int | None = Field(default=None, ge=1, description="first n train examples")
@@ -56,15 +65,19 @@ class DatasetOptions(BaseModel):
     noise_seed: int | None = Field(default=None, description="None = derived from the run seed")
 
     def generate(self) -> DatasetTensors:
-        """The full clean split (no subset, no noise)."""
+        """The full clean split (no subset, no noise), from the generation options alone."""
         raise NotImplementedError
 
 
 DATASETS: dict[str, type[DatasetOptions]] = {}
 
 
-def register_dataset(name: str):
+def register_dataset(name: str) -> Callable[[type[DatasetOptions]], type[DatasetOptions]]:
+    """Class decorator: make `name` (the class's `name` literal) valid in a spec's [dataset]."""
+
     def add(cls: type[DatasetOptions]) -> type[DatasetOptions]:
+        if name in DATASETS:
+            raise ValueError(f"dataset {name!r} is already registered")
         DATASETS[name] = cls
         return cls
 
@@ -82,10 +95,19 @@ def _tensors(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.ndarra
     )
 
 
-def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int,
+def _n_test(n: int, test_fraction: float) -> int:
+    """Test-set size, refusing a split that leaves either side empty (nothing to train or score)."""
+    n_test = int(round(n * test_fraction))
+    if not 0 < n_test < n:
+        raise SpecError(f"dataset: splitting {n} examples with test fraction {test_fraction:g} "
+                        f"leaves {n - n_test} train and {n_test} test examples; both must be > 0")
+    return n_test
+
+
+def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, rng: np.random.Generator,
            n_classes: int) -> DatasetTensors:
-    order = np.random.default_rng(seed).permutation(len(y))
-    n_test = int(round(len(y) * test_fraction))
+    order = rng.permutation(len(y))
+    n_test = _n_test(len(y), test_fraction)
     test, train = order[:n_test], order[n_test:]
     return _tensors(x[train], y[train], x[test], y[test], n_classes)
 
@@ -95,7 +117,8 @@ class MNIST1dOptions(DatasetOptions):
     """MNIST-1D (Greydanus 2020), generated locally: 40-point sequences, 10 classes."""
 
     name: Literal["mnist1d"]
-    num_samples: int = Field(default=5000, ge=20, description="train + test (80/20)")
+    num_samples: int = Field(default=5000, ge=20,
+                             description="train + test (80/20), rounded down to a multiple of 10")
     data_seed: int = Field(default=42, description="generation seed (the package's default)")
     shuffle_seq: bool = Field(default=False, description="permute the sequence positions")
 
@@ -105,11 +128,13 @@ class MNIST1dOptions(DatasetOptions):
         args = get_dataset_args()
         args.num_samples, args.seed, args.shuffle_seq = (self.num_samples, self.data_seed,
                                                          self.shuffle_seq)
-        state = np.random.get_state()  # make_dataset seeds numpy's global generator
+        # make_dataset seeds Python's and numpy's global generators; leave callers' streams alone
+        py_state, np_state = random.getstate(), np.random.get_state()
         try:
             d = make_dataset(args)
         finally:
-            np.random.set_state(state)
+            random.setstate(py_state)
+            np.random.set_state(np_state)
         return _tensors(d["x"], d["y"], d["x_test"], d["y_test"], 10)
 
 
@@ -122,11 +147,12 @@ class DigitsOptions(DatasetOptions):
     split_seed: int = 0
 
     def generate(self) -> DatasetTensors:
-        from sklearn.datasets import load_digits
+        from sklearn.datasets import load_digits  # bundled with scikit-learn, no download
 
         digits = load_digits()
         x = (digits.images / 16.0).astype(np.float32)[:, None, :, :]
-        return _split(x, digits.target, self.test_fraction, self.split_seed, 10)
+        rng = np.random.default_rng(self.split_seed)
+        return _split(x, digits.target, self.test_fraction, rng, 10)
 
 
 @register_dataset("modular")
@@ -142,12 +168,12 @@ class ModularOptions(DatasetOptions):
     def generate(self) -> DatasetTensors:
         p = self.p
         a, b = (g.ravel() for g in np.meshgrid(np.arange(p), np.arange(p), indexing="ij"))
-        op = {"add": a + b, "sub": a - b, "mul": a * b}[self.operation]
-        y = np.mod(op, p)
+        y = np.mod({"add": a + b, "sub": a - b, "mul": a * b}[self.operation], p)
         x = np.zeros((p * p, 2 * p), dtype=np.float32)
         x[np.arange(p * p), a] = 1.0
         x[np.arange(p * p), p + b] = 1.0
-        return _split(x, y, 1.0 - self.train_fraction, self.split_seed, p)
+        rng = np.random.default_rng(self.split_seed)
+        return _split(x, y, 1.0 - self.train_fraction, rng, p)
 
 
 @register_dataset("teacher_student")
@@ -158,9 +184,9 @@ class TeacherStudentOptions(DatasetOptions):
     dim: int = Field(default=20, ge=1)
     teacher_width: int = Field(default=64, ge=1)
     n_classes: int = Field(default=10, ge=2)
-    n_samples: int = Field(default=5000, ge=10)
+    n_samples: int = Field(default=5000, ge=2)
     test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
-    data_seed: int = 0
+    data_seed: int = Field(default=0, description="draws the teacher, the inputs and the split")
 
     def generate(self) -> DatasetTensors:
         rng = np.random.default_rng(self.data_seed)
@@ -169,32 +195,42 @@ class TeacherStudentOptions(DatasetOptions):
             self.teacher_width)
         x = rng.standard_normal((self.n_samples, self.dim)).astype(np.float32)
         y = np.argmax(np.tanh(x @ w1) @ w2, axis=1)
-        return _split(x, y, self.test_fraction, self.data_seed + 1, self.n_classes)
+        return _split(x, y, self.test_fraction, rng, self.n_classes)
 
 
 @register_dataset("gaussian_mixture")
 class GaussianMixtureOptions(DatasetOptions):
-    """Balanced isotropic Gaussian classes with unit variance and means `separation` from 0."""
+    """Isotropic unit-variance Gaussian classes whose means lie `separation` from the origin.
+
+    Labels cycle through the classes in each split, so train, test and every train prefix (an
+    `n_train` subset) are balanced to within one example per class."""
 
     name: Literal["gaussian_mixture"]
     n_classes: int = Field(default=4, ge=2)
     dim: int = Field(default=10, ge=1)
-    n_samples: int = Field(default=3000, ge=10)
-    separation: float = Field(default=3.0, ge=0.0)
+    n_samples: int = Field(default=3000, ge=2, description="train + test")
+    separation: float = Field(default=3.0, ge=0.0, description="norm of each class mean")
     test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
-    data_seed: int = 0
+    data_seed: int = Field(default=0, description="draws the means and the samples")
 
     def generate(self) -> DatasetTensors:
         rng = np.random.default_rng(self.data_seed)
         means = rng.standard_normal((self.n_classes, self.dim))
         means *= self.separation / np.linalg.norm(means, axis=1, keepdims=True)
-        y = np.arange(self.n_samples) % self.n_classes
-        x = (means[y] + rng.standard_normal((self.n_samples, self.dim))).astype(np.float32)
-        return _split(x, y, self.test_fraction, self.data_seed + 1, self.n_classes)
+        n_test = _n_test(self.n_samples, self.test_fraction)
+
+        def sample(n: int) -> tuple[np.ndarray, np.ndarray]:
+            y = np.arange(n) % self.n_classes
+            return means[y] + rng.standard_normal((n, self.dim)), y
+
+        (x, y), (x_test, y_test) = sample(self.n_samples - n_test), sample(n_test)
+        return _tensors(x, y, x_test, y_test, self.n_classes)
 
 
 def parse_dataset_options(raw: dict) -> DatasetOptions:
     """Validate a spec's [dataset] table against its dataset's options, naming bad fields."""
+    if not isinstance(raw, dict):
+        raise SpecError(f"dataset: expected a table, got {type(raw).__name__}")
     name = raw.get("name")
     known = ", ".join(sorted(DATASETS))
     if name is None:
@@ -213,15 +249,18 @@ def _generate_cached(cls: type[DatasetOptions], generation_json: str) -> Dataset
 
 
 def clean_split(options: DatasetOptions) -> DatasetTensors:
-    """The generated split for `options`, ignoring the run-level options; cached per process."""
+    """The generated split for `options`, ignoring the run-level options; cached per process
+    (mnist1d takes seconds to generate), so the tensors are shared: do not modify them."""
     generation = options.model_dump_json(exclude=RUN_LEVEL)
     return _generate_cached(type(options), generation)
 
 
 def apply_label_noise(y: torch.Tensor, n_classes: int, fraction: float,
                       seed: int) -> torch.Tensor:
-    """A copy of `y` with round(fraction * len(y)) labels, chosen by `seed`, each replaced by a
-    uniformly drawn *different* class."""
+    """A copy of `y` with exactly round(fraction * len(y)) labels, at positions chosen by `seed`,
+    each replaced by a uniformly drawn *different* class (so the noise rate is what it says)."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"label noise fraction must be in [0, 1), got {fraction}")
     y = y.clone()
     n_noisy = int(round(fraction * len(y)))
     if n_noisy == 0:
@@ -234,7 +273,21 @@ def apply_label_noise(y: torch.Tensor, n_classes: int, fraction: float,
 
 
 def run_data(options: DatasetOptions, run_seed: int) -> DatasetTensors:
-    """Exactly what one run trains and is evaluated on: its train subset with its label noise."""
+    """Exactly what one run trains and is evaluated on: its train subset with its label noise.
+
+    x tensors are views of the cached clean split (runs share them); results are cached too, so
+    runs without label noise share one object and its fingerprint. Do not modify them in place."""
+    noise_seed = None
+    if options.label_noise > 0:
+        noise_seed = (options.noise_seed if options.noise_seed is not None
+                      else derive_seed(run_seed, "noise"))
+    return _run_data(type(options), options.model_dump_json(), noise_seed)
+
+
+@functools.lru_cache(maxsize=64)
+def _run_data(cls: type[DatasetOptions], options_json: str,
+              noise_seed: int | None) -> DatasetTensors:
+    options = cls.model_validate_json(options_json)
     full = clean_split(options)
     available = full.x_train.shape[0]
     n = available if options.n_train is None else options.n_train
@@ -242,8 +295,6 @@ def run_data(options: DatasetOptions, run_seed: int) -> DatasetTensors:
         raise SpecError(f"dataset.n_train: {n} exceeds the {available} training examples of "
                         f"{options.name} with these options")
     y = full.y_train[:n]
-    if options.label_noise > 0:
-        seed = (options.noise_seed if options.noise_seed is not None
-                else derive_seed(run_seed, "noise"))
-        y = apply_label_noise(y, full.n_classes, options.label_noise, seed)
+    if noise_seed is not None:
+        y = apply_label_noise(y, full.n_classes, options.label_noise, noise_seed)
     return DatasetTensors(full.x_train[:n], y, full.x_test, full.y_test, full.n_classes)

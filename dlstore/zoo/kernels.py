@@ -64,9 +64,11 @@ class MLPKernel:
             return torch.ops.aten.tanh_backward(grad, a)
         return torch.ops.aten.gelu_backward(grad, z)
 
-    def _forward(self, params: Params, h: torch.Tensor, keep: bool):
+    def _forward(self, params: Params, h: torch.Tensor, keep: bool, start: int = 0):
+        """Layers `start`.. on inputs `h` [P, B, features]; with `keep`, also the pre-activations
+        and activations the backward pass needs."""
         zs, acts = [], [h]
-        for i in range(self.n_layers):
+        for i in range(start, self.n_layers):
             w, b = params[f"layers.{i}.weight"], params[f"layers.{i}.bias"]
             z = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
             if i < self.n_layers - 1:
@@ -79,9 +81,15 @@ class MLPKernel:
         return h, zs, acts
 
     def forward_shared(self, params: Params, x: torch.Tensor) -> torch.Tensor:
-        n_members = params["layers.0.weight"].shape[0]
-        h = x.flatten(1).unsqueeze(0).expand(n_members, -1, -1)
-        return self._forward(params, h, keep=False)[0]
+        # the first layer sees the same inputs for every member: one [N, in] x [in, P*out] matmul
+        # instead of P small ones
+        w, b = params["layers.0.weight"], params["layers.0.bias"]
+        n_members, n_out, n_in = w.shape
+        z = (x.flatten(1) @ w.reshape(n_members * n_out, n_in).T).view(-1, n_members, n_out)
+        z = z.transpose(0, 1) + b.unsqueeze(1)
+        if self.n_layers == 1:
+            return z
+        return self._forward(params, self._act(z), keep=False, start=1)[0]
 
     def loss_and_grads(self, params: Params, x: torch.Tensor, y: torch.Tensor
                        ) -> tuple[torch.Tensor, Params]:

@@ -8,6 +8,7 @@ options class with `build`, registered with `@register_arch`.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
@@ -175,6 +176,7 @@ def activation_units(options: ArchOptions, input_shape: tuple[int, ...], n_class
     return total
 
 
+@functools.lru_cache(maxsize=256)
 def n_params(options: ArchOptions, input_shape: tuple[int, ...], n_classes: int) -> int:
     with torch.device("meta"):
         module = options.build(input_shape, n_classes)

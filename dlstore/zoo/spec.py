@@ -18,6 +18,7 @@ no-op default later does not rename existing runs.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import itertools
 import json
@@ -130,7 +131,7 @@ class RunConfig:
             "seed": self.seed,
         }
 
-    @property
+    @functools.cached_property
     def run_id(self) -> str:
         text = json.dumps({"zoo": self.zoo, **self.canonical()}, sort_keys=True,
                           separators=(",", ":"))
