@@ -9,7 +9,7 @@ Both sides train MNIST-1D-shaped networks with SGD + momentum, data already on t
 sequential side is one `nn.Module` and one `torch.optim` optimizer per member, stepped one after
 another (`dlstore.zoo.reference`); the cohort side is `CohortTrainer`. The sequential rate is
 measured on `--seq-members` members (its cost is linear in members). Prints model-steps per second
-of both, the ratio, achieved GFLOP/s (6 x batch x parameters per model-step) against the
+of both, the ratio, achieved GFLOP/s (3 x the forward FLOPs torch counts, per example) against the
 device's own measured matmul peak, and peak memory; the last line is JSON.
 """
 
@@ -40,6 +40,16 @@ def matmul_peak(device: torch.device, n: int = 2048, repeats: int = 10) -> float
         a @ b
     _sync(device)
     return 2 * n**3 * repeats / (time.perf_counter() - started) / 1e9
+
+
+def forward_flops(plan) -> int:
+    """FLOPs of one example's forward pass, counted by torch (convolutions included)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = plan.arch.build(plan.input_shape, plan.n_classes)
+    with FlopCounterMode(display=False) as counter:
+        model(torch.zeros((1, *plan.input_shape)))
+    return counter.get_total_flops()
 
 
 def _sync(device: torch.device) -> None:
@@ -98,7 +108,7 @@ def main() -> None:
     _sync(device)
     seq_rate = len(seq_runs) * args.steps / (time.perf_counter() - started)
 
-    flops_per_model_step = 6 * args.batch * n_params
+    flops_per_model_step = 3 * args.batch * forward_flops(plan)  # backward ~ 2x forward
     peak = matmul_peak(device)
     memory_mb = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

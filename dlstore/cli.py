@@ -177,7 +177,7 @@ def fit_scaling(
     out.print(f"{result.kind} fit of {result.n} points, objective {result.objective:.4g}; "
               f"saved as fit {fit_id} (SELECT * FROM fits)")
     if result.kind == "chinchilla":
-        a, b = result.compute_optimal_exponents()
+        a, b = result.compute_optimal_exponents
         out.print(f"compute-optimal: N_opt ~ C^{a:.3f}, D_opt ~ C^{b:.3f}")
     figure.savefig(plot, dpi=120)
     out.print(f"figure -> {plot}")

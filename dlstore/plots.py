@@ -49,7 +49,7 @@ def scaling_figure(fit, x: np.ndarray, loss: np.ndarray, d: np.ndarray | None = 
         compute = 6 * x * d
         c_grid = np.geomspace(compute.min(), compute.max() * EXTRAPOLATE ** 2, 100)
         n_opt, d_opt = fit.compute_optimal(c_grid)
-        a, b = fit.compute_optimal_exponents()
+        a, b = fit.compute_optimal_exponents
         ax.plot(c_grid, n_opt, label=f"N_opt ~ C^{a:.2f}")
         ax.plot(c_grid, d_opt, label=f"D_opt ~ C^{b:.2f}")
         ax.scatter(compute, x, s=8, color="C0", alpha=0.4, label="runs (N)")

@@ -1,0 +1,1 @@
+"""Analyses of populations of trained runs, e.g. fitting scaling laws to their final losses."""
