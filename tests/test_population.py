@@ -89,23 +89,27 @@ def test_label_noise_and_training_set_size_vary_within_one_cohort():
     assert_matches_reference(spec)
 
 
-def test_cnn1d_matches_reference():
-    spec = ZooSpec.from_text(textwrap.dedent("""
+@pytest.mark.parametrize("seeds, widths", [(2, [4]), (1, [2, 5])])
+def test_cnn1d_matches_reference(seeds, widths):
+    # [2, 5]: mixed channel counts share one cohort, narrower members zero-padded
+    spec = ZooSpec.from_text(textwrap.dedent(f"""
         name = "cnn"
-        seeds = 2
+        seeds = {seeds}
         checkpoints = [0, 12]
         [dataset]
         name = "mnist1d"
         n_train = 240
         [model]
         arch = "cnn1d"
-        width = 4
         depth = 2
         [train]
         batch_size = 20
         epochs = 1
         lr = 0.05
+        [grid]
+        model.width = {widths}
     """))
+    assert len(plan_cohorts(list(spec.runs), cohort_size=8)) == 1
     assert_matches_reference(spec)
 
 
@@ -196,25 +200,3 @@ def test_padded_entries_stay_exactly_zero():
     assert torch.count_nonzero(w0[4:]) == 0 and torch.count_nonzero(w1[:, 4:]) == 0
     assert torch.count_nonzero(w1[4:]) == 0
     assert torch.count_nonzero(w0[:4]) == 40  # the true units did train
-
-
-def test_cnn1d_mixed_channels_match_reference():
-    spec = ZooSpec.from_text(textwrap.dedent("""
-        name = "cnnw"
-        seeds = 1
-        checkpoints = [0, 12]
-        [dataset]
-        name = "mnist1d"
-        n_train = 240
-        [model]
-        arch = "cnn1d"
-        depth = 2
-        [train]
-        batch_size = 20
-        epochs = 1
-        lr = 0.05
-        [grid]
-        model.width = [2, 5]
-    """))
-    assert len(plan_cohorts(list(spec.runs), cohort_size=8)) == 1
-    assert_matches_reference(spec)
