@@ -123,6 +123,24 @@ def show(run_id: str = typer.Argument(..., help="A run id, as listed by `dlstore
     _print_frame(final, Format.table)
 
 
+@app.command()
+def verify(store: str = StoreOption) -> None:
+    """Check every shard's hash and header, every checkpoint reference, every table."""
+    from dlstore.store.maintenance import verify as verify_store
+    from dlstore.store.store import Store
+
+    report = verify_store(Store(store))
+    for problem in report.problems:
+        out.print(f"[red]problem:[/] {problem}", highlight=False, soft_wrap=True)
+    for note in report.notes:
+        out.print(f"note: {note}", highlight=False)
+    rows = ", ".join(f"{name} {n}" for name, n in report.table_rows.items())
+    verdict = "[green]ok[/]" if report.ok else f"[red]{len(report.problems)} problems[/]"
+    out.print(f"{verdict}: {report.shards} shards, {report.checkpoints} checkpoints; rows: {rows}")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 fit_app = typer.Typer(no_args_is_help=True, help="Fit analyses to runs selected with SQL.")
 app.add_typer(fit_app, name="fit")
 

@@ -52,9 +52,10 @@ class BlobStore:
         self._verified.add(blob)
         return blob
 
-    def verify(self, blob: str) -> None:
-        """Raise CorruptBlobError unless the file's bytes hash to its name."""
-        if blob in self._verified:
+    def verify(self, blob: str, force: bool = False) -> None:
+        """Raise CorruptBlobError unless the file's bytes hash to its name (checked once per
+        process unless `force`)."""
+        if blob in self._verified and not force:
             return
         path = self._existing(blob)
         digest = hashlib.sha256()
@@ -84,6 +85,26 @@ class BlobStore:
                 return dict(f.metadata() or {})
         except (SafetensorError, OSError, ValueError) as e:
             raise CorruptBlobError(f"shard {blob} cannot be read ({path}): {e}") from None
+
+    def shape(self, blob: str) -> dict[str, list[int]]:
+        """Shape of every tensor in a shard, read from its header."""
+        path = self._existing(blob)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {name: list(f.get_slice(name).get_shape()) for name in f.keys()}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CorruptBlobError(f"shard {blob} cannot be read ({path}): {e}") from None
+
+    def list(self) -> tuple[list[str], list[Path]]:
+        """(blob hashes present, leftover temporary files of interrupted writes)."""
+        blobs, temporary = [], []
+        if self.root.is_dir():
+            for path in sorted(self.root.glob("*/*")):
+                if path.name.endswith(".tmp"):
+                    temporary.append(path)
+                elif path.suffix == ".safetensors":
+                    blobs.append(path.parent.name + path.stem)
+        return blobs, temporary
 
     def _existing(self, blob: str) -> Path:
         path = self.path(blob)

@@ -16,7 +16,13 @@ _HYPER = ", ".join(f"r.{c}" for c in HYPERPARAMETER_COLUMNS)
 
 # Raw tables are `_<name>`; user-facing views hide rows of commits whose runs row never landed.
 VIEWS = {
-    "zoos": "SELECT * FROM _zoos",
+    # concurrent builders of one spec may each record it: show the first
+    "zoos": """
+        SELECT * EXCLUDE (_rank) FROM (
+            SELECT *, row_number() OVER (PARTITION BY zoo, spec_hash ORDER BY created_at)
+                AS _rank
+            FROM _zoos)
+        WHERE _rank = 1""",
     "fits": "SELECT * FROM _fits",
     "runs": """
         SELECT * EXCLUDE (_rank) FROM (

@@ -28,6 +28,9 @@ if TYPE_CHECKING:  # torch is imported where weights are touched, so that SQL st
     from torch import nn
 
 _MARKER = "dlstore.json"
+# MULTI is what DuckDB makes of a PIVOT (an enum type in the in-memory catalog, then a select)
+_READ_ONLY = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN,
+              duckdb.StatementType.MULTI}
 FORMAT_VERSION = 1
 
 
@@ -68,6 +71,16 @@ class Store:
         """Run a SQL query over the store's views (runs, checkpoints, metrics, final, curves,
         metrics_wide, zoos, fits) and return a polars DataFrame. `params` fill `?` placeholders."""
         con = self.catalog.refresh()
+        try:
+            statements = con.extract_statements(query)
+        except duckdb.Error as e:
+            raise QueryError(_one_line(e)) from None
+        if len(statements) != 1:
+            raise QueryError(f"give one query at a time, not {len(statements)} statements")
+        kind = statements[0].type
+        if kind not in _READ_ONLY:
+            raise QueryError(f"{kind.name} statements are refused: SQL over a store only reads "
+                             "(SELECT, WITH, PIVOT, DESCRIBE, SUMMARIZE, EXPLAIN)")
         try:
             relation = con.sql(query, params=params)
         except duckdb.Error as e:

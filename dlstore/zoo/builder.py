@@ -112,15 +112,14 @@ def cohort_plan(runs: list[RunConfig], datas: list[DatasetTensors]) -> CohortPla
     )
 
 
-COMMIT_INTERVAL_S = 10.0  # commit finished cohorts at most this often: fewer, larger table files
-
-
 class _Committer:
     """Collects finished cohorts' rows and commits them in batches (runs rows last, one commit
-    id). A crash loses at most the cohorts since the last commit; a rebuild retrains them."""
+    id): fewer, larger table files. A crash loses at most the cohorts since the last commit; a
+    rebuild retrains them."""
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, every: float):
         self.store = store
+        self.every = every
         self.last = time.perf_counter()
         self._clear()
 
@@ -135,7 +134,7 @@ class _Committer:
         for k, values in metrics.items():
             self.metrics[k] += values
         self.runs += runs
-        if time.perf_counter() - self.last >= COMMIT_INTERVAL_S:
+        if time.perf_counter() - self.last >= self.every:
             self.flush()
 
     def flush(self) -> None:
@@ -158,7 +157,7 @@ def build_zoo(spec: ZooSpec, store: Store, device: str = "auto",
     steps = [runs[0].train.total_steps(datas[0].x_train.shape[0]) for runs, datas in cohorts]
     report = BuildReport(spec.name, len(spec.runs), len(spec.runs) - len(todo), 0, 0,
                          len(cohorts), 0, 0.0, 0.0)
-    committer = _Committer(store)
+    committer = _Committer(store, spec.build.commit_every)
     # shards are written by a background thread while the next steps train (torch and hashing
     # release the GIL); rows are committed once every shard they point to is on disk
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dlstore-writer") as writer:

@@ -77,6 +77,10 @@ class BuildOptions(BaseModel):
         default="auto", description="most members trained together; auto = from the device's "
         "cache (CPU) or free memory (GPU) and the network's size")
 
+    commit_every: float = Field(
+        default=10.0, ge=0, description="seconds between commits of finished cohorts; a crash "
+        "loses (and a rebuild retrains) at most this much finished work")
+
     @field_validator("cohort_size")
     @classmethod
     def _positive(cls, value):

@@ -1,0 +1,144 @@
+"""Verification, read-only SQL, and builds that are killed or run side by side."""
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import dlstore
+from dlstore.errors import QueryError
+from dlstore.store.maintenance import verify
+from dlstore.zoo.builder import build_zoo
+from dlstore.zoo.spec import ZooSpec
+from tests.conftest import TINY_SPEC
+from tests.test_cli import dlstore as run_cli
+
+# the tiny zoo, longer and with 4 seeds (16 runs), one run per cohort, committed after every
+# cohort: many cohorts and commits to kill in the middle of
+CRASH_SPEC = (TINY_SPEC.replace('name = "tiny"', 'name = "crash"')
+              .replace("seeds = 2", "seeds = 4").replace("epochs = 3", "epochs = 200")
+              + "\n[build]\ncohort_size = 1\ncommit_every = 0\n")
+CRASH_RUNS = 16
+
+
+def test_verify_passes_on_a_sound_store(built_store):
+    report = verify(built_store)
+    assert report.ok, report.problems
+    assert report.checkpoints == 8 * 5 and report.shards == 2 * 5
+    assert report.table_rows["runs"] == 8
+
+
+def test_verify_names_corrupted_and_missing_shards(tmp_path, built_store):
+    copy = tmp_path / "copy"
+    shutil.copytree(built_store.root, copy)
+    store = dlstore.open(copy)
+    blobs = store.sql("SELECT DISTINCT blob FROM checkpoints ORDER BY blob")["blob"].to_list()
+    flipped, removed = blobs[0], blobs[1]
+    path = store.blobs.path(flipped)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    store.blobs.path(removed).unlink()
+    report = verify(dlstore.open(copy))
+    assert not report.ok
+    text = "\n".join(report.problems)
+    assert f"shard {flipped} is corrupted" in text and f"shard {removed} is missing" in text
+    result = run_cli("verify", "--store", str(copy))
+    assert result.returncode == 1 and flipped in result.stdout and "problems" in result.stdout
+
+
+@pytest.mark.parametrize("query", [
+    "CREATE TABLE x AS SELECT 1", "INSERT INTO runs VALUES (1)", "DROP VIEW runs",
+    "COPY (SELECT 1) TO 'out.csv'", "ATTACH 'other.db'", "SELECT 1; SELECT 2", "SET threads = 1",
+])
+def test_sql_cannot_change_anything(built_store, query, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    before = built_store.sql("SELECT count(*) AS n FROM runs")["n"][0]
+    with pytest.raises(QueryError):
+        built_store.sql(query)
+    assert built_store.sql("SELECT count(*) AS n FROM runs")["n"][0] == before
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_pivot_is_allowed(built_store):
+    wide = built_store.sql("PIVOT (SELECT run_id, metric, value FROM final) ON metric "
+                           "USING first(value)")
+    assert wide.height == 8 and "test_acc" in wide.columns
+
+
+def _build_command(spec, store):
+    return [sys.executable, "-m", "dlstore.cli", "build-zoo", str(spec), "--store", str(store),
+            "--device", "cpu"]
+
+
+def _final_weights(store) -> dict:
+    return {run_id: store.load_state_dict(run_id)
+            for run_id in store.sql("SELECT run_id FROM runs")["run_id"]}
+
+
+def _assert_complete_and_equal(store, reference, n_runs):
+    assert store.sql("SELECT count(*) AS n FROM runs")["n"][0] == n_runs
+    counts = store.sql("SELECT run_id, count(*) AS n FROM metrics GROUP BY run_id")
+    assert counts.height == n_runs and set(counts["n"]) == {5 * 6}  # log:5 x 6 metrics
+    report = verify(store)
+    assert report.ok, report.problems
+    got, want = _final_weights(store), _final_weights(reference)
+    assert got.keys() == want.keys()
+    for run_id in want:
+        for name in want[run_id]:
+            assert torch.equal(got[run_id][name], want[run_id][name]), (run_id, name)
+
+
+@pytest.fixture(scope="module")
+def crash_reference(tmp_path_factory):
+    root = tmp_path_factory.mktemp("crash-ref")
+    spec = root / "crash.toml"
+    spec.write_text(CRASH_SPEC)
+    subprocess.run(_build_command(spec, root / "store"), check=True, capture_output=True)
+    return spec, dlstore.open(root / "store")
+
+
+@pytest.mark.slow
+def test_killed_builds_resume_to_the_uninterrupted_result(tmp_path, crash_reference):
+    spec, reference = crash_reference
+    store = tmp_path / "store"
+    rng = random.Random(0)
+    kills = 0
+    while kills < 10:  # kill -9 at random moments: start-up, training, shard writes, commits
+        process = subprocess.Popen(_build_command(spec, store), stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(1.0, 3.0))
+        if process.poll() is not None:
+            break  # it finished before the kill: no work left to interrupt
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        kills += 1
+    assert kills >= 10, "the build finished before 10 kills; give it more work"
+    partial = dlstore.open(store).sql("SELECT count(*) AS n FROM runs")["n"][0]
+    assert 0 < partial < CRASH_RUNS  # the kills interrupted real work, and progress was kept
+    subprocess.run(_build_command(spec, store), check=True, capture_output=True)
+    _assert_complete_and_equal(dlstore.open(store), reference, CRASH_RUNS)
+
+
+def test_four_concurrent_builders_make_each_run_once(tmp_path):
+    text = TINY_SPEC + "\n[build]\ncohort_size = 2\ncommit_every = 0\n"
+    spec = tmp_path / "tiny.toml"
+    spec.write_text(text)
+    reference = dlstore.Store(tmp_path / "reference", create=True)
+    build_zoo(ZooSpec.from_text(text), reference, device="cpu")
+    store = tmp_path / "store"
+    subprocess.run([sys.executable, "-c", f"import dlstore; dlstore.Store({str(store)!r}, "
+                    "create=True)"], check=True)
+    processes = [subprocess.Popen(_build_command(spec, store), stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    for process in processes:
+        _, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err
+    _assert_complete_and_equal(dlstore.open(store), reference, 8)
+    assert dlstore.open(store).sql("SELECT count(*) AS n FROM zoos")["n"][0] == 1
