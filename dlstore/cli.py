@@ -141,6 +141,33 @@ def verify(store: str = StoreOption) -> None:
         raise typer.Exit(1)
 
 
+@app.command()
+def compact(store: str = StoreOption) -> None:
+    """Merge the tables' small files (safe while a build runs)."""
+    from dlstore.store.maintenance import compact as compact_store
+    from dlstore.store.store import Store
+
+    removed = compact_store(Store(store))
+    out.print("compacted: " + ", ".join(f"{name} {n} files merged" for name, n in removed.items()))
+
+
+@app.command()
+def gc(
+    store: str = StoreOption,
+    dry_run: bool = typer.Option(False, "--dry-run", help="List what would go; remove nothing."),
+    older_than: float = typer.Option(24.0, min=0, help="Only remove what is older (hours)."),
+) -> None:
+    """Remove shards no row refers to, leftover temporary files, and old table files."""
+    from dlstore.store.maintenance import gc as gc_store
+    from dlstore.store.store import Store
+
+    report = gc_store(Store(store), older_than_hours=older_than, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    out.print(f"{verb} {len(report.shards)} unreferenced shards "
+              f"({report.shard_bytes / 2**20:.1f} MiB), {report.temporary} temporary files, "
+              f"{report.table_files} old table files")
+
+
 fit_app = typer.Typer(no_args_is_help=True, help="Fit analyses to runs selected with SQL.")
 app.add_typer(fit_app, name="fit")
 

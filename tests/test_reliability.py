@@ -13,7 +13,7 @@ import torch
 
 import dlstore
 from dlstore.errors import QueryError
-from dlstore.store.maintenance import verify
+from dlstore.store.maintenance import compact, gc, verify
 from dlstore.zoo.builder import build_zoo
 from dlstore.zoo.spec import ZooSpec
 from tests.conftest import TINY_SPEC
@@ -142,3 +142,36 @@ def test_four_concurrent_builders_make_each_run_once(tmp_path):
         assert process.returncode == 0, err
     _assert_complete_and_equal(dlstore.open(store), reference, 8)
     assert dlstore.open(store).sql("SELECT count(*) AS n FROM zoos")["n"][0] == 1
+
+
+def test_compact_and_gc_keep_every_answer(tmp_path, built_store):
+    copy = tmp_path / "copy"
+    shutil.copytree(built_store.root, copy)
+    store = dlstore.open(copy)
+    query = "SELECT run_id, step, metric, value FROM metrics ORDER BY ALL"
+    before = store.sql(query)
+    # a shard nothing refers to (as a killed build leaves) and a leftover temporary file
+    orphan = store.put_shard({"w": torch.ones(2, 3)}, {"format": "test"})
+    leftover = store.blobs.path(orphan).parent / ".leftover.tmp"
+    leftover.write_bytes(b"partial")
+
+    assert gc(store, older_than_hours=1).shards == []  # too young: a build may be writing it
+    dry = gc(store, older_than_hours=0, dry_run=True)
+    assert dry.shards == [orphan] and store.blobs.path(orphan).exists()
+
+    for kind in ("a", "b"):  # two appends: two small files
+        store.record_fit({"kind": kind, "query": "SELECT 1", "params": "{}", "ci": "{}", "n": 1})
+    fits = store.sql("SELECT kind FROM fits ORDER BY kind")
+    removed = compact(store)
+    assert removed["fits"] == 2 and len(store.tables.snapshot("fits")[1]) == 1
+    assert store.sql("SELECT kind FROM fits ORDER BY kind").equals(fits)
+    report = gc(store, older_than_hours=0)
+    assert report.shards == [orphan] and report.temporary == 1 and report.table_files >= 1
+    assert not store.blobs.path(orphan).exists() and not leftover.exists()
+
+    reopened = dlstore.open(copy)
+    assert reopened.sql(query).equals(before)
+    assert verify(reopened).ok
+    run_id = reopened.runs()["run_id"][0]
+    torch.testing.assert_close(reopened.load_state_dict(run_id),
+                               built_store.load_state_dict(run_id))

@@ -95,6 +95,14 @@ class BlobStore:
         except (SafetensorError, OSError, ValueError) as e:
             raise CorruptBlobError(f"shard {blob} cannot be read ({path}): {e}") from None
 
+    def remove(self, blob: str) -> int:
+        """Delete a shard; returns the bytes freed."""
+        path = self.path(blob)
+        size = path.stat().st_size
+        path.unlink()
+        self._verified.discard(blob)
+        return size
+
     def list(self) -> tuple[list[str], list[Path]]:
         """(blob hashes present, leftover temporary files of interrupted writes)."""
         blobs, temporary = [], []

@@ -1,11 +1,14 @@
-"""Store maintenance: check every byte and every reference (`verify`).
+"""Store maintenance: check every byte and reference (`verify`), merge small table files
+(`compact`), remove what nothing refers to (`gc`).
 
-Everything here reads the store through the same objects the rest of dlstore uses and reports
-problems by name; nothing here changes a store.
+All three are safe while a build runs: `verify` only reads; `compact` is a Delta commit that
+concurrent appends do not conflict with; `gc` removes only shards and table files older than a
+retention period, so a shard written by a running build before its rows are committed survives.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from dlstore.errors import DlstoreError
@@ -59,4 +62,42 @@ def verify(store: Store) -> VerifyReport:
             elif member >= members[blob]:
                 report.problems.append(f"checkpoint {run_id} step {step}: shard {blob} has "
                                        f"{members[blob]} members, not member {member}")
+    return report
+
+
+def compact(store: Store) -> dict[str, int]:
+    """Merge each table's small files; returns files removed per table."""
+    return {name: int(store.tables.compact(name).get("numFilesRemoved", 0)) for name in TABLES
+            if store.tables.snapshot(name)[0] >= 0}
+
+
+@dataclass
+class GcReport:
+    shards: list[str] = field(default_factory=list)
+    shard_bytes: int = 0
+    temporary: int = 0
+    table_files: int = 0
+
+
+def gc(store: Store, older_than_hours: float = 24.0, dry_run: bool = False) -> GcReport:
+    """Remove shards that no checkpoint row refers to (committed or not), leftover temporary
+    files of interrupted writes, and table files no snapshot of the retention period needs;
+    only what is older than `older_than_hours`."""
+    report = GcReport()
+    cutoff = time.time() - older_than_hours * 3600
+    referenced = set(store.sql("SELECT DISTINCT blob FROM _checkpoints")["blob"])
+    blobs, temporary = store.blobs.list()
+    for blob in blobs:
+        path = store.blobs.path(blob)
+        if blob not in referenced and path.stat().st_mtime < cutoff:
+            report.shards.append(blob)
+            report.shard_bytes += path.stat().st_size if dry_run else store.blobs.remove(blob)
+    for path in temporary:
+        if path.stat().st_mtime < cutoff:
+            report.temporary += 1
+            if not dry_run:
+                path.unlink(missing_ok=True)
+    for name in TABLES:
+        if store.tables.snapshot(name)[0] >= 0:
+            report.table_files += len(store.tables.vacuum(name, int(older_than_hours), dry_run))
     return report

@@ -39,6 +39,16 @@ class Tables:
             return
         write_deltalake(str(self.path(name)), table, mode="append")
 
+    def compact(self, name: str) -> dict:
+        """Merge the table's small Parquet files (a Delta OPTIMIZE commit); readers of older
+        snapshots keep working, concurrent appends are not lost."""
+        return DeltaTable(str(self.path(name))).optimize.compact()
+
+    def vacuum(self, name: str, retention_hours: int, dry_run: bool) -> list[str]:
+        """Files no snapshot younger than `retention_hours` needs: removed unless `dry_run`."""
+        return DeltaTable(str(self.path(name))).vacuum(
+            retention_hours=retention_hours, dry_run=dry_run, enforce_retention_duration=False)
+
     def snapshot(self, name: str) -> tuple[int, list[str]]:
         """(version, Parquet file URIs) of the table's current snapshot. A table that a newer
         dlstore added and this store has not written yet reads as empty (version -1)."""
