@@ -2,7 +2,13 @@
 
 
 class DlstoreError(Exception):
-    """Base class: something the user gave (spec, store, run id, query, file) is wrong."""
+    """Base class: something the user gave (spec, store, run id, query, file) is wrong.
+
+    The message is always one line: line breaks that arrive with user text (a key, a query)
+    are shown escaped."""
+
+    def __init__(self, message: str = ""):
+        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
 
 
 class SpecError(DlstoreError):

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError, safe_open
 
-from dlstore.errors import CorruptBlobError, NotFoundError
+from dlstore.errors import CorruptBlobError, NotFoundError, StoreError
 
 if TYPE_CHECKING:
     import torch
@@ -41,14 +41,17 @@ class BlobStore:
         path = self.path(blob)
         if path.exists():
             return blob
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+        except OSError as e:
+            raise StoreError(f"cannot write shard to {self.root}: {e.strerror or e}") from None
         self._verified.add(blob)
         return blob
 

@@ -37,7 +37,11 @@ class Tables:
             table = pa.Table.from_pylist(rows, schema=TABLES[name])
         if table.num_rows == 0:
             return
-        write_deltalake(str(self.path(name)), table, mode="append")
+        try:
+            write_deltalake(str(self.path(name)), table, mode="append")
+        except (DeltaError, OSError) as e:
+            raise StoreError(f"cannot append to table {name!r} at {self.path(name)}: "
+                             f"{str(e).splitlines()[0] if str(e) else e}") from None
 
     def compact(self, name: str) -> dict:
         """Merge the table's small Parquet files (a Delta OPTIMIZE commit); readers of older

@@ -235,7 +235,7 @@ def parse_dataset_options(raw: dict) -> DatasetOptions:
     known = ", ".join(sorted(DATASETS))
     if name is None:
         raise SpecError(f"dataset.name: missing; known datasets: {known}")
-    if name not in DATASETS:
+    if not isinstance(name, str) or name not in DATASETS:
         raise SpecError(f"dataset.name: unknown dataset {name!r}; known: {known}")
     try:
         return DATASETS[name].model_validate(raw)

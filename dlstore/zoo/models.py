@@ -133,10 +133,12 @@ class CNN1dOptions(ArchOptions):
 
 def parse_arch_options(raw: dict) -> ArchOptions:
     """Validate a spec's [model] table against its architecture's options, naming bad fields."""
+    if not isinstance(raw, dict):
+        raise SpecError(f"model: expected a table, got {type(raw).__name__}")
     name = raw.get("arch")
     if name is None:
         raise SpecError(f"model.arch: missing; known architectures: {', '.join(sorted(ARCHS))}")
-    if name not in ARCHS:
+    if not isinstance(name, str) or name not in ARCHS:
         raise SpecError(
             f"model.arch: unknown architecture {name!r}; known: {', '.join(sorted(ARCHS))}"
         )

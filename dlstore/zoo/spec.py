@@ -23,14 +23,19 @@ import hashlib
 import itertools
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dlstore.errors import SpecError, format_validation_error
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
 from dlstore.zoo.data import DatasetOptions, parse_dataset_options
 from dlstore.zoo.models import ArchOptions, parse_arch_options
 
