@@ -175,3 +175,33 @@ def test_compact_and_gc_keep_every_answer(tmp_path, built_store):
     run_id = reopened.runs()["run_id"][0]
     torch.testing.assert_close(reopened.load_state_dict(run_id),
                                built_store.load_state_dict(run_id))
+
+
+def test_different_specs_at_once_and_sql_during_a_build(tmp_path):
+    """Two zoos built into one store at the same time, queried while they build."""
+    store = tmp_path / "store"
+    dlstore.Store(store, create=True)
+    specs = []
+    for name in ("left", "right"):
+        spec = tmp_path / f"{name}.toml"
+        spec.write_text(TINY_SPEC.replace('name = "tiny"', f'name = "{name}"')
+                        + "\n[build]\ncohort_size = 1\ncommit_every = 0\n")
+        specs.append(spec)
+    processes = [subprocess.Popen(_build_command(spec, store), stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True) for spec in specs]
+    reader = dlstore.open(store)
+    seen = []
+    while any(p.poll() is None for p in processes):
+        # a consistent snapshot: every visible run has all its metric rows
+        counts = reader.sql("SELECT r.run_id, count(m.run_id) AS n FROM runs r "
+                            "LEFT JOIN metrics m USING (run_id) GROUP BY r.run_id")
+        assert set(counts["n"]) <= {5 * 6}
+        seen.append(counts.height)
+        time.sleep(0.2)
+    for process in processes:
+        assert process.returncode == 0, process.stderr.read()
+    final = dlstore.open(store)
+    zoos = final.sql("SELECT zoo, count(*) AS n FROM runs GROUP BY zoo ORDER BY zoo")
+    assert zoos.rows() == [("left", 8), ("right", 8)]
+    assert verify(final).ok
+    assert seen and max(seen) <= 16
