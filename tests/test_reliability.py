@@ -205,3 +205,24 @@ def test_different_specs_at_once_and_sql_during_a_build(tmp_path):
     assert zoos.rows() == [("left", 8), ("right", 8)]
     assert verify(final).ok
     assert seen and max(seen) <= 16
+
+
+def test_compact_and_gc_beside_a_running_build(tmp_path):
+    spec = tmp_path / "spec.toml"
+    spec.write_text(TINY_SPEC.replace("epochs = 3", "epochs = 30")
+                    + "\n[build]\ncohort_size = 1\ncommit_every = 0\n")
+    store_path = tmp_path / "store"
+    dlstore.Store(store_path, create=True)
+    build = subprocess.Popen(_build_command(spec, store_path), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    store = dlstore.open(store_path)
+    rounds = 0
+    while build.poll() is None:
+        compact(store)
+        gc(store)  # default retention: shards of cohorts not yet committed are young
+        rounds += 1
+    assert build.returncode == 0, build.stderr.read()
+    assert rounds >= 2
+    final = dlstore.open(store_path)
+    assert final.sql("SELECT count(*) AS n FROM runs")["n"][0] == 8
+    assert verify(final).ok
