@@ -12,9 +12,6 @@ import torch.nn.functional as F
 
 Params = dict[str, torch.Tensor]
 
-BASIC_METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "weight_norm",
-                 "dist_from_init")
-
 
 def loss_and_accuracy(forward: Callable[[Params, torch.Tensor], torch.Tensor], params: Params,
                       x: torch.Tensor, y: torch.Tensor, n_valid: torch.Tensor | None = None,

@@ -157,9 +157,6 @@ class CohortTrainer:
         members = plan.members
         n_members = len(members)
 
-        def per_member(values: list[float]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=dev)
-
         names = list(members[0].init)
         params, masks = {}, {}
         for k in names:
