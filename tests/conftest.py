@@ -1,10 +1,18 @@
+import os
 import textwrap
 
 import pytest
+from hypothesis import settings
 
 from dlstore.store.store import Store
 from dlstore.zoo.builder import build_zoo
 from dlstore.zoo.spec import ZooSpec
+
+# Property-based tests draw the same examples on every run, so that CI is reproducible; set
+# HYPOTHESIS_PROFILE=explore to draw fresh ones.
+settings.register_profile("repeatable", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 # A zoo small enough to build in seconds: 2 widths x 2 lrs x 2 seeds on a Gaussian mixture.
 TINY_SPEC = textwrap.dedent("""

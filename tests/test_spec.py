@@ -40,6 +40,15 @@ def test_seeds_count_means_range():
     assert [r.seed for r in spec(top="seeds = 3").runs] == [0, 1, 2]
 
 
+@pytest.mark.parametrize("top, tables", [
+    ("seeds = 10000000000", ""),
+    ("seeds = 400000", "[grid]\nmodel.width = [8, 16, 32]"),
+])
+def test_a_spec_of_too_many_runs_is_refused_before_expansion(top, tables):
+    with pytest.raises(SpecError, match="more than the 1,000,000"):
+        spec(top=top, tables=tables)
+
+
 def test_run_ids_are_stable_across_versions():
     """Guards the store format: these ids must never change for this spec. If this test fails,
     existing stores would see their runs renamed; add new options with no-op defaults instead."""

@@ -206,3 +206,29 @@ def test_mixed_width_cohort_stores_each_member_at_its_true_shape(built_store):
     for blob, width in blobs.iter_rows():
         layout = json.loads(built_store.blobs.metadata(blob)["layout"])
         assert {e["name"]: e["shape"] for e in layout}["layers.0.weight"] == [width, 10]
+
+
+def test_a_store_gains_new_schema_columns_without_migration(tmp_path, built_store, monkeypatch):
+    """A column added to dlstore.schemas reads as null in an older store, and the store's next
+    write adds it to the Delta table; older rows keep their values."""
+    import pyarrow as pa
+
+    from dlstore import schemas
+
+    copy = tmp_path / "copy"
+    shutil.copytree(built_store.root, copy)
+    grown = schemas.FITS.append(pa.field("added_later", pa.int64()))
+    monkeypatch.setitem(schemas.TABLES, "fits", grown)
+    store = dlstore.open(copy)
+    assert store.sql("SELECT count(*) AS n FROM fits WHERE added_later IS NULL")["n"][0] == 0
+    old = {"kind": "power_law", "query": "q", "params": "{}", "ci": "{}", "ci_level": 0.95,
+           "objective": 0.0, "n": 3, "dlstore_version": "0"}
+    monkeypatch.setitem(schemas.TABLES, "fits", schemas.FITS)
+    dlstore.open(copy).record_fit(old)  # a write by the older schema
+    monkeypatch.setitem(schemas.TABLES, "fits", grown)
+    store = dlstore.open(copy)
+    assert store.sql("SELECT added_later FROM fits")["added_later"].to_list() == [None]
+    store.record_fit({**old, "added_later": 7})
+    got = dlstore.open(copy).sql("SELECT added_later FROM fits ORDER BY added_later NULLS FIRST")
+    assert got["added_later"].to_list() == [None, 7]
+    assert dlstore.open(copy).runs().height == 8  # the rest of the store reads as before

@@ -68,13 +68,15 @@ class Catalog:
             version, files = self.tables.snapshot(name)
             if self._versions.get(name) == version:
                 continue
+            # the empty table of the current schema first: every column exists, in schema order,
+            # null in files written before a column was added
+            self.con.register(f"_empty_{name}", schema.empty_table())
+            source = f"SELECT * FROM _empty_{name}"
             if files:
                 listing = ", ".join(_sql_string(f) for f in files)
-                source = f"read_parquet([{listing}], union_by_name = true)"
-            else:
-                self.con.register(f"_empty_{name}", schema.empty_table())
-                source = f"_empty_{name}"
-            self.con.execute(f"CREATE OR REPLACE VIEW _{name} AS SELECT * FROM {source}")
+                source += (" UNION ALL BY NAME SELECT * FROM "
+                           f"read_parquet([{listing}], union_by_name = true)")
+            self.con.execute(f"CREATE OR REPLACE VIEW _{name} AS {source}")
             self._versions[name] = version
             changed = True
         if changed:

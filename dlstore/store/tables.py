@@ -2,6 +2,10 @@
 
 Several processes may append to the same table at once (Delta's optimistic concurrency); a
 reader sees the files of one committed snapshot and never blocks a writer.
+
+When `dlstore.schemas` gains a column, a store written by an older version gets it on its next
+write (a Delta schema change that adds the column; older files read it as null), so stores never
+need a migration step.
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow as pa
-from deltalake import DeltaTable, write_deltalake
+from deltalake import DeltaTable, Schema, write_deltalake
 from deltalake.exceptions import DeltaError, TableNotFoundError
 
 from dlstore.errors import StoreError
@@ -19,15 +23,34 @@ from dlstore.schemas import TABLES
 class Tables:
     def __init__(self, root: Path):
         self.root = root
+        self._current: set[str] = set()  # tables whose schema this process has brought up to date
 
     def path(self, name: str) -> Path:
         return self.root / name
 
     def create_missing(self) -> None:
-        for name, schema in TABLES.items():
-            if not DeltaTable.is_deltatable(str(self.path(name))):
+        for name in TABLES:
+            self._ensure_schema(name)
+
+    def _ensure_schema(self, name: str) -> None:
+        """Create the table, or add the columns its schema in `dlstore.schemas` has gained."""
+        if name in self._current:
+            return
+        path, schema = str(self.path(name)), TABLES[name]
+        try:
+            if not DeltaTable.is_deltatable(path):
                 self.path(name).mkdir(parents=True, exist_ok=True)
-                DeltaTable.create(str(self.path(name)), schema=schema, mode="ignore")
+                DeltaTable.create(path, schema=schema, mode="ignore")
+            else:
+                table = DeltaTable(path)
+                have = {f.name for f in table.schema().fields}
+                missing = pa.schema([f for f in schema if f.name not in have])
+                if len(missing):
+                    table.alter.add_columns(list(Schema.from_arrow(missing).fields))
+        except (DeltaError, OSError) as e:
+            raise StoreError(f"cannot create or update table {name!r} at {path}: "
+                             f"{str(e).splitlines()[0] if str(e) else e}") from None
+        self._current.add(name)
 
     def append(self, name: str, rows: list[dict] | dict[str, list]) -> None:
         """Append rows (a list of dicts, or a dict of equal-length columns) in one commit."""
@@ -37,6 +60,7 @@ class Tables:
             table = pa.Table.from_pylist(rows, schema=TABLES[name])
         if table.num_rows == 0:
             return
+        self._ensure_schema(name)
         try:
             write_deltalake(str(self.path(name)), table, mode="append")
         except (DeltaError, OSError) as e:

@@ -41,6 +41,9 @@ from dlstore.zoo.models import ArchOptions, parse_arch_options
 
 SECTIONS = ("dataset", "model", "train")
 DEFAULT_CHECKPOINTS = "log:10"
+# Most runs one spec may describe, checked before the grid is expanded, so that a typo such as
+# `seeds = 10000000000` is an error instead of an expansion that exhausts memory.
+MAX_RUNS = 1_000_000
 
 
 class TrainOptions(BaseModel):
@@ -186,9 +189,13 @@ class ZooSpec:
             top = _SpecFile.model_validate(raw)
         except ValidationError as e:
             raise SpecError(format_validation_error(e)) from None
-        seeds = list(range(top.seeds)) if isinstance(top.seeds, int) else top.seeds
-        if not seeds or (isinstance(top.seeds, int) and top.seeds < 1):
+        n_seeds = top.seeds if isinstance(top.seeds, int) else len(top.seeds)
+        if n_seeds < 1:
             raise SpecError("seeds: give a positive count or a non-empty list of seeds")
+        if n_seeds > MAX_RUNS:
+            raise SpecError(f"seeds: {n_seeds} seeds is more than the {MAX_RUNS:,} runs a spec "
+                            "may hold")
+        seeds = list(range(top.seeds)) if isinstance(top.seeds, int) else top.seeds
         if len(set(seeds)) != len(seeds):
             raise SpecError("seeds: repeated seed")
         parse_checkpoints(top.checkpoints)
@@ -197,6 +204,10 @@ class ZooSpec:
         if not top.grid:
             _parse_sections(base)
         axes = _grid_axes(top.grid, base)
+        n_runs = math.prod(len(values) for _, values in axes) * n_seeds
+        if n_runs > MAX_RUNS:
+            raise SpecError(f"grid x seeds gives {n_runs:,} runs, more than the {MAX_RUNS:,} a "
+                            "spec may hold; split the zoo into several specs")
         runs = []
         for values in itertools.product(*(vals for _, vals in axes)):
             sections = copy.deepcopy(base)
