@@ -9,8 +9,10 @@ fsynced, then renamed, so a shard is either complete under its hash or absent.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,6 +24,10 @@ if TYPE_CHECKING:
     import torch
 
 _CHUNK = 1 << 22
+# safetensors' header dtype codes -> torch dtype names
+_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+           "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+           "BOOL": "bool"}
 
 
 class BlobStore:
@@ -80,6 +86,57 @@ class BlobStore:
                 return {name: f.get_slice(name)[member] for name in f.keys()}
         except (SafetensorError, OSError, ValueError) as e:
             raise CorruptBlobError(f"shard {blob} cannot be read ({path}): {e}") from None
+
+    def read_members(self, blob: str, members: Sequence[int], names: Sequence[str],
+                     verify: bool = True) -> dict[str, torch.Tensor]:
+        """Tensors `names` of several members, each [len(members), ...] in the order given.
+
+        Each tensor is read once, as the slice over the members' range, then indexed: a bulk
+        read of many members costs one pass over the shard, not one file access per member."""
+        import torch
+
+        if verify:
+            self.verify(blob)
+        path = self._existing(blob)
+        lo, hi = min(members), max(members) + 1
+        index = torch.as_tensor(members, dtype=torch.long) - lo
+        whole = index.numel() == hi - lo and bool((index == torch.arange(hi - lo)).all())
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                present = set(f.keys())
+                out = {}
+                for name in names:
+                    if name not in present:
+                        raise CorruptBlobError(f"shard {blob} holds no tensor {name!r} "
+                                               f"({path})")
+                    block = f.get_slice(name)[lo:hi]
+                    out[name] = block if whole else block.index_select(0, index)
+                return out
+        except (SafetensorError, OSError, ValueError, IndexError) as e:
+            raise CorruptBlobError(f"shard {blob} cannot be read ({path}): {e}") from None
+
+    def layout(self, blob: str) -> tuple[list[tuple[str, list[int], str]], int]:
+        """((name, shape of one member, dtype) of every tensor, number of members), in the
+        order the shard's metadata records (state-dict order; header order if it records none).
+        Read from the header alone."""
+        path = self._existing(blob)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = {name: f.get_slice(name) for name in f.keys()}
+                recorded = json.loads((f.metadata() or {}).get("layout", "[]"))
+                order = [t["name"] for t in recorded]
+                if sorted(order) != sorted(header):
+                    order = list(header)
+                tensors = [(name, list(header[name].get_shape())) for name in order]
+                dtypes = [_DTYPES.get(header[name].get_dtype(), header[name].get_dtype())
+                          for name in order]
+        except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+            raise CorruptBlobError(f"shard {blob} cannot be read ({path}): {e}") from None
+        members = {shape[0] for _, shape in tensors if shape}
+        if len(members) != 1 or any(not shape for _, shape in tensors):
+            raise CorruptBlobError(f"shard {blob} has no common member axis ({path})")
+        return ([(name, shape[1:], dtype) for (name, shape), dtype in zip(tensors, dtypes)],
+                members.pop())
 
     def metadata(self, blob: str) -> dict[str, str]:
         path = self._existing(blob)

@@ -12,13 +12,23 @@ from __future__ import annotations
 import datetime as dt
 import json
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import duckdb
+import numpy as np
 import polars as pl
 
-from dlstore.errors import DataMismatchError, NotFoundError, QueryError, StoreError
+from dlstore.errors import (
+    CorruptBlobError,
+    DataMismatchError,
+    LayoutError,
+    NotFoundError,
+    QueryError,
+    StoreError,
+)
 from dlstore.store.blobs import BlobStore
 from dlstore.store.catalog import Catalog
 from dlstore.store.tables import Tables
@@ -26,6 +36,8 @@ from dlstore.store.tables import Tables
 if TYPE_CHECKING:  # torch is imported where weights are touched, so that SQL starts fast
     import torch
     from torch import nn
+
+    from dlstore.layout import Layout
 
 _MARKER = "dlstore.json"
 # MULTI is what DuckDB makes of a PIVOT (an enum type in the in-memory catalog, then a select)
@@ -157,6 +169,138 @@ class Store:
         return {"x_train": data.x_train.clone(), "y_train": data.y_train.clone(),
                 "x_test": data.x_test.clone(), "y_test": data.y_test.clone()}
 
+    # -- weights as data --------------------------------------------------------------------
+
+    def weights(self, query: str | pl.DataFrame, layout: Layout | None = None,
+                params: list | None = None) -> tuple[torch.Tensor, Layout]:
+        """The flattened weights of every (run_id, step) row a query returns: a CPU tensor
+        [n, d] in the query's row order, and the `Layout` that maps its columns to tensors.
+
+        `query` is SQL returning `run_id` and `step` columns (any others are ignored) or a
+        polars DataFrame holding them. Rows are read shard by shard, each needed tensor of a
+        shard once. Runs of different shapes need a `layout`: each checkpoint is then placed
+        in its corner, zero-padded (`Layout.union(store.weight_layouts(q)[0])`); a layout may
+        also name a subset of the tensors."""
+        rows = self._weight_rows(query, params, layout)
+        return self._read_weights(rows, 0, rows.n), rows.layout
+
+    def iter_weights(self, query: str | pl.DataFrame, batch_size: int = 4096,
+                     layout: Layout | None = None, params: list | None = None
+                     ) -> Iterator[tuple[pl.DataFrame, torch.Tensor]]:
+        """`weights` in batches of at most `batch_size` rows, for pulls larger than memory:
+        yields (the query's rows of the batch, their weights [rows, d]). Memory holds one batch
+        and the shard slices it needs; the layout is decided from every row before the first
+        batch, so every batch has the same columns (`layout`, or the pull's one layout)."""
+        if batch_size < 1:
+            raise QueryError(f"batch_size must be positive, not {batch_size}")
+        rows = self._weight_rows(query, params, layout)
+        for start in range(0, rows.n, batch_size):
+            stop = min(start + batch_size, rows.n)
+            yield rows.frame.slice(start, stop - start), self._read_weights(rows, start, stop)
+
+    def weight_layouts(self, query: str | pl.DataFrame, params: list | None = None
+                       ) -> tuple[list[Layout], list[int]]:
+        """(the distinct layouts of the checkpoints a query returns, the index into that list
+        of every row): what to pull separately, or to unite, when runs differ in shape."""
+        rows = self._weight_rows(query, params, layout=None, need_one_layout=False)
+        return rows.layouts, rows.layout_of_row
+
+    def _weight_rows(self, query: str | pl.DataFrame, params: list | None, layout: Layout | None,
+                     need_one_layout: bool = True) -> _WeightRows:
+        from dlstore.layout import Layout
+
+        frame = query if isinstance(query, pl.DataFrame) else self.sql(query, params)
+        missing = [c for c in ("run_id", "step") if c not in frame.columns]
+        if missing:
+            raise QueryError(f"a weights query must return run_id and step columns; it returned "
+                             f"{frame.columns}")
+        if frame.height and (frame["run_id"].null_count() or frame["step"].null_count()):
+            raise QueryError("the query returned rows with a null run_id or step")
+        try:
+            keys = frame.select(pl.col("run_id").cast(pl.String), pl.col("step").cast(pl.Int64))
+        except pl.exceptions.PolarsError:
+            raise QueryError(f"run_id must be text and step an integer; the query returned "
+                             f"{frame['run_id'].dtype} and {frame['step'].dtype}") from None
+        found = self._checkpoint_rows(keys)
+        absent = found.filter(pl.col("blob").is_null())
+        if absent.height:
+            example = ", ".join(f"({r}, {s})" for r, s in absent.select("run_id", "step")
+                                .head(3).iter_rows())
+            raise NotFoundError(f"{absent.height} of {frame.height} (run_id, step) rows have no "
+                                f"checkpoint in the store, e.g. {example}; the checkpoints view "
+                                "lists what exists")
+        blobs = found["blob"].to_list()
+        layouts: list[Layout] = []
+        layout_of_blob: dict[str, int] = {}
+        members_of_blob: dict[str, int] = {}
+        for blob in dict.fromkeys(blobs):
+            tensors, members_of_blob[blob] = self.blobs.layout(blob)
+            shard_layout = Layout.from_shapes([(name, shape) for name, shape, _ in tensors],
+                                              tensors[0][2] if tensors else "float32")
+            if shard_layout not in layouts:
+                layouts.append(shard_layout)
+            layout_of_blob[blob] = layouts.index(shard_layout)
+        beyond = found.filter(pl.col("member") >= pl.col("blob").replace_strict(
+            members_of_blob, default=0, return_dtype=pl.Int64)) if blobs else found
+        if beyond.height:
+            run_id, step, blob, member = beyond.row(0)
+            raise CorruptBlobError(f"shard {blob} holds {members_of_blob[blob]} members; "
+                                   f"checkpoint ({run_id}, {step}) points to member {member}")
+        layout_of_row = [layout_of_blob[b] for b in blobs]
+        if layout is not None:
+            for i, shard_layout in enumerate(layouts):
+                _check_fits(shard_layout, layout, keys.row(layout_of_row.index(i)))
+        elif need_one_layout:
+            if not layouts:
+                raise NotFoundError("the query returned no checkpoints; give a layout to get an "
+                                    "empty [0, d] pull")
+            if len(layouts) > 1:
+                raise LayoutError(_mixed_layouts(layouts, layout_of_row, keys))
+            layout = layouts[0]
+        return _WeightRows(frame, found["blob"].to_numpy(), found["member"].to_numpy(),
+                           layout, layouts, layout_of_row)
+
+    def _checkpoint_rows(self, keys: pl.DataFrame) -> pl.DataFrame:
+        """run_id, step, blob, member for every key row, in order (blob null where absent)."""
+        con = self.catalog.refresh()
+        name = f"_wanted_{uuid.uuid4().hex}"
+        con.register(name, keys.with_row_index("_i").to_arrow())
+        try:
+            found = con.sql(f"""
+                SELECT w._i, w.run_id, w.step, c.blob, c.member FROM {name} w
+                LEFT JOIN checkpoints c ON c.run_id = w.run_id AND c.step = w.step
+                ORDER BY w._i""").pl()
+        finally:
+            con.unregister(name)
+        if found.height != keys.height:  # a (run_id, step) with two rows: take the first
+            found = found.unique("_i", keep="first", maintain_order=True)
+        return found.drop("_i")
+
+    def _read_weights(self, rows: _WeightRows, start: int, stop: int) -> torch.Tensor:
+        import torch
+
+        layout = rows.layout
+        out = torch.empty((stop - start, layout.size), dtype=layout.torch_dtype)
+        part = pl.DataFrame({"blob": rows.blobs[start:stop], "member": rows.members[start:stop]})
+        groups = (part.with_row_index("row").group_by("blob", maintain_order=True)
+                  .agg("row", "member"))
+        for blob, where, members in groups.iter_rows():
+            tensors = self.blobs.read_members(blob, members, layout.names)
+            index = torch.as_tensor(where, dtype=torch.long)
+            whole = bool(where[-1] - where[0] == len(where) - 1)  # rows are sorted per group
+            for entry in layout.entries:
+                t = tensors[entry.name]
+                if tuple(t.shape[1:]) != entry.shape:  # a narrower run, into the corner
+                    padded = t.new_zeros((t.shape[0], *entry.shape))
+                    padded[(slice(None), *(slice(0, n) for n in t.shape[1:]))] = t
+                    t = padded
+                block = t.reshape(t.shape[0], entry.size)
+                if whole:
+                    out[where[0]:where[-1] + 1, entry.slice] = block
+                else:
+                    out[index, entry.slice] = block.to(out.dtype)
+        return out
+
     # -- writing (the builder's side) -----------------------------------------------------
 
     def put_shard(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
@@ -198,6 +342,46 @@ class Store:
             return False
         self.tables.append("zoos", [{"created_at": dt.datetime.now(dt.timezone.utc), **row}])
         return True
+
+
+@dataclass
+class _WeightRows:
+    """A weights pull resolved to shards: the query's rows, each row's shard and member."""
+
+    frame: pl.DataFrame
+    blobs: np.ndarray
+    members: np.ndarray
+    layout: Layout | None
+    layouts: list[Layout]
+    layout_of_row: list[int]
+
+    @property
+    def n(self) -> int:
+        return self.frame.height
+
+
+def _check_fits(have: Layout, want: Layout, example: tuple) -> None:
+    """Raise unless every tensor of `want` is in `have` with no axis longer than `want`'s."""
+    for entry in want.entries:
+        if entry.name not in have:
+            raise LayoutError(f"checkpoint {example} has no tensor {entry.name!r}; it holds "
+                              f"{have.names}")
+        shape = have[entry.name].shape
+        if len(shape) != len(entry.shape) or any(a > b for a, b in zip(shape, entry.shape)):
+            raise LayoutError(f"checkpoint {example} has {entry.name} of shape {list(shape)}, "
+                              f"which does not fit the layout's {list(entry.shape)}")
+
+
+def _mixed_layouts(layouts: list[Layout], layout_of_row: list[int], keys: pl.DataFrame) -> str:
+    first, second = (keys.row(layout_of_row.index(i)) for i in (0, 1))
+    a, b = layouts[0], layouts[1]
+    differ = next((f"{e.name} {list(e.shape)} where run {second[0]} has "
+                   f"{list(b[e.name].shape)}" for e in a.entries
+                   if e.name in b and b[e.name].shape != e.shape),
+                  f"tensors {a.names} where run {second[0]} has {b.names}")
+    return (f"the pull mixes {len(layouts)} weight layouts: run {first[0]} has {differ}; "
+            "zero-pad them into one layout (layout=Layout.union(store.weight_layouts(query)[0]); "
+            "--pad on the command line) or select runs of one shape")
 
 
 def open(path: str | Path) -> Store:  # noqa: A001 - mirrors dlstore.open
