@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -57,15 +56,21 @@ def spec_text(runs: int, checkpoints: int, width: int) -> str:
     """)
 
 
-def rss_mb() -> float:
+def status_mb(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
 
+def rss_mb() -> float:
+    return status_mb("VmRSS")
+
+
 def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not getrusage's ru_maxrss: a child keeps its parent's high-water mark across
+    # exec in ru_maxrss, and the parent has held the whole pull
+    return status_mb("VmHWM")
 
 
 def child(method: str, store_path: str, query: str, files: str, batch_size: int) -> dict:
@@ -165,7 +170,7 @@ def main() -> None:
     parser.add_argument("--checkpoints", type=int, default=10)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=1024, help="rows per streamed batch")
+    parser.add_argument("--batch-size", type=int, default=4096, help="rows per streamed batch")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--files", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -153,3 +153,15 @@ def test_weights_verify_shards(tmp_path, built_store):
         store.weights(WIDE)
     with pytest.raises(CorruptBlobError, match="corrupted"):
         next(store.iter_weights(WIDE, batch_size=100))
+
+
+@pytest.mark.parametrize("gap", [8, 0])  # 0: every gap between wanted members is a new slice
+def test_read_members_any_order_gaps_and_repeats(built_store, monkeypatch, gap):
+    monkeypatch.setattr("dlstore.store.blobs._GAP", gap)
+    blob = built_store.checkpoint(built_store.sql(WIDE)["run_id"][0], 0)["blob"]
+    n = built_store.blobs.layout(blob)[1]
+    assert n == 4
+    whole = built_store.blobs.read_members(blob, list(range(n)), ["layers.0.weight"])
+    for members in ([3, 0], [2, 2, 0, 3], [1], [0, 3], [3, 2, 1, 0]):
+        got = built_store.blobs.read_members(blob, members, ["layers.0.weight"])
+        assert torch.equal(got["layers.0.weight"], whole["layers.0.weight"][members])

@@ -221,7 +221,8 @@ class Store:
         except pl.exceptions.PolarsError:
             raise QueryError(f"run_id must be text and step an integer; the query returned "
                              f"{frame['run_id'].dtype} and {frame['step'].dtype}") from None
-        found = self._checkpoint_rows(keys)
+        # a SQL query has just refreshed the catalog: the lookup joins the same snapshot
+        found = self._checkpoint_rows(keys, refresh=not isinstance(query, str))
         absent = found.filter(pl.col("blob").is_null())
         if absent.height:
             example = ", ".join(f"({r}, {s})" for r, s in absent.select("run_id", "step")
@@ -229,24 +230,30 @@ class Store:
             raise NotFoundError(f"{absent.height} of {frame.height} (run_id, step) rows have no "
                                 f"checkpoint in the store, e.g. {example}; the checkpoints view "
                                 "lists what exists")
-        blobs = found["blob"].to_list()
+        # shards as integer codes, so that rows group by shard with numpy
+        names, codes = np.unique(found["blob"].to_numpy().astype(str), return_inverse=True)
+        members = found["member"].to_numpy().astype(np.int64)
         layouts: list[Layout] = []
-        layout_of_blob: dict[str, int] = {}
-        members_of_blob: dict[str, int] = {}
-        for blob in dict.fromkeys(blobs):
-            tensors, members_of_blob[blob] = self.blobs.layout(blob)
-            shard_layout = Layout.from_shapes([(name, shape) for name, shape, _ in tensors],
-                                              tensors[0][2] if tensors else "float32")
-            if shard_layout not in layouts:
-                layouts.append(shard_layout)
-            layout_of_blob[blob] = layouts.index(shard_layout)
-        beyond = found.filter(pl.col("member") >= pl.col("blob").replace_strict(
-            members_of_blob, default=0, return_dtype=pl.Int64)) if blobs else found
-        if beyond.height:
-            run_id, step, blob, member = beyond.row(0)
-            raise CorruptBlobError(f"shard {blob} holds {members_of_blob[blob]} members; "
-                                   f"checkpoint ({run_id}, {step}) points to member {member}")
-        layout_of_row = [layout_of_blob[b] for b in blobs]
+        layout_of_shard = np.zeros(len(names), dtype=np.int64)
+        capacity = np.zeros(len(names), dtype=np.int64)
+        seen: dict[tuple, int] = {}  # shard header -> index into layouts
+        for code, blob in enumerate(names):
+            tensors, capacity[code] = self.blobs.layout(blob)
+            if tensors not in seen:
+                shard_layout = Layout.from_shapes([(name, shape) for name, shape, _ in tensors],
+                                                  tensors[0][2] if tensors else "float32")
+                if shard_layout not in layouts:
+                    layouts.append(shard_layout)
+                seen[tensors] = layouts.index(shard_layout)
+            layout_of_shard[code] = seen[tensors]
+        beyond = np.flatnonzero(members >= capacity[codes])
+        if len(beyond):
+            run_id, step = keys.row(int(beyond[0]))
+            blob = names[codes[beyond[0]]]
+            raise CorruptBlobError(f"shard {blob} holds {capacity[codes[beyond[0]]]} members; "
+                                   f"checkpoint ({run_id}, {step}) points to member "
+                                   f"{members[beyond[0]]}")
+        layout_of_row = layout_of_shard[codes].tolist()
         if layout is not None:
             for i, shard_layout in enumerate(layouts):
                 _check_fits(shard_layout, layout, keys.row(layout_of_row.index(i)))
@@ -257,12 +264,13 @@ class Store:
             if len(layouts) > 1:
                 raise LayoutError(_mixed_layouts(layouts, layout_of_row, keys))
             layout = layouts[0]
-        return _WeightRows(frame, found["blob"].to_numpy(), found["member"].to_numpy(),
-                           layout, layouts, layout_of_row)
+        padded = any(lay != layout for lay in layouts)
+        return _WeightRows(frame, names.tolist(), codes, members, layout, layouts, layout_of_row,
+                           padded)
 
-    def _checkpoint_rows(self, keys: pl.DataFrame) -> pl.DataFrame:
+    def _checkpoint_rows(self, keys: pl.DataFrame, refresh: bool = True) -> pl.DataFrame:
         """run_id, step, blob, member for every key row, in order (blob null where absent)."""
-        con = self.catalog.refresh()
+        con = self.catalog.refresh() if refresh else self.catalog.con
         name = f"_wanted_{uuid.uuid4().hex}"
         con.register(name, keys.with_row_index("_i").to_arrow())
         try:
@@ -280,25 +288,29 @@ class Store:
         import torch
 
         layout = rows.layout
-        out = torch.empty((stop - start, layout.size), dtype=layout.torch_dtype)
-        part = pl.DataFrame({"blob": rows.blobs[start:stop], "member": rows.members[start:stop]})
-        groups = (part.with_row_index("row").group_by("blob", maintain_order=True)
-                  .agg("row", "member"))
-        for blob, where, members in groups.iter_rows():
-            tensors = self.blobs.read_members(blob, members, layout.names)
-            index = torch.as_tensor(where, dtype=torch.long)
-            whole = bool(where[-1] - where[0] == len(where) - 1)  # rows are sorted per group
-            for entry in layout.entries:
-                t = tensors[entry.name]
-                if tuple(t.shape[1:]) != entry.shape:  # a narrower run, into the corner
-                    padded = t.new_zeros((t.shape[0], *entry.shape))
-                    padded[(slice(None), *(slice(0, n) for n in t.shape[1:]))] = t
-                    t = padded
-                block = t.reshape(t.shape[0], entry.size)
-                if whole:
-                    out[where[0]:where[-1] + 1, entry.slice] = block
-                else:
-                    out[index, entry.slice] = block.to(out.dtype)
+        n = stop - start
+        make = torch.zeros if rows.padded else torch.empty
+        out = make((n, layout.size), dtype=layout.torch_dtype)
+        # each entry's columns seen as [n, *shape]: shard tensors are copied straight in
+        views = {e.name: out[:, e.slice].view(n, *e.shape) for e in layout.entries}
+        codes, members = rows.codes[start:stop], rows.members[start:stop]
+        order = np.argsort(codes, kind="stable")
+        groups = np.split(order, np.flatnonzero(np.diff(codes[order])) + 1) if n else []
+        requests, targets = [], []
+        for where in groups:
+            wanted, inverse = np.unique(members[where], return_inverse=True)
+            requests.append((rows.blob_names[codes[where[0]]], wanted.tolist()))
+            if len(wanted) == len(where):  # no member twice: rows in member order
+                targets.append((where[np.argsort(members[where])], None))
+            else:
+                targets.append((where, inverse.reshape(-1)))
+        for (where, inverse), tensors in zip(targets,
+                                              self.blobs.read_many(requests, layout.names)):
+            for name, view in views.items():
+                t = tensors[name]
+                if tuple(t.shape[1:]) != tuple(view.shape[1:]):  # a narrower run, in the corner
+                    view = view[(slice(None), *(slice(0, k) for k in t.shape[1:]))]
+                _scatter_rows(view, where, t, inverse)
         return out
 
     # -- writing (the builder's side) -----------------------------------------------------
@@ -343,21 +355,41 @@ class Store:
         self.tables.append("zoos", [{"created_at": dt.datetime.now(dt.timezone.utc), **row}])
         return True
 
-
 @dataclass
 class _WeightRows:
     """A weights pull resolved to shards: the query's rows, each row's shard and member."""
 
     frame: pl.DataFrame
-    blobs: np.ndarray
-    members: np.ndarray
+    blob_names: list[str]
+    codes: np.ndarray  # [n] index into blob_names
+    members: np.ndarray  # [n] position along the shard's member axis
     layout: Layout | None
     layouts: list[Layout]
     layout_of_row: list[int]
+    padded: bool  # some rows fill only the corner of the layout
 
     @property
     def n(self) -> int:
         return self.frame.height
+
+
+def _scatter_rows(target: torch.Tensor, where: np.ndarray, source: torch.Tensor,
+                  pick: np.ndarray | None) -> None:
+    """target[where[i]] = source[pick[i]] (source[i] if pick is None), for a strided view
+    `target` of the output.
+
+    Done by numpy where the dtypes allow: these are many small copies, and torch spreads each
+    over its intra-op threads, which on a busy machine made them 5-10x slower (measured on 2
+    cores under load: 1.2 s vs 0.12 s for 50 MB in 800 copies)."""
+    try:
+        rows = source.numpy()
+        target.numpy()[where] = rows if pick is None else rows[pick]
+    except TypeError:  # a dtype numpy lacks (bfloat16)
+        import torch
+
+        if pick is not None:
+            source = source.index_select(0, torch.as_tensor(pick))
+        target.index_copy_(0, torch.as_tensor(where), source.to(target.dtype))
 
 
 def _check_fits(have: Layout, want: Layout, example: tuple) -> None:
