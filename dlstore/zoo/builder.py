@@ -151,6 +151,7 @@ def build_zoo(spec: ZooSpec, store: Store, device: str = "auto",
     `progress(done, total)` is called with optimizer steps done (summed over cohorts)."""
     started = time.perf_counter()
     dev = resolve_device(device)
+    store.check_writable()
     done_ids = store.run_ids()
     todo = [r for r in spec.runs if r.run_id not in done_ids]
     cohorts = plan_cohorts(todo, spec.build.cohort_size, device=str(dev))
