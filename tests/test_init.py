@@ -49,7 +49,7 @@ def test_schemes_draw_weights_from_the_init_seed_and_zero_biases(init):
 
 
 def test_initialisations_share_a_cohort_and_match_the_reference():
-    spec = make_spec("optimizer = 'sgd'\nlr = 0.05\nbatch_size = 25\nsteps = 20",
-                     f"model.init = {['default', *SCHEMES]}", seeds=1)
+    spec = make_spec("optimizer = 'sgd'\nlr = 0.05\nbatch_size = 25\nsteps = 10",
+                     "model.init = ['default', 'kaiming_normal', 'orthogonal']", seeds=1)
     assert len(plan_cohorts(list(spec.runs), cohort_size=64)) == 1
     assert_matches_reference(spec)
