@@ -233,28 +233,17 @@ wsl_app = typer.Typer(no_args_is_help=True,
 app.add_typer(wsl_app, name="wsl")
 
 
-class WslFeatures(str, enum.Enum):
-    flat = "flat"
-    stats = "stats"
-    canonical = "canonical"
+def _choices(name: str, values: tuple[str, ...]) -> type[enum.Enum]:
+    """A str enum typer shows as a choice (the library's own names, spelled once there and
+    checked equal by tests; the analysis modules are not imported here so that the CLI starts
+    without torch)."""
+    return enum.Enum(name, {v: v for v in values}, type=str)
 
 
-class WslModel(str, enum.Enum):
-    linear = "linear"
-    gbm = "gbm"
-    mlp = "mlp"
-
-
-class WslTask(str, enum.Enum):
-    auto = "auto"
-    regression = "regression"
-    classification = "classification"
-
-
-class WslFormat(str, enum.Enum):
-    unterthiner = "unterthiner"
-    nfn = "nfn"
-    dwsnets = "dwsnets"
+WslFeatures = _choices("WslFeatures", ("flat", "stats", "canonical"))
+WslModel = _choices("WslModel", ("linear", "gbm", "mlp"))
+WslTask = _choices("WslTask", ("auto", "regression", "classification"))
+WslFormat = _choices("WslFormat", ("unterthiner", "nfn", "dwsnets"))
 
 
 WslQuery = typer.Option(..., "--query", "-q",

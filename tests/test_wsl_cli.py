@@ -47,6 +47,15 @@ def store_copy(tmp_path_factory, built_store):
     return root
 
 
+def test_cli_choices_are_the_library_names():
+    from dlstore import cli
+    from dlstore.analysis import wsl, wsl_export
+
+    for choices, names in ((cli.WslFeatures, wsl.FEATURES), (cli.WslModel, wsl.MODELS),
+                           (cli.WslTask, wsl.TASKS), (cli.WslFormat, wsl_export.FORMATS)):
+        assert tuple(c.value for c in choices) == names
+
+
 def test_fit_prints_saves_and_plots(store_copy, tmp_path):
     plot = tmp_path / "wsl.png"
     result = run_cli("wsl", "fit", "--store", str(store_copy), "--query", ALL, "--target",
