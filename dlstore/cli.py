@@ -269,11 +269,13 @@ def wsl_fit(
     plot: Path = typer.Option(Path("wsl.png"), help="Where to write predicted vs true (PNG)."),
 ) -> None:
     """Predict a target from checkpoints' weights; score it on held-out runs; save the fit."""
-    from dlstore.analysis.wsl import WeightDataset, fit_predictor
+    from dlstore.analysis.wsl import WeightDataset, WeightSpaceError, fit_predictor
     from dlstore.layout import Layout
     from dlstore.plots import wsl_figure
     from dlstore.store.store import Store
 
+    if not plot.parent.is_dir():
+        raise WeightSpaceError(f"--plot {plot}: directory {plot.parent} does not exist")
     s = Store(store)
     layout = Layout.union(s.weight_layouts(query)[0]) if pad and features.value != "stats" else None
     dataset = WeightDataset(s, query, target=target, features=features.value, task=task.value,

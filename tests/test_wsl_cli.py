@@ -88,6 +88,7 @@ def test_fit_classification_and_padded_flat_features(store_copy, tmp_path, capsy
     (["--query", ALL, "--features", "flat"], "mixes 2 weight layouts"),
     (["--query", ALL, "--split", "0.5,0.5"], "--split takes three fractions"),
     (["--query", ALL, "--split", "1,0,0"], "needs runs in a train and a test split"),
+    (["--query", ALL, "--plot", "/nonexistent/dir/x.png"], "does not exist"),
 ])
 def test_fit_errors_are_one_line(store_copy, tmp_path, capsys, args, message):
     code, _, err = run_in_process(capsys, "wsl", "fit", "--store", str(store_copy), "--plot",
