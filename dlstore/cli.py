@@ -228,6 +228,112 @@ def fit_scaling(
     out.print(f"figure -> {plot}")
 
 
+wsl_app = typer.Typer(no_args_is_help=True,
+                      help="Weight-space learning: checkpoints' weights as data.")
+app.add_typer(wsl_app, name="wsl")
+
+
+def _choices(name: str, values: tuple[str, ...]) -> type[enum.Enum]:
+    """A str enum typer shows as a choice (the library's own names, spelled once there and
+    checked equal by tests; the analysis modules are not imported here so that the CLI starts
+    without torch)."""
+    return enum.Enum(name, {v: v for v in values}, type=str)
+
+
+WslFeatures = _choices("WslFeatures", ("flat", "stats", "canonical"))
+WslModel = _choices("WslModel", ("linear", "gbm", "mlp"))
+WslTask = _choices("WslTask", ("auto", "regression", "classification"))
+WslFormat = _choices("WslFormat", ("unterthiner", "nfn", "dwsnets"))
+
+
+WslQuery = typer.Option(..., "--query", "-q",
+                        help="SQL returning run_id and step columns: the checkpoints to use.")
+WslSplit = typer.Option("0.7,0.1,0.2", "--split",
+                        help="Fractions of runs for train,val,test (split by run).")
+WslSeed = typer.Option(0, help="Seed of the split by run and of the predictor.")
+
+
+@wsl_app.command("fit")
+def wsl_fit(
+    query: str = WslQuery,
+    store: str = StoreOption,
+    target: str = typer.Option("test_acc", help="A column of the query, a runs column, a "
+                                                "metric, or generalization_gap."),
+    features: WslFeatures = typer.Option(WslFeatures.stats),
+    model: WslModel = typer.Option(WslModel.linear),
+    task: WslTask = typer.Option(WslTask.auto, help="auto: text targets are classes."),
+    split: str = WslSplit,
+    seed: int = WslSeed,
+    pad: bool = typer.Option(False, help="Zero-pad runs of several widths into one layout "
+                                         "(flat and canonical features)."),
+    plot: Path = typer.Option(Path("wsl.png"), help="Where to write predicted vs true (PNG)."),
+) -> None:
+    """Predict a target from checkpoints' weights; score it on held-out runs; save the fit."""
+    from dlstore.analysis.wsl import WeightDataset, WeightSpaceError, fit_predictor
+    from dlstore.layout import Layout
+    from dlstore.plots import wsl_figure
+    from dlstore.store.store import Store
+
+    if not plot.parent.is_dir():
+        raise WeightSpaceError(f"--plot {plot}: directory {plot.parent} does not exist")
+    s = Store(store)
+    layout = Layout.union(s.weight_layouts(query)[0]) if pad and features.value != "stats" else None
+    dataset = WeightDataset(s, query, target=target, features=features.value, task=task.value,
+                            splits=_split_fractions(split), seed=seed, layout=layout)
+    result = fit_predictor(dataset, model=model.value, seed=seed)
+    info = result.to_dict()
+    fit_id = s.record_fit({"kind": "wsl", "query": query, "params": json.dumps(info),
+                           "n": len(dataset), "dlstore_version": _version()})
+    if result.task == "regression":
+        out.print(f"Kendall tau {result.kendall_tau:.4f}, R^2 {result.r2:.4f}", highlight=False)
+    else:
+        out.print(f"accuracy {result.accuracy:.4f} over {len(result.classes)} classes",
+                  highlight=False)
+    out.print(f"{result.model} on {result.features} features predicting {result.target}: "
+              f"fitted on {result.n_train} checkpoints of {result.n_train_runs} runs, scored on "
+              f"{result.n_test} checkpoints of {result.n_test_runs} held-out runs; saved as fit "
+              f"{fit_id} (SELECT * FROM fits)", highlight=False, soft_wrap=True)
+    wsl_figure(result).savefig(plot, dpi=120)
+    out.print(f"figure -> {plot}")
+
+
+@wsl_app.command("export")
+def wsl_export(
+    query: str = WslQuery,
+    out_dir: Path = typer.Option(..., "--out", help="New or empty directory to write."),
+    store: str = StoreOption,
+    format: WslFormat = typer.Option(WslFormat.unterthiner, "--format", "-f"),
+    canonical: bool = typer.Option(False, help="Write permutation-canonical weights."),
+    pad: bool = typer.Option(False, help="Zero-pad runs of several widths into one layout."),
+    split: str = WslSplit,
+    seed: int = WslSeed,
+) -> None:
+    """Write checkpoints' weights, metrics, layout and split files for weight-space models."""
+    from dlstore.analysis.wsl_export import export
+    from dlstore.store.store import Store
+
+    report = export(Store(store), query, format.value, out_dir, seed=seed,
+                    splits=_split_fractions(split), canonical=canonical, pad=pad)
+    sizes = ", ".join(f"{name} {n}" for name, n in report.split_sizes.items())
+    out.print(f"{report.rows} checkpoints of {report.runs} runs ({report.layout.size} weights "
+              f"each) -> {report.out} ({report.format}: {', '.join(report.files)}); "
+              f"rows per split: {sizes}", highlight=False, soft_wrap=True)
+
+
+def _split_fractions(text: str) -> dict[str, float]:
+    from dlstore.analysis.wsl import WeightSpaceError
+
+    parts = text.split(",")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) != 3:
+        raise WeightSpaceError(f"--split takes three fractions train,val,test such as "
+                               f"0.7,0.1,0.2; got {text!r}")
+    return dict(zip(("train", "val", "test"), values))
+
+
 def _version() -> str:
     from dlstore import __version__
 

@@ -31,6 +31,10 @@ class CorruptBlobError(DlstoreError):
     """A weight shard whose bytes do not match its content hash, or that cannot be read."""
 
 
+class LayoutError(DlstoreError):
+    """Weights that do not fit a layout (unknown tensor, wrong shape, rows of several layouts)."""
+
+
 class DataMismatchError(DlstoreError):
     """Regenerated training data differs from what a run recorded it trained on."""
 

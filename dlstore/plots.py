@@ -69,3 +69,39 @@ def _title(fit) -> str:
         return (f"L = {p['E']:.3g} + {p['A']:.3g}/N^{p['alpha']:.3f} "
                 f"+ {p['B']:.3g}/D^{p['beta']:.3f}")
     return f"L = {p['E']:.3g} + {p['A']:.3g} x^-{p['alpha']:.3f}"
+
+
+def wsl_figure(result) -> Figure:
+    """Predicted against true target of the held-out runs of a weight-space predictor (a
+    scatter with the diagonal for a regression, a confusion matrix for classes)."""
+    true, predicted = result.predictions["true"], result.predictions["predicted"]
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    if result.task == "regression":
+        t, p = true.to_numpy(), predicted.to_numpy()
+        ax.scatter(t, p, s=8, alpha=0.5)
+        low, high = min(t.min(), p.min()), max(t.max(), p.max())
+        ax.plot([low, high], [low, high], color="grey", linewidth=0.8, linestyle="--")
+        ax.set_xlabel(f"true {result.target}")
+        ax.set_ylabel(f"predicted {result.target}")
+        ax.set_title(f"{result.model} on {result.features} features: Kendall tau "
+                     f"{result.kendall_tau:.3f}, R^2 {result.r2:.3f}\n"
+                     f"{result.n_test} checkpoints of {result.n_test_runs} held-out runs",
+                     fontsize=9)
+    else:
+        classes = result.classes
+        code = {c: i for i, c in enumerate(classes)}
+        counts = np.zeros((len(classes), len(classes)), dtype=int)
+        for a, b in zip(true.to_list(), predicted.to_list()):
+            counts[code[a], code[b]] += 1
+        ax.imshow(counts, cmap="Blues")
+        for (i, j), n in np.ndenumerate(counts):
+            ax.text(j, i, str(n), ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(classes)), [str(c) for c in classes], rotation=45, fontsize=7)
+        ax.set_yticks(range(len(classes)), [str(c) for c in classes], fontsize=7)
+        ax.set_xlabel(f"predicted {result.target}")
+        ax.set_ylabel(f"true {result.target}")
+        ax.set_title(f"{result.model} on {result.features} features: accuracy "
+                     f"{result.accuracy:.3f}\n{result.n_test} checkpoints of "
+                     f"{result.n_test_runs} held-out runs", fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -80,9 +80,10 @@ METRICS = pa.schema([
 
 FITS = pa.schema([
     ("fit_id", pa.string()),
-    ("kind", pa.string()),          # power_law | chinchilla
+    ("kind", pa.string()),          # power_law | chinchilla | wsl
     ("query", pa.string()),         # the SQL that selected the points
-    ("params", pa.string()),        # JSON: E, A, alpha (, B, beta)
+    ("params", pa.string()),        # JSON: E, A, alpha (, B, beta); wsl: model, features,
+                                    # target, kendall_tau, r2 / accuracy, split sizes
     ("ci", pa.string()),            # JSON: name -> [low, high]
     ("ci_level", pa.float64()),
     ("objective", pa.float64()),    # minimised sum of Huber losses

@@ -21,6 +21,17 @@ from dlstore.zoo.seeds import derive_seed
 
 Activation = Literal["relu", "tanh", "gelu"]
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
+# Initialisation schemes for every weight matrix / kernel (biases start at zero); "default" keeps
+# PyTorch's own init (biases included), so specs without `init` train exactly as before.
+Init = Literal["default", "kaiming_uniform", "kaiming_normal", "xavier_uniform", "xavier_normal",
+               "orthogonal"]
+_INITS = {
+    "kaiming_uniform": lambda w: nn.init.kaiming_uniform_(w, nonlinearity="relu"),
+    "kaiming_normal": lambda w: nn.init.kaiming_normal_(w, nonlinearity="relu"),
+    "xavier_uniform": nn.init.xavier_uniform_,
+    "xavier_normal": nn.init.xavier_normal_,
+    "orthogonal": nn.init.orthogonal_,
+}
 
 
 class ArchOptions(BaseModel):
@@ -33,6 +44,7 @@ class ArchOptions(BaseModel):
     width: int
     depth: int
     init_seed: int | None = Field(default=None, description="None = derived from the run seed")
+    init: Init = Field(default="default", description="initialisation of the weights")
 
     def build(self, input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
         raise NotImplementedError
@@ -41,8 +53,9 @@ class ArchOptions(BaseModel):
         """Everything but the width: runs whose keys match can share a cohort, narrower members
         zero-padded to the widest. Valid because in every registered family a narrower network
         is the corner of a wider one (hidden units / channels first, channel-major flattening)
-        and zero units with zero weights stay inert under any activation."""
-        return self.model_dump_json(exclude={"init_seed", "width"})
+        and zero units with zero weights stay inert under any activation. The initialisation
+        only decides where members start, so it does not separate cohorts either."""
+        return self.model_dump_json(exclude={"init_seed", "init", "width"})
 
 
 ARCHS: dict[str, type[ArchOptions]] = {}
@@ -150,12 +163,20 @@ def parse_arch_options(raw: dict) -> ArchOptions:
 
 def init_state(options: ArchOptions, input_shape: tuple[int, ...], n_classes: int,
                run_seed: int) -> dict[str, torch.Tensor]:
-    """The initial parameters of one run: PyTorch's default init drawn from the run's init seed,
-    independent of global RNG state and of anything else in the process."""
+    """The initial parameters of one run, drawn from the run's init seed (PyTorch's default init,
+    or the scheme `options.init` names), independent of global RNG state and of anything else in
+    the process."""
     seed = options.init_seed if options.init_seed is not None else derive_seed(run_seed, "init")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         module = options.build(input_shape, n_classes)
+        if options.init != "default":
+            with torch.no_grad():
+                for param in module.parameters():
+                    if param.dim() >= 2:
+                        _INITS[options.init](param)
+                    else:
+                        param.zero_()
     return {k: v.detach() for k, v in module.state_dict().items()}
 
 
