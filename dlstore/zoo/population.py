@@ -12,8 +12,7 @@ and training-set size, so a member trained here ends where the same run trained 
 `reference.train_reference` ends (up to float rounding).
 
 The trainer writes nothing: it yields a `Checkpoint` at each checkpoint step, a snapshot of the
-stacked weights whose metrics are computed when first asked for, so that the builder can evaluate
-and store checkpoints on a background thread while training goes on.
+stacked weights (on the training device) whose metrics are computed when first asked for.
 
 A member whose training loss becomes NaN or infinite is frozen from that step on (its weights stop
 changing, later checkpoints skip it) and reported in `diverged_step`; the rest of the cohort trains
