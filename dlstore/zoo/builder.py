@@ -27,10 +27,12 @@ from dlstore.zoo.population import (
     CohortTrainer,
     MemberPlan,
     auto_cohort_size,
+    member_slices,
     resolve_device,
+    shape_groups,
 )
 from dlstore.zoo.seeds import derive_seed
-from dlstore.zoo.spec import RunConfig, ZooSpec
+from dlstore.zoo.spec import MetricsOptions, RunConfig, ZooSpec, checkpoint_metric_steps
 
 SHARD_FORMAT = "dlstore-cohort/1"
 
@@ -56,10 +58,12 @@ def cohort_key(run: RunConfig, total_steps: int, steps: list[int]) -> str:
                        run.train.schedule, run.train.batch_size, total_steps, steps])
 
 
-def plan_cohorts(runs: list[RunConfig], cohort_size: int | str = "auto", device: str = "cpu"
+def plan_cohorts(runs: list[RunConfig], cohort_size: int | str = "auto", device: str = "cpu",
+                 metrics: MetricsOptions | None = None
                  ) -> list[tuple[list[RunConfig], list[DatasetTensors]]]:
     """Group runs into cohorts (in spec order), each with every member's own data. Groups larger
-    than the cohort size are split into near-equal cohorts."""
+    than the cohort size are split into near-equal cohorts. `metrics` is checked against every
+    run's checkpoint steps before anything trains."""
     groups: dict[str, list[tuple[RunConfig, DatasetTensors]]] = {}
     for run in runs:
         data = run_data(run.dataset, run.seed)
@@ -69,6 +73,8 @@ def plan_cohorts(runs: list[RunConfig], cohort_size: int | str = "auto", device:
                             f"{n_train} training examples of run {run.run_id}")
         total = run.train.total_steps(n_train)
         steps = run.checkpoint_steps(total)
+        if metrics is not None:
+            checkpoint_metric_steps(metrics, steps)
         groups.setdefault(cohort_key(run, total, steps), []).append((run, data))
     cohorts = []
     for members in groups.values():
@@ -97,7 +103,8 @@ def _member(run: RunConfig, data: DatasetTensors) -> MemberPlan:
     )
 
 
-def cohort_plan(runs: list[RunConfig], datas: list[DatasetTensors]) -> CohortPlan:
+def cohort_plan(runs: list[RunConfig], datas: list[DatasetTensors],
+                metrics: MetricsOptions | None = None) -> CohortPlan:
     first, data = runs[0], datas[0]
     largest = max(range(len(datas)), key=lambda i: datas[i].x_train.shape[0])
     total = first.train.total_steps(data.x_train.shape[0])
@@ -109,6 +116,7 @@ def cohort_plan(runs: list[RunConfig], datas: list[DatasetTensors]) -> CohortPla
         checkpoint_steps=first.checkpoint_steps(total),
         x_train=datas[largest].x_train, x_test=data.x_test, y_test=data.y_test,
         members=[_member(r, d) for r, d in zip(runs, datas)],
+        metrics=metrics if metrics is not None else MetricsOptions(),
     )
 
 
@@ -153,7 +161,7 @@ def build_zoo(spec: ZooSpec, store: Store, device: str = "auto",
     dev = resolve_device(device)
     done_ids = store.run_ids()
     todo = [r for r in spec.runs if r.run_id not in done_ids]
-    cohorts = plan_cohorts(todo, spec.build.cohort_size, device=str(dev))
+    cohorts = plan_cohorts(todo, spec.build.cohort_size, device=str(dev), metrics=spec.metrics)
     steps = [runs[0].train.total_steps(datas[0].x_train.shape[0]) for runs, datas in cohorts]
     report = BuildReport(spec.name, len(spec.runs), len(spec.runs) - len(todo), 0, 0,
                          len(cohorts), 0, 0.0, 0.0)
@@ -169,7 +177,7 @@ def build_zoo(spec: ZooSpec, store: Store, device: str = "auto",
                 if progress:
                     progress(offset + step, sum(steps))
 
-            plan = cohort_plan(runs, datas)
+            plan = cohort_plan(runs, datas, spec.metrics)
             trainer = CohortTrainer(plan, dev, on_step=on_step)
             rows = _train_cohort(spec.name, trainer, runs, datas, store, writer, report)
             committer.add(*rows)
@@ -193,7 +201,7 @@ def _train_cohort(zoo: str, trainer: CohortTrainer, runs: list[RunConfig],
     """Train one cohort while the writer thread evaluates and stores its checkpoints; return
     its checkpoint, metric and runs rows once every shard is written."""
     plan = trainer.plan
-    groups = _shape_groups(plan)
+    groups = shape_groups(plan.members)
     pending: list[Future] = []
     for ck in trainer.run():
         pending.append(writer.submit(_record_checkpoint, zoo, ck, runs, plan, groups, store))
@@ -225,37 +233,32 @@ def _record_checkpoint(zoo: str, ck: Checkpoint, runs: list[RunConfig], plan: Co
     checkpoint rows, its metric columns, the members alive at it, and its step."""
     alive = ck.alive.nonzero().flatten().tolist()
     ids = [runs[i].run_id for i in alive]
-    metrics: dict[str, list] = {k: [] for k in ("run_id", "step", "metric", "tensor", "value")}
-    for name, values in ck.metrics.items():
-        metrics["run_id"] += ids
-        metrics["step"] += [ck.step] * len(ids)
-        metrics["metric"] += [name] * len(ids)
-        metrics["tensor"] += [None] * len(ids)
-        metrics["value"] += values[alive].tolist()
+    metrics = _metric_columns(ck, ids, alive)
     params = {k: v.cpu() for k, v in ck.params.items()}
     rows = []
     for members in groups:
-        tensors = _member_slices(params, plan, members)
+        tensors = member_slices(params, plan.members[members[0]].init, members)
         meta = _shard_metadata(zoo, plan, [runs[i] for i in members], tensors, ck.step)
         rows += _checkpoint_rows(store.put_shard(tensors, meta), ck, members, runs, plan)
     return rows, metrics, alive, ck.step
 
 
-def _shape_groups(plan: CohortPlan) -> list[list[int]]:
-    """Members with identical true parameter shapes: each group gets its own shard per step, so
-    shards hold every member at its own shape, never padded."""
-    groups: dict[tuple, list[int]] = {}
-    for i, m in enumerate(plan.members):
-        groups.setdefault(tuple(tuple(v.shape) for v in m.init.values()), []).append(i)
-    return list(groups.values())
-
-
-def _member_slices(params: dict[str, torch.Tensor], plan: CohortPlan,
-                   members: list[int]) -> dict[str, torch.Tensor]:
-    shapes = plan.members[members[0]].init
-    index = torch.tensor(members)
-    return {k: v.index_select(0, index)[(slice(None), *(slice(0, n) for n in shapes[k].shape))]
-            .contiguous() for k, v in params.items()}
+def _metric_columns(ck: Checkpoint, ids: list[str], alive: list[int]) -> dict[str, list]:
+    """Metric rows of the alive members, as columns; per-tensor metrics carry the state-dict
+    name in `tensor`. A NaN value means the metric is undefined for that member (e.g. `alpha`
+    of a matrix with fewer than 10 eigenvalues): it gets no row."""
+    metrics: dict[str, list] = {k: [] for k in ("run_id", "step", "metric", "tensor", "value")}
+    for key, values in ck.metrics.items():
+        name, tensor = key if isinstance(key, tuple) else (key, None)
+        picked = values[alive]
+        keep = ~torch.isnan(picked)
+        kept = [i for i, k in zip(ids, keep.tolist()) if k] if not bool(keep.all()) else ids
+        metrics["run_id"] += kept
+        metrics["step"] += [ck.step] * len(kept)
+        metrics["metric"] += [name] * len(kept)
+        metrics["tensor"] += [tensor] * len(kept)
+        metrics["value"] += picked[keep].tolist()
+    return metrics
 
 
 def _checkpoint_rows(blob: str, ck: Checkpoint, members: list[int], runs: list[RunConfig],
