@@ -21,6 +21,7 @@ import torch
 from torch.func import grad, jvp, vmap
 
 Params = dict[str, torch.Tensor]
+PROBE_BATCH = 512
 LossOne = Callable[[Params, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -50,7 +51,7 @@ def hessian_spectrum(loss_one: LossOne, params: Params, x: torch.Tensor, y: torc
     first = next(iter(params.values()))
     generator = torch.Generator(device=first.device).manual_seed(seed)
 
-    def restrict(vectors: Params) -> Params:
+    def restrict(vectors: Params) -> Params:  # [P, ...] or [probes, P, ...]
         if not masks:
             return vectors
         return {k: v * masks[k] if k in masks else v for k, v in vectors.items()}
@@ -73,10 +74,16 @@ def hessian_spectrum(loss_one: LossOne, params: Params, x: torch.Tensor, y: torc
         eigenvalue, vector = estimate, product
         if bool(converged):
             break
+    # probes go through in batches (a second vmap) of about PROBE_BATCH member-probes
+    batched = vmap(hvp, in_dims=(None, 0, None, None, None))
+    n_members = first.shape[0]
     trace = torch.zeros_like(eigenvalue)
-    for _ in range(probes):
-        probe = restrict({k: torch.randint(0, 2, v.shape, generator=generator,
+    for start in range(0, probes, max(1, PROBE_BATCH // n_members)):
+        count = min(max(1, PROBE_BATCH // n_members), probes - start)
+        probe = restrict({k: torch.randint(0, 2, (count, *v.shape), generator=generator,
                                            device=v.device).to(v.dtype) * 2 - 1
                           for k, v in params.items()})
-        trace += dot(probe, hvp(params, probe, x, y, weight))
+        product = batched(params, probe, x, y, weight)
+        trace += sum((probe[k] * product[k]).flatten(2).sum(2, dtype=torch.float64).sum(0)
+                     for k in probe)
     return {"hessian_top_eig": eigenvalue, "hessian_trace": trace / probes}
