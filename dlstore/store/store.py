@@ -69,7 +69,8 @@ class Store:
 
     def sql(self, query: str, params: list | None = None) -> pl.DataFrame:
         """Run a SQL query over the store's views (runs, checkpoints, metrics, final, curves,
-        metrics_wide, zoos, fits) and return a polars DataFrame. `params` fill `?` placeholders."""
+        metrics_wide, group_metrics, zoos, fits) and return a polars DataFrame. `params` fill
+        `?` placeholders."""
         con = self.catalog.refresh()
         try:
             statements = con.extract_statements(query)
@@ -189,6 +190,14 @@ class Store:
                **row}
         self.tables.append("fits", [row])
         return row["fit_id"]
+
+    def record_group_metrics(self, columns: dict[str, list]) -> None:
+        """Append group metric rows (columns of the group_metrics table but created_at) in one
+        commit: a group's rows appear together or not at all."""
+        if columns["group_id"]:
+            now = dt.datetime.now(dt.timezone.utc)
+            self.tables.append("group_metrics",
+                               {**columns, "created_at": [now] * len(columns["group_id"])})
 
     def record_zoo(self, row: dict) -> bool:
         """Add a zoos row unless this exact spec text is already recorded for the zoo."""

@@ -2,7 +2,8 @@
 
 Runs already in the store are skipped, so rerunning a spec after a crash (or after it finished)
 trains only what is missing and adds nothing when nothing is. Each cohort's shards are written as
-its checkpoints arrive; its rows are committed when it finishes, runs rows last.
+its checkpoints arrive; its rows are committed when it finishes, runs rows last. When the spec
+asks for group metrics, they are computed last, from the committed runs (`groups.py`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import dlstore
 from dlstore.errors import SpecError
 from dlstore.store.store import Store
 from dlstore.zoo.data import DatasetTensors, run_data
+from dlstore.zoo.groups import compute_group_metrics
 from dlstore.zoo.models import activation_units, init_state, n_params
 from dlstore.zoo.population import (
     Checkpoint,
@@ -48,6 +50,7 @@ class BuildReport:
     checkpoints: int
     seconds: float
     train_seconds: float
+    group_steps: int = 0  # (group, step) pairs whose group metrics were computed
 
 
 def cohort_key(run: RunConfig, total_steps: int, steps: list[int]) -> str:
@@ -184,6 +187,9 @@ def build_zoo(spec: ZooSpec, store: Store, device: str = "auto",
             report.runs_built += len(runs)
             report.train_seconds += trainer.train_seconds
         committer.flush()
+    if spec.metrics.groups is not None:
+        report.group_steps = compute_group_metrics(
+            store, spec.name, spec.metrics.groups, {r.run_id for r in spec.runs}, device=dev)
     store.record_zoo({"zoo": spec.name, "spec": spec.text, "spec_hash": spec.spec_hash,
                       "n_runs": len(spec.runs), "dlstore_version": dlstore.__version__})
     report.seconds = time.perf_counter() - started
