@@ -103,7 +103,8 @@ def phase_figure(table, x: str, y: str, title: str = "") -> Figure:
     xs, ys, labels = _grid(table, x, y, "phase")
     codes = np.array([[phases.index(v) if v in phases else np.nan for v in row]
                       for row in labels], dtype=float)
-    fig, ax = plt.subplots(figsize=(max(5.0, 2.0 + 0.9 * len(xs)), max(3.0, 1.2 + 0.6 * len(ys))))
+    size = (max(5.0, 2.0 + 0.9 * len(xs)), max(3.0, 1.2 + 0.6 * len(ys)))
+    fig, ax = plt.subplots(figsize=size)
     ax.imshow(codes, origin="lower", cmap=ListedColormap(list(PHASE_COLOURS.values())),
               vmin=-0.5, vmax=len(phases) - 0.5, aspect="auto")
     for (i, j), label in np.ndenumerate(labels):
@@ -122,7 +123,8 @@ def metric_figure(table, metric: str, x: str, y: str, title: str = "") -> Figure
     cell annotated with its value."""
     xs, ys, values = _grid(table, x, y, metric)
     grid = values.astype(float)
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.6 + 0.9 * len(xs)), max(3.0, 1.2 + 0.6 * len(ys))))
+    size = (max(4.0, 1.6 + 0.9 * len(xs)), max(3.0, 1.2 + 0.6 * len(ys)))
+    fig, ax = plt.subplots(figsize=size)
     image = ax.imshow(grid, origin="lower", cmap="viridis", aspect="auto")
     for (i, j), value in np.ndenumerate(grid):
         if not np.isnan(value):
