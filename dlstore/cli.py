@@ -246,6 +246,32 @@ def _selection(at: str) -> str | list[int]:
                                  param_hint="--at") from None
 
 
+@metrics_app.command("compute")
+def metrics_compute(
+    spec: Path = typer.Argument(..., help="Zoo spec whose [metrics] to compute."),
+    store: str = StoreOption,
+    device: Device = typer.Option(Device.auto, help="Where to compute."),
+) -> None:
+    """Add the metrics SPEC's [metrics] asks for to its runs already in STORE (a rebuild skips
+    complete runs, so metrics added to a spec later are computed here); resumable."""
+    from dlstore.store.store import Store
+    from dlstore.zoo.backfill import backfill_checkpoint_metrics
+    from dlstore.zoo.groups import compute_group_metrics
+    from dlstore.zoo.population import resolve_device
+    from dlstore.zoo.spec import ZooSpec
+
+    zoo = ZooSpec.from_toml(spec)
+    s = Store(store)
+    dev = resolve_device(device.value)
+    checkpoints = backfill_checkpoint_metrics(zoo, s, device=dev)
+    groups = 0
+    if zoo.metrics.groups is not None:
+        groups = compute_group_metrics(s, zoo.name, zoo.metrics.groups,
+                                       {r.run_id for r in zoo.runs}, device=dev)
+    out.print(f"zoo [bold]{zoo.name}[/]: metrics added at {checkpoints} checkpoints, group "
+              f"metrics of {groups} groups x steps")
+
+
 @metrics_app.command("groups")
 def metrics_groups(
     zoo: str = typer.Option(..., "--zoo", help="Zoo whose groups (seeds of a config) to use."),

@@ -178,3 +178,32 @@ def test_plot_commands_write_figures_and_name_bad_input(group_store, tmp_path):
                            "no values of 'nope'")):
         result = runner.invoke(app, ["plot", *args, "--store", store])
         assert result.exit_code == 1 and message in str(result.exception)
+
+
+def test_metrics_added_to_a_built_spec_are_backfilled_as_a_build_computes_them(tmp_path):
+    """A rebuild skips complete runs; `backfill_checkpoint_metrics` adds what the spec now asks
+    for, equal to what a build with those metrics records, and adds nothing when rerun."""
+    from dlstore.zoo.backfill import backfill_checkpoint_metrics
+
+    base = ZOO.format(name="late", seeds=2, model="", train="")
+    plain = base.replace('spectra = "last"', "spectra = false").replace(
+        'hessian = { subsample = 128, at = "last", iterations = 20 }', "").replace(
+        'groups = { at = "all", points = 5 }', "")
+    later = plain.replace("statistics = false", 'statistics = "last"\n'
+                          'neural_collapse = { subsample = 100 }')
+    late = Store(tmp_path / "late", create=True)
+    build_zoo(ZooSpec.from_text(plain), late, device="cpu")
+    assert late.sql("SELECT count(*) AS n FROM metrics WHERE tensor IS NOT NULL")["n"][0] == 0
+    assert build_zoo(ZooSpec.from_text(later), late, device="cpu").runs_built == 0
+    assert backfill_checkpoint_metrics(ZooSpec.from_text(later), late) == 4  # 4 runs, last step
+    assert backfill_checkpoint_metrics(ZooSpec.from_text(later), late) == 0
+    direct = Store(tmp_path / "direct", create=True)
+    build_zoo(ZooSpec.from_text(later), direct, device="cpu")
+    query = ("SELECT run_id, step, metric, tensor, value FROM metrics "
+             "ORDER BY run_id, step, metric, tensor")
+    got, want = late.sql(query), direct.sql(query)
+    assert got.height == want.height
+    assert got.select("run_id", "step", "metric", "tensor").equals(
+        want.select("run_id", "step", "metric", "tensor"))
+    np.testing.assert_allclose(got["value"].to_numpy(), want["value"].to_numpy(), rtol=1e-9,
+                               atol=1e-12)

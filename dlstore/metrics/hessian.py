@@ -42,10 +42,11 @@ def hessian_spectrum(loss_one: LossOne, params: Params, x: torch.Tensor, y: torc
                      ) -> dict[str, torch.Tensor]:
     """{"hessian_top_eig", "hessian_trace"}: [P] float64 for stacked `params`.
 
-    Power iteration runs until every member's eigenvalue estimate changes by less than
-    `tolerance` (relative) or for `iterations` products; it finds the eigenvalue of largest
-    magnitude. The trace averages v^T H v over `probes` Rademacher vectors (exact when H is
-    diagonal). Random vectors come from `seed`, so a result is reproducible."""
+    Power iteration runs for each member until its eigenvalue estimate changes by less than
+    `tolerance` (relative) between two products, or for `iterations` products; it finds the
+    eigenvalue of largest magnitude. The trace averages v^T H v over `probes` Rademacher
+    vectors (exact when H is diagonal). Random vectors come from `seed`, so a result is
+    reproducible."""
     hvp = hessian_vector_product(loss_one)
     params = {k: v.detach() for k, v in params.items()}
     first = next(iter(params.values()))
@@ -61,22 +62,31 @@ def hessian_spectrum(loss_one: LossOne, params: Params, x: torch.Tensor, y: torc
 
     vector = restrict({k: torch.randn(v.shape, generator=generator, device=v.device,
                                       dtype=v.dtype) for k, v in params.items()})
-    eigenvalue = torch.full((first.shape[0],), torch.nan, dtype=torch.float64,
-                            device=first.device)
+    n_members = first.shape[0]
+    eigenvalue = torch.full((n_members,), torch.nan, dtype=torch.float64, device=first.device)
+    # members whose estimate has converged leave the computation: later products cost only
+    # the members still iterating
+    active = torch.arange(n_members, device=first.device)
     for _ in range(iterations):
-        norm = dot(vector, vector).sqrt().clamp_min(1e-30)
-        vector = {k: v / norm.view(-1, *[1] * (v.dim() - 1)).to(v.dtype)
-                  for k, v in vector.items()}
-        product = restrict(hvp(params, vector, x, y, weight))
-        estimate = dot(vector, product)
-        converged = ((estimate - eigenvalue).abs()
-                     <= tolerance * estimate.abs().clamp_min(1e-12)).all()
-        eigenvalue, vector = estimate, product
-        if bool(converged):
+        current = {k: v[active] for k, v in vector.items()}
+        norm = dot(current, current).sqrt().clamp_min(1e-30)
+        current = {k: v / norm.view(-1, *[1] * (v.dim() - 1)).to(v.dtype)
+                   for k, v in current.items()}
+        product = hvp({k: v[active] for k, v in params.items()}, current, x, y[active],
+                      weight[active])
+        if masks:
+            product = {k: v * masks[k][active] if k in masks else v for k, v in product.items()}
+        estimate = dot(current, product)
+        previous = eigenvalue[active]
+        eigenvalue[active] = estimate
+        for k in vector:
+            vector[k][active] = product[k]
+        still = ~((estimate - previous).abs() <= tolerance * estimate.abs().clamp_min(1e-12))
+        active = active[still]
+        if active.numel() == 0:
             break
     # probes go through in batches (a second vmap) of about PROBE_BATCH member-probes
     batched = vmap(hvp, in_dims=(None, 0, None, None, None))
-    n_members = first.shape[0]
     trace = torch.zeros_like(eigenvalue)
     for start in range(0, probes, max(1, PROBE_BATCH // n_members)):
         count = min(max(1, PROBE_BATCH // n_members), probes - start)

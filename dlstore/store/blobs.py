@@ -81,6 +81,19 @@ class BlobStore:
         except (SafetensorError, OSError, ValueError) as e:
             raise CorruptBlobError(f"shard {blob} cannot be read ({path}): {e}") from None
 
+    def read_members(self, blob: str, members: list[int]) -> dict[str, torch.Tensor]:
+        """The stacked tensors [len(members), ...] of several members of one shard."""
+        import torch
+
+        self.verify(blob)
+        path = self._existing(blob)
+        index = torch.tensor(members)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {name: f.get_tensor(name).index_select(0, index) for name in f.keys()}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CorruptBlobError(f"shard {blob} cannot be read ({path}): {e}") from None
+
     def metadata(self, blob: str) -> dict[str, str]:
         path = self._existing(blob)
         try:

@@ -131,6 +131,10 @@ class Store:
         row = self.checkpoint(run_id, step)
         return self.blobs.read_member(row["blob"], row["member"])
 
+    def load_members(self, blob: str, members: list[int]) -> dict[str, torch.Tensor]:
+        """Several members of one shard (rows of `checkpoints` share `blob`), stacked."""
+        return self.blobs.read_members(blob, members)
+
     def load_model(self, run_id: str, step: int | None = None) -> nn.Module:
         """The run's network at `step` (None = last checkpoint), in eval mode, on the CPU."""
         from dlstore.zoo.models import parse_arch_options
@@ -183,6 +187,21 @@ class Store:
         self.tables.append("metrics", metrics)
         self.tables.append("runs", runs)
         return commit_id
+
+    def add_metrics(self, columns: dict[str, list]) -> None:
+        """Append metric rows (run_id, step, metric, tensor, value columns) of runs already in
+        the store, in one commit. Each row takes its run's commit id, so the views show it with
+        the run's other rows."""
+        if not columns["run_id"]:
+            return
+        commits = {r["run_id"]: r["commit_id"] for r in self._lookup(
+            "SELECT run_id, commit_id FROM runs WHERE list_contains(?, run_id)",
+            [sorted(set(columns["run_id"]))])}
+        missing = sorted(set(columns["run_id"]) - set(commits))
+        if missing:
+            raise NotFoundError(f"no run {missing[0]!r} in store {self.root}")
+        self.tables.append("metrics", {**columns,
+                                       "commit_id": [commits[r] for r in columns["run_id"]]})
 
     def record_fit(self, row: dict) -> str:
         """Append an analysis result to the fits table; returns its fit id."""

@@ -239,7 +239,7 @@ def _record_checkpoint(zoo: str, ck: Checkpoint, runs: list[RunConfig], plan: Co
     checkpoint rows, its metric columns, the members alive at it, and its step."""
     alive = ck.alive.nonzero().flatten().tolist()
     ids = [runs[i].run_id for i in alive]
-    metrics = _metric_columns(ck, ids, alive)
+    metrics = metric_columns(ck.metrics, ck.step, ids, alive)
     params = {k: v.cpu() for k, v in ck.params.items()}
     rows = []
     for members in groups:
@@ -249,18 +249,20 @@ def _record_checkpoint(zoo: str, ck: Checkpoint, runs: list[RunConfig], plan: Co
     return rows, metrics, alive, ck.step
 
 
-def _metric_columns(ck: Checkpoint, ids: list[str], alive: list[int]) -> dict[str, list]:
-    """Metric rows of the alive members, as columns; per-tensor metrics carry the state-dict
-    name in `tensor`. A NaN value means the metric is undefined for that member (e.g. `alpha`
+def metric_columns(values: dict, step: int, ids: list[str], members: list[int]
+                   ) -> dict[str, list]:
+    """Metric rows of `members` (positions in the stack; `ids` their run ids) at `step`, as
+    columns, from an evaluator's [P] values; per-tensor metrics carry the state-dict name in
+    `tensor`. A NaN value means the metric is undefined for that member (e.g. `alpha`
     of a matrix with fewer than 10 eigenvalues): it gets no row."""
     metrics: dict[str, list] = {k: [] for k in ("run_id", "step", "metric", "tensor", "value")}
-    for key, values in ck.metrics.items():
+    for key, column in values.items():
         name, tensor = key if isinstance(key, tuple) else (key, None)
-        picked = values[alive]
+        picked = column[members]
         keep = ~torch.isnan(picked)
         kept = [i for i, k in zip(ids, keep.tolist()) if k] if not bool(keep.all()) else ids
         metrics["run_id"] += kept
-        metrics["step"] += [ck.step] * len(kept)
+        metrics["step"] += [step] * len(kept)
         metrics["metric"] += [name] * len(kept)
         metrics["tensor"] += [tensor] * len(kept)
         metrics["value"] += picked[keep].tolist()
