@@ -207,3 +207,27 @@ def test_metrics_added_to_a_built_spec_are_backfilled_as_a_build_computes_them(t
         want.select("run_id", "step", "metric", "tensor"))
     np.testing.assert_allclose(got["value"].to_numpy(), want["value"].to_numpy(), rtol=1e-9,
                                atol=1e-12)
+
+
+@pytest.mark.slow
+def test_the_phases_zoo_covers_at_least_three_phases(tmp_path):
+    """zoo/phases.toml on a corner of its grid (2 seeds): small training sets at a moderate
+    learning rate fit (III: well trained, but seeds separated by a barrier), the full training
+    set at the smallest learning rate does not (I), and the largest learning rate neither fits
+    nor has a barrier (II)."""
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "zoo" / "phases.toml").read_text()
+    text = text.replace("seeds = 3", "seeds = 2")
+    text = text.replace("train.lr = [0.003, 0.01, 0.03, 0.1, 0.3, 1.0]",
+                        "train.lr = [0.003, 0.03, 1.0]")
+    text = text.replace("dataset.n_train = [250, 500, 1000, 2000, 4000]",
+                        "dataset.n_train = [250, 4000]")
+    store = Store(tmp_path / "s", create=True)
+    build_zoo(ZooSpec.from_text(text), store, device="cpu")
+    table = phase_table(store, "lr", "n_train", zoo="phases")
+    phases = dict(zip(zip(table["lr"], table["n_train"]), table["phase"]))
+    assert phases[(0.003, 4000)] == "I"
+    assert phases[(0.03, 250)] == "III"
+    assert phases[(1.0, 4000)] == "II"
+    assert len(set(phases.values())) >= 3
