@@ -1,7 +1,7 @@
 """What the checkpoint metrics cost, measured side by side in one run.
 
     python bench/metrics_cost.py families --width 32 --members 1024     # per checkpoint
-    python bench/metrics_cost.py build zoo/quickstart.toml               # end to end
+    python bench/metrics_cost.py build zoo/quickstart.toml --variants before,defaults,costly
     python bench/metrics_cost.py build zoo/mnist1d-10k.toml --seeds 10   # a 1,000-run slice
 
 `families`: one trained checkpoint of a cohort of MNIST-1D MLPs (SGD, 200 steps), evaluated
@@ -11,11 +11,10 @@ power iteration and 10 Hutchinson probes; `neural_collapse`: subsample 2048). Ea
 timed `--repeats` times in turn (round robin) and the median kept; prints seconds per checkpoint
 for the cohort and the ratio to `basic`.
 
-`build`: builds the spec into fresh temporary stores with `[metrics]` set to (a) the defaults
-before this change (no per-tensor metrics), (b) today's defaults (statistics and spectra at every
-checkpoint), and, with `--costly`, (c) the defaults plus Hessian and neural collapse at the last
-checkpoint and group metrics; prints wall seconds, metric rows and the ratios to (a). The last
-line of either mode is JSON.
+`build`: builds the spec into fresh temporary stores with `[metrics]` set to each of `--variants`
+(first `before`: the defaults before per-tensor metrics existed; see --help), each `--repeats`
+times in turn, the median kept; prints wall seconds, metric rows and the ratios to `before`. The
+last line of either mode is JSON.
 """
 
 from __future__ import annotations
@@ -87,27 +86,40 @@ def build(args) -> dict:
     if args.seeds is not None:
         text = re.sub(r"(?m)^seeds\s*=.*$", f"seeds = {args.seeds}", text)
     spec = ZooSpec.from_text(text)
-    variants = {
+    known = {
         "before": MetricsOptions(statistics=None, spectra=None),
         "defaults": MetricsOptions(),
+        "all": MetricsOptions(statistics="all", spectra="all"),
+        "statistics": MetricsOptions(statistics="all", spectra=None),
+        "last": MetricsOptions(statistics="last", spectra="last"),
+        "costly": MetricsOptions(hessian=HessianOptions(), neural_collapse=CollapseOptions(),
+                                 groups=GroupOptions()),
     }
-    if args.costly:
-        variants["costly"] = MetricsOptions(hessian=HessianOptions(),
-                                            neural_collapse=CollapseOptions(),
-                                            groups=GroupOptions())
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in known]
+    if unknown or names[0] != "before":
+        raise SystemExit(f"--variants: start with before, then any of {list(known)}")
+    variants = {name: known[name] for name in names}
+    runs: dict[str, list[tuple[float, float, int]]] = {name: [] for name in variants}
+    for _ in range(args.repeats):  # round robin, so that load from other jobs hits all alike
+        for name, metrics in variants.items():
+            with tempfile.TemporaryDirectory() as tmp:
+                store = Store(Path(tmp) / "s", create=True)
+                started = time.perf_counter()
+                report = build_zoo(dataclasses.replace(spec, metrics=metrics), store,
+                                   device=args.device)
+                seconds = time.perf_counter() - started
+                rows = int(store.sql("SELECT count(*) AS n FROM _metrics")["n"][0])
+            runs[name].append((seconds, report.train_seconds, rows))
     results = {}
-    for name, metrics in variants.items():
-        with tempfile.TemporaryDirectory() as tmp:
-            store = Store(Path(tmp) / "s", create=True)
-            started = time.perf_counter()
-            report = build_zoo(dataclasses.replace(spec, metrics=metrics), store,
-                               device=args.device)
-            seconds = time.perf_counter() - started
-            rows = store.sql("SELECT count(*) AS n FROM _metrics")["n"][0]
-        results[name] = {"seconds": seconds, "train_seconds": report.train_seconds,
-                         "metric_rows": int(rows)}
-        print(f"{name:9s} {seconds:8.1f} s wall ({report.train_seconds:.1f} s training), "
-              f"{rows:,} metric rows, {seconds / results['before']['seconds']:.2f} x before")
+    for name, measured in runs.items():
+        seconds = statistics.median(m[0] for m in measured)
+        train = statistics.median(m[1] for m in measured)
+        results[name] = {"seconds": seconds, "train_seconds": train,
+                         "metric_rows": measured[0][2]}
+        print(f"{name:9s} {seconds:8.1f} s wall ({train:.1f} s training), "
+              f"{measured[0][2]:,} metric rows, {seconds / results['before']['seconds']:.2f} x "
+              "before")
     return {"mode": "build", "spec": args.spec, "runs": len(spec.runs), "results": results}
 
 
@@ -123,7 +135,12 @@ def main() -> None:
     bld = sub.add_parser("build")
     bld.add_argument("spec")
     bld.add_argument("--seeds", type=int, default=None, help="override the spec's seeds")
-    bld.add_argument("--costly", action="store_true")
+    bld.add_argument("--variants", default="before,defaults",
+                     help="comma-separated, first 'before': before (no per-tensor metrics), "
+                     "defaults, all (statistics and spectra at every checkpoint), statistics "
+                     "(statistics only, every checkpoint), last (both at the last checkpoint), "
+                     "costly (defaults + Hessian, collapse, groups)")
+    bld.add_argument("--repeats", type=int, default=1, help="builds of each variant (median)")
     bld.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.manual_seed(0)

@@ -373,3 +373,14 @@ def test_metric_choices_leave_run_ids_alone():
     assert [r.run_id for r in measured.runs] == [r.run_id for r in plain.runs]
     assert measured.metrics.hessian.subsample == 512 and measured.metrics.statistics is None
     assert plain.metrics.hessian is None and plain.metrics.statistics == "all"
+
+
+def test_a_diverged_member_gets_nan_and_leaves_the_others_exact():
+    x, y, weight, params, sizes, hessians = _least_squares_data(orthogonal=False)
+    params["w"][1] = torch.nan
+    out = hessian_spectrum(_least_squares, params, x, y, weight, iterations=100,
+                           tolerance=1e-10, probes=2)
+    assert torch.isnan(out["hessian_top_eig"][1]) and torch.isnan(out["hessian_trace"][1])
+    for i in (0, 2):
+        assert out["hessian_top_eig"][i].item() == pytest.approx(
+            torch.linalg.eigvalsh(hessians[i]).max().item(), rel=1e-6)

@@ -81,7 +81,9 @@ def hessian_spectrum(loss_one: LossOne, params: Params, x: torch.Tensor, y: torc
         eigenvalue[active] = estimate
         for k in vector:
             vector[k][active] = product[k]
+        # a member with non-finite weights (diverged) never converges: it leaves too
         still = ~((estimate - previous).abs() <= tolerance * estimate.abs().clamp_min(1e-12))
+        still &= torch.isfinite(estimate)
         active = active[still]
         if active.numel() == 0:
             break
