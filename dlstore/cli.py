@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from dlstore.errors import DlstoreError
+from dlstore.errors import DlstoreError, NotFoundError
 
 DEFAULT_STORE = "dlstore-store"
 
@@ -69,14 +69,17 @@ def build_zoo_command(
         f"zoo [bold]{report.zoo}[/]: {report.runs_built} runs built "
         f"({report.runs_diverged} diverged), {report.runs_skipped} already in the store, "
         f"{report.cohorts} cohorts, {report.checkpoints} cohort checkpoints, "
-        f"{report.seconds:.1f} s ({report.train_seconds:.1f} s in training steps) -> {store}"
+        f"{report.seconds:.1f} s ({report.train_seconds:.1f} s in training steps)"
+        + (f", group metrics of {report.group_steps} groups x steps" if report.group_steps
+           else "") + f" -> {store}"
     )
 
 
 @app.command()
 def sql(
     query: str = typer.Argument(..., help="SQL over the views runs, checkpoints, metrics, "
-                                          "final, curves, metrics_wide, zoos."),
+                                          "final, curves, metrics_wide, group_metrics, zoos, "
+                                          "fits."),
     store: str = StoreOption,
     format: Format = typer.Option(Format.table, "--format", "-f"),
 ) -> None:
@@ -332,6 +335,122 @@ def _split_fractions(text: str) -> dict[str, float]:
         raise WeightSpaceError(f"--split takes three fractions train,val,test such as "
                                f"0.7,0.1,0.2; got {text!r}")
     return dict(zip(("train", "val", "test"), values))
+
+
+metrics_app = typer.Typer(no_args_is_help=True,
+                          help="Compute metrics for runs already in a store.")
+app.add_typer(metrics_app, name="metrics")
+
+
+def _selection(at: str) -> str | list[int]:
+    if at in ("last", "all"):
+        return at
+    try:
+        return [int(step) for step in at.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"{at!r}: give last, all, or steps such as 0,100,500",
+                                 param_hint="--at") from None
+
+
+@metrics_app.command("compute")
+def metrics_compute(
+    spec: Path = typer.Argument(..., help="Zoo spec whose [metrics] to compute."),
+    store: str = StoreOption,
+    device: Device = typer.Option(Device.auto, help="Where to compute."),
+) -> None:
+    """Add the metrics SPEC's [metrics] asks for to its runs already in STORE (a rebuild skips
+    complete runs, so metrics added to a spec later are computed here); resumable."""
+    from dlstore.store.store import Store
+    from dlstore.zoo.backfill import backfill_checkpoint_metrics
+    from dlstore.zoo.groups import compute_group_metrics
+    from dlstore.zoo.population import resolve_device
+    from dlstore.zoo.spec import ZooSpec
+
+    zoo = ZooSpec.from_toml(spec)
+    s = Store(store)
+    dev = resolve_device(device.value)
+    checkpoints = backfill_checkpoint_metrics(zoo, s, device=dev)
+    groups = 0
+    if zoo.metrics.groups is not None:
+        groups = compute_group_metrics(s, zoo.name, zoo.metrics.groups,
+                                       {r.run_id for r in zoo.runs}, device=dev)
+    out.print(f"zoo [bold]{zoo.name}[/]: metrics added at {checkpoints} checkpoints, group "
+              f"metrics of {groups} groups x steps")
+
+
+@metrics_app.command("groups")
+def metrics_groups(
+    zoo: str = typer.Option(..., "--zoo", help="Zoo whose groups (seeds of a config) to use."),
+    store: str = StoreOption,
+    at: str = typer.Option("last", help="Steps: last, all, or a comma-separated list."),
+    pairs: int = typer.Option(10, min=1, help="Most pairs of seeds compared per group."),
+    points: int = typer.Option(11, min=2, help="Points on the line between two networks."),
+    subsample: int = typer.Option(4096, min=1, help="Training examples for train barriers."),
+    device: Device = typer.Option(Device.auto, help="Where to compute."),
+) -> None:
+    """Record group metrics (barriers, mode connectivity, CKA, disagreement) of a zoo's groups
+    that the store lacks; groups already recorded are skipped."""
+    from dlstore.store.store import Store
+    from dlstore.zoo.groups import compute_group_metrics
+    from dlstore.zoo.population import resolve_device
+    from dlstore.zoo.spec import GroupOptions
+
+    options = GroupOptions(at=_selection(at), pairs=pairs, points=points, subsample=subsample)
+    s = Store(store)
+    if not s.sql("SELECT 1 FROM runs WHERE zoo = ? LIMIT 1", [zoo]).height:
+        raise NotFoundError(f"no runs of zoo {zoo!r} in store {store}")
+    computed = compute_group_metrics(s, zoo, options, device=resolve_device(device.value))
+    out.print(f"zoo [bold]{zoo}[/]: group metrics of {computed} groups x steps computed "
+              "(SELECT * FROM group_metrics)")
+
+
+plot_app = typer.Typer(no_args_is_help=True,
+                       help="Figures of a store's runs over two grid axes (PNG).")
+app.add_typer(plot_app, name="plot")
+
+
+@plot_app.command("phases")
+def plot_phases(
+    x: str = typer.Option(..., "--x", help="Grid axis across, e.g. lr or batch_size."),
+    y: str = typer.Option(..., "--y", help="Grid axis up, e.g. width or n_train."),
+    store: str = StoreOption,
+    zoo: str = typer.Option(None, help="Zoo (needed when several have group metrics)."),
+    out_path: Path = typer.Option(Path("phases.png"), "--out", help="Where to write the PNG."),
+) -> None:
+    """Phase diagram after Yang et al. 2021, thresholds from the zoo's [phases] spec table."""
+    from dlstore.analysis.phases import phase_counts, phase_table
+    from dlstore.plots import phase_figure
+    from dlstore.store.store import Store
+
+    table = phase_table(Store(store), x, y, zoo)
+    _print_frame(table, Format.table)
+    counts = ", ".join(f"{p}: {n}" for p, n in phase_counts(table).items())
+    phase_figure(table, x, y).savefig(out_path, dpi=120)
+    out.print(f"phases ({counts}) -> {out_path}")
+
+
+@plot_app.command("metric")
+def plot_metric(
+    metric: str = typer.Option(..., "--metric", help="A whole-model, per-tensor (with "
+                               "--tensor) or group metric, e.g. test_acc, alpha, cka."),
+    x: str = typer.Option(..., "--x", help="Grid axis across."),
+    y: str = typer.Option(..., "--y", help="Grid axis up."),
+    store: str = StoreOption,
+    zoo: str = typer.Option(None, help="Only runs of this zoo."),
+    tensor: str = typer.Option(None, help="State-dict name, for per-tensor metrics."),
+    out_path: Path = typer.Option(None, "--out", help="Where to write the PNG "
+                                  "(default METRIC.png)."),
+) -> None:
+    """Heatmap of a metric's mean at each run's last checkpoint over two grid axes."""
+    from dlstore.analysis.phases import metric_table
+    from dlstore.plots import metric_figure
+    from dlstore.store.store import Store
+
+    table = metric_table(Store(store), metric, x, y, zoo, tensor)
+    _print_frame(table, Format.table)
+    out_path = out_path or Path(f"{metric}.png")
+    metric_figure(table, metric, x, y).savefig(out_path, dpi=120)
+    out.print(f"figure -> {out_path}")
 
 
 def _version() -> str:

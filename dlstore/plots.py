@@ -105,3 +105,68 @@ def wsl_figure(result) -> Figure:
                      f"{result.n_test_runs} held-out runs", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+# one colour per phase of Yang et al. 2021, from poorly trained (warm) to generalising (green)
+PHASE_COLOURS = {"I": "#d7301f", "II": "#fc8d59", "III": "#9e9ac8", "IV-A": "#6baed6",
+                 "IV-B": "#31a354"}
+
+
+def _grid(table, x: str, y: str, column: str) -> tuple[list, list, np.ndarray]:
+    """The cells of `table` as a [len(ys), len(xs)] array (NaN where a cell has no row)."""
+    xs = sorted(set(table[x].to_list()))
+    ys = sorted(set(table[y].to_list()))
+    values = np.full((len(ys), len(xs)), np.nan, dtype=object)
+    for row in table.iter_rows(named=True):
+        values[ys.index(row[y]), xs.index(row[x])] = row[column]
+    return xs, ys, values
+
+
+def _axes(ax, xs: list, ys: list, x: str, y: str) -> None:
+    ax.set_xticks(range(len(xs)), [f"{v:g}" if isinstance(v, float) else str(v) for v in xs])
+    ax.set_yticks(range(len(ys)), [f"{v:g}" if isinstance(v, float) else str(v) for v in ys])
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+
+
+def phase_figure(table, x: str, y: str, title: str = "") -> Figure:
+    """A phase diagram: one cell per (x, y) grid point, coloured and labelled by its phase
+    (`dlstore.analysis.phases.phase_table`); grid points without a group stay blank."""
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    phases = list(PHASE_COLOURS)
+    xs, ys, labels = _grid(table, x, y, "phase")
+    codes = np.array([[phases.index(v) if v in phases else np.nan for v in row]
+                      for row in labels], dtype=float)
+    size = (max(5.0, 2.0 + 0.9 * len(xs)), max(3.0, 1.2 + 0.6 * len(ys)))
+    fig, ax = plt.subplots(figsize=size)
+    ax.imshow(codes, origin="lower", cmap=ListedColormap(list(PHASE_COLOURS.values())),
+              vmin=-0.5, vmax=len(phases) - 0.5, aspect="auto")
+    for (i, j), label in np.ndenumerate(labels):
+        if isinstance(label, str):
+            ax.text(j, i, label, ha="center", va="center", fontsize=8)
+    _axes(ax, xs, ys, x, y)
+    ax.set_title(title or "phases (Yang et al. 2021)")
+    ax.legend(handles=[Patch(color=c, label=p) for p, c in PHASE_COLOURS.items()],
+              fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    return fig
+
+
+def metric_figure(table, metric: str, x: str, y: str, title: str = "") -> Figure:
+    """A heatmap of `metric` over two grid axes (`dlstore.analysis.phases.metric_table`), each
+    cell annotated with its value."""
+    xs, ys, values = _grid(table, x, y, metric)
+    grid = values.astype(float)
+    size = (max(4.0, 1.6 + 0.9 * len(xs)), max(3.0, 1.2 + 0.6 * len(ys)))
+    fig, ax = plt.subplots(figsize=size)
+    image = ax.imshow(grid, origin="lower", cmap="viridis", aspect="auto")
+    for (i, j), value in np.ndenumerate(grid):
+        if not np.isnan(value):
+            ax.text(j, i, f"{value:.3g}", ha="center", va="center", fontsize=7, color="white")
+    _axes(ax, xs, ys, x, y)
+    fig.colorbar(image, ax=ax, label=metric)
+    ax.set_title(title or metric)
+    fig.tight_layout()
+    return fig

@@ -92,12 +92,25 @@ FITS = pa.schema([
     ("dlstore_version", pa.string()),
 ])
 
+# Metrics of a group of runs: the seeds of one config (mode connectivity, CKA, disagreement).
+GROUP_METRICS = pa.schema([
+    ("group_id", pa.string()),      # <zoo>-g<hash of the shared config and the member run ids>
+    ("zoo", pa.string()),
+    ("run_ids", pa.list_(pa.string())),  # the group's members (complete runs), sorted by seed
+    ("group_key", pa.string()),     # JSON of the config the members share (all but the seed)
+    ("step", pa.int64()),
+    ("metric", pa.string()),
+    ("value", pa.float64()),        # mean over the pairs of members compared
+    ("created_at", TS),
+])
+
 TABLES: dict[str, pa.Schema] = {
     "zoos": ZOOS,
     "runs": RUNS,
     "checkpoints": CHECKPOINTS,
     "metrics": METRICS,
     "fits": FITS,
+    "group_metrics": GROUP_METRICS,
 }
 
 # Run columns that describe what was trained: joined onto metric rows by the `final` and

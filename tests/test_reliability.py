@@ -84,8 +84,12 @@ def _final_weights(store) -> dict:
 
 def _assert_complete_and_equal(store, reference, n_runs):
     assert store.sql("SELECT count(*) AS n FROM runs")["n"][0] == n_runs
-    counts = store.sql("SELECT run_id, count(*) AS n FROM metrics GROUP BY run_id")
+    query = "SELECT run_id, count(*) AS n FROM metrics WHERE tensor IS NULL GROUP BY run_id"
+    counts = store.sql(query)
     assert counts.height == n_runs and set(counts["n"]) == {5 * 6}  # log:5 x 6 metrics
+    # per-tensor rows too: each run has exactly the rows it has when built alone
+    query = "SELECT run_id, count(*) AS n FROM metrics GROUP BY run_id ORDER BY run_id"
+    assert store.sql(query).rows() == reference.sql(query).rows()
     report = verify(store)
     assert report.ok, report.problems
     got, want = _final_weights(store), _final_weights(reference)
@@ -193,8 +197,9 @@ def test_different_specs_at_once_and_sql_during_a_build(tmp_path):
     seen = []
     while any(p.poll() is None for p in processes):
         # a consistent snapshot: every visible run has all its metric rows
-        counts = reader.sql("SELECT r.run_id, count(m.run_id) AS n FROM runs r "
-                            "LEFT JOIN metrics m USING (run_id) GROUP BY r.run_id")
+        counts = reader.sql("SELECT r.run_id, count(m.run_id) AS n FROM runs r LEFT JOIN "
+                            "metrics m ON m.run_id = r.run_id AND m.tensor IS NULL "
+                            "GROUP BY r.run_id")
         assert set(counts["n"]) <= {5 * 6}
         seen.append(counts.height)
         time.sleep(0.2)

@@ -38,10 +38,15 @@ def test_checkpoints_and_metrics_long_format(built_store):
     assert set(counts["n"]) == {5} and set(counts["first"]) == {0}
     total = built_store.sql("SELECT DISTINCT total_steps FROM runs")["total_steps"].to_list()
     assert counts["last"].unique().to_list() == total  # log:5 includes the last step
-    metrics = built_store.sql("SELECT DISTINCT metric FROM metrics ORDER BY metric")
+    whole = "FROM metrics WHERE tensor IS NULL"
+    metrics = built_store.sql(f"SELECT DISTINCT metric {whole} ORDER BY metric")
     assert metrics["metric"].to_list() == sorted(
         ["train_loss", "train_acc", "test_loss", "test_acc", "weight_norm", "dist_from_init"])
-    assert built_store.sql("SELECT count(*) AS n FROM metrics")["n"][0] == 8 * 5 * 6
+    assert built_store.sql(f"SELECT count(*) AS n {whole}")["n"][0] == 8 * 5 * 6
+    # the default per-tensor statistics: every parameter tensor of every run at every checkpoint
+    n_tensors = len(built_store.load_state_dict(built_store.runs()["run_id"][0]))
+    per_tensor = built_store.sql("SELECT count(*) AS n FROM metrics WHERE metric = 'q50'")
+    assert per_tensor["n"][0] == 8 * 5 * n_tensors
     zero = built_store.sql("SELECT max(value) AS v FROM metrics "
                            "WHERE metric = 'dist_from_init' AND step = 0")
     assert zero["v"][0] == 0.0
@@ -153,7 +158,7 @@ def test_interrupted_commit_is_invisible_and_resume_completes(tmp_path, tiny_spe
     assert report.runs_built == 8
     leftover = store.sql("SELECT count(*) AS n FROM metrics WHERE value = 0.123")
     assert leftover["n"][0] == 0
-    assert store.sql("SELECT count(*) AS n FROM metrics")["n"][0] == 8 * 5 * 6
+    assert store.sql("SELECT count(*) AS n FROM metrics WHERE tensor IS NULL")["n"][0] == 8 * 5 * 6
 
 
 def test_corrupted_shard_is_reported(tmp_path, built_store):

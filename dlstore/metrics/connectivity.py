@@ -55,3 +55,14 @@ def interpolation_barrier(forward: Callable[[Params, torch.Tensor], torch.Tensor
         out[f"{name}_barrier"] = (path - chord).amax(1)
         out[f"{name}_path"] = path
     return out
+
+
+def mode_connectivity(path: torch.Tensor) -> torch.Tensor:
+    """The signed mode connectivity of Yang et al. 2021 from values along a path [P, T]
+    (e.g. `error_path`): mc = (f(a) + f(b)) / 2 - f(theta(t*)), where t* maximises
+    |(f(a) + f(b)) / 2 - f(theta(t))|. Negative: a barrier between the two networks; near 0:
+    connected; positive: the path is better than its ends (typical of poorly trained pairs)."""
+    ends = (path[:, :1] + path[:, -1:]) / 2
+    deviation = ends - path
+    worst = deviation.abs().argmax(1, keepdim=True)
+    return deviation.gather(1, worst).squeeze(1)

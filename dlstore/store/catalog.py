@@ -13,6 +13,9 @@ from dlstore.schemas import HYPERPARAMETER_COLUMNS, TABLES
 from dlstore.store.tables import Tables
 
 _HYPER = ", ".join(f"r.{c}" for c in HYPERPARAMETER_COLUMNS)
+# what the members of a group share: their first run's hyperparameters but the per-run ones
+_GROUP_HYPER = ", ".join(f"r.{c}" for c in HYPERPARAMETER_COLUMNS
+                         if c not in ("run_id", "zoo", "status", "seed"))
 
 # Raw tables are `_<name>`; user-facing views hide rows of commits whose runs row never landed.
 VIEWS = {
@@ -40,6 +43,16 @@ VIEWS = {
     "final": f"""
         SELECT {_HYPER}, m.step, m.metric, m.tensor, m.value
         FROM metrics m JOIN runs r ON m.run_id = r.run_id AND m.step = r.final_step""",
+    # group metrics with the hyperparameters the group's runs share; concurrent writers of one
+    # group may each record it: show the first
+    "group_metrics": f"""
+        SELECT g.group_id, g.zoo, g.run_ids, g.group_key, {_GROUP_HYPER}, g.step, g.metric,
+               g.value, g.created_at
+        FROM (SELECT *, row_number() OVER (PARTITION BY group_id, step, metric
+                                           ORDER BY created_at) AS _rank
+              FROM _group_metrics) g
+        JOIN runs r ON r.run_id = g.run_ids[1]
+        WHERE g._rank = 1""",
     # whole-model metrics along training, with epochs and hyperparameters
     "curves": f"""
         SELECT {_HYPER}, m.step, c.epoch, m.metric, m.value

@@ -81,7 +81,8 @@ class Store:
 
     def sql(self, query: str, params: list | None = None) -> pl.DataFrame:
         """Run a SQL query over the store's views (runs, checkpoints, metrics, final, curves,
-        metrics_wide, zoos, fits) and return a polars DataFrame. `params` fill `?` placeholders."""
+        metrics_wide, group_metrics, zoos, fits) and return a polars DataFrame. `params` fill
+        `?` placeholders."""
         con = self.catalog.refresh()
         try:
             statements = con.extract_statements(query)
@@ -141,6 +142,11 @@ class Store:
     def load_state_dict(self, run_id: str, step: int | None = None) -> dict[str, torch.Tensor]:
         row = self.checkpoint(run_id, step)
         return self.blobs.read_member(row["blob"], row["member"])
+
+    def load_members(self, blob: str, members: list[int]) -> dict[str, torch.Tensor]:
+        """Several members of one shard (rows of `checkpoints` share `blob`), stacked."""
+        names = [name for name, _, _ in self.blobs.layout(blob)[0]]
+        return self.blobs.read_members(blob, members, names)
 
     def load_model(self, run_id: str, step: int | None = None) -> nn.Module:
         """The run's network at `step` (None = last checkpoint), in eval mode, on the CPU."""
@@ -343,12 +349,35 @@ class Store:
         self.tables.append("runs", runs)
         return commit_id
 
+    def add_metrics(self, columns: dict[str, list]) -> None:
+        """Append metric rows (run_id, step, metric, tensor, value columns) of runs already in
+        the store, in one commit. Each row takes its run's commit id, so the views show it with
+        the run's other rows."""
+        if not columns["run_id"]:
+            return
+        commits = {r["run_id"]: r["commit_id"] for r in self._lookup(
+            "SELECT run_id, commit_id FROM runs WHERE list_contains(?, run_id)",
+            [sorted(set(columns["run_id"]))])}
+        missing = sorted(set(columns["run_id"]) - set(commits))
+        if missing:
+            raise NotFoundError(f"no run {missing[0]!r} in store {self.root}")
+        self.tables.append("metrics", {**columns,
+                                       "commit_id": [commits[r] for r in columns["run_id"]]})
+
     def record_fit(self, row: dict) -> str:
         """Append an analysis result to the fits table; returns its fit id."""
         row = {"fit_id": uuid.uuid4().hex[:16], "created_at": dt.datetime.now(dt.timezone.utc),
                **row}
         self.tables.append("fits", [row])
         return row["fit_id"]
+
+    def record_group_metrics(self, columns: dict[str, list]) -> None:
+        """Append group metric rows (columns of the group_metrics table but created_at) in one
+        commit: a group's rows appear together or not at all."""
+        if columns["group_id"]:
+            now = dt.datetime.now(dt.timezone.utc)
+            self.tables.append("group_metrics",
+                               {**columns, "created_at": [now] * len(columns["group_id"])})
 
     def record_zoo(self, row: dict) -> bool:
         """Add a zoos row unless this exact spec text is already recorded for the zoo."""

@@ -2,7 +2,8 @@
 
 Runs already in the store are skipped, so rerunning a spec after a crash (or after it finished)
 trains only what is missing and adds nothing when nothing is. Each cohort's shards are written as
-its checkpoints arrive; its rows are committed when it finishes, runs rows last.
+its checkpoints arrive; its rows are committed when it finishes, runs rows last. When the spec
+asks for group metrics, they are computed last, from the committed runs (`groups.py`).
 """
 
 from __future__ import annotations
@@ -20,16 +21,19 @@ import dlstore
 from dlstore.errors import SpecError
 from dlstore.store.store import Store
 from dlstore.zoo.data import DatasetTensors, run_data
+from dlstore.zoo.groups import compute_group_metrics
 from dlstore.zoo.models import activation_units, init_state, n_params
 from dlstore.zoo.population import (
     CohortPlan,
     CohortTrainer,
     MemberPlan,
     auto_cohort_size,
+    member_slices,
     resolve_device,
+    shape_groups,
 )
 from dlstore.zoo.seeds import derive_seed
-from dlstore.zoo.spec import RunConfig, ZooSpec
+from dlstore.zoo.spec import MetricsOptions, RunConfig, ZooSpec, checkpoint_metric_steps
 
 SHARD_FORMAT = "dlstore-cohort/1"
 
@@ -45,6 +49,7 @@ class BuildReport:
     checkpoints: int
     seconds: float
     train_seconds: float
+    group_steps: int = 0  # (group, step) pairs whose group metrics were computed
 
 
 def cohort_key(run: RunConfig, total_steps: int, steps: list[int]) -> str:
@@ -55,10 +60,12 @@ def cohort_key(run: RunConfig, total_steps: int, steps: list[int]) -> str:
                        run.train.schedule, run.train.batch_size, total_steps, steps])
 
 
-def plan_cohorts(runs: list[RunConfig], cohort_size: int | str = "auto", device: str = "cpu"
+def plan_cohorts(runs: list[RunConfig], cohort_size: int | str = "auto", device: str = "cpu",
+                 metrics: MetricsOptions | None = None
                  ) -> list[tuple[list[RunConfig], list[DatasetTensors]]]:
     """Group runs into cohorts (in spec order), each with every member's own data. Groups larger
-    than the cohort size are split into near-equal cohorts."""
+    than the cohort size are split into near-equal cohorts. `metrics` is checked against every
+    run's checkpoint steps before anything trains."""
     groups: dict[str, list[tuple[RunConfig, DatasetTensors]]] = {}
     for run in runs:
         data = run_data(run.dataset, run.seed)
@@ -68,6 +75,8 @@ def plan_cohorts(runs: list[RunConfig], cohort_size: int | str = "auto", device:
                             f"{n_train} training examples of run {run.run_id}")
         total = run.train.total_steps(n_train)
         steps = run.checkpoint_steps(total)
+        if metrics is not None:
+            checkpoint_metric_steps(metrics, steps)
         groups.setdefault(cohort_key(run, total, steps), []).append((run, data))
     cohorts = []
     for members in groups.values():
@@ -96,7 +105,8 @@ def _member(run: RunConfig, data: DatasetTensors) -> MemberPlan:
     )
 
 
-def cohort_plan(runs: list[RunConfig], datas: list[DatasetTensors]) -> CohortPlan:
+def cohort_plan(runs: list[RunConfig], datas: list[DatasetTensors],
+                metrics: MetricsOptions | None = None) -> CohortPlan:
     first, data = runs[0], datas[0]
     largest = max(range(len(datas)), key=lambda i: datas[i].x_train.shape[0])
     total = first.train.total_steps(data.x_train.shape[0])
@@ -108,6 +118,7 @@ def cohort_plan(runs: list[RunConfig], datas: list[DatasetTensors]) -> CohortPla
         checkpoint_steps=first.checkpoint_steps(total),
         x_train=datas[largest].x_train, x_test=data.x_test, y_test=data.y_test,
         members=[_member(r, d) for r, d in zip(runs, datas)],
+        metrics=metrics if metrics is not None else MetricsOptions(),
     )
 
 
@@ -153,7 +164,7 @@ def build_zoo(spec: ZooSpec, store: Store, device: str = "auto",
     store.check_writable()
     done_ids = store.run_ids()
     todo = [r for r in spec.runs if r.run_id not in done_ids]
-    cohorts = plan_cohorts(todo, spec.build.cohort_size, device=str(dev))
+    cohorts = plan_cohorts(todo, spec.build.cohort_size, device=str(dev), metrics=spec.metrics)
     steps = [runs[0].train.total_steps(datas[0].x_train.shape[0]) for runs, datas in cohorts]
     report = BuildReport(spec.name, len(spec.runs), len(spec.runs) - len(todo), 0, 0,
                          len(cohorts), 0, 0.0, 0.0)
@@ -168,13 +179,16 @@ def build_zoo(spec: ZooSpec, store: Store, device: str = "auto",
                 if progress:
                     progress(offset + step, sum(steps))
 
-            plan = cohort_plan(runs, datas)
+            plan = cohort_plan(runs, datas, spec.metrics)
             trainer = CohortTrainer(plan, dev, on_step=on_step)
             rows = _train_cohort(spec.name, trainer, runs, datas, store, writer, report)
             committer.add(*rows)
             report.runs_built += len(runs)
             report.train_seconds += trainer.train_seconds
         committer.flush()
+    if spec.metrics.groups is not None:
+        report.group_steps = compute_group_metrics(
+            store, spec.name, spec.metrics.groups, {r.run_id for r in spec.runs}, device=dev)
     store.record_zoo({"zoo": spec.name, "spec": spec.text, "spec_hash": spec.spec_hash,
                       "n_runs": len(spec.runs), "dlstore_version": dlstore.__version__})
     report.seconds = time.perf_counter() - started
@@ -191,7 +205,7 @@ def _train_cohort(zoo: str, trainer: CohortTrainer, runs: list[RunConfig],
     with any torch work on the writer thread too (evaluation, slicing), a 1,000-run CPU build
     took 74-96 s instead of 45 s, its training steps slowed 2-3x by the second thread."""
     plan = trainer.plan
-    groups = _shape_groups(plan)
+    groups = shape_groups(plan.members)
     # (shard future, step, epoch, alive, members): never the snapshot, whose weights may be on a GPU
     pending: list[tuple] = []
     metrics: dict[str, list] = {k: [] for k in ("run_id", "step", "metric", "tensor", "value")}
@@ -199,20 +213,16 @@ def _train_cohort(zoo: str, trainer: CohortTrainer, runs: list[RunConfig],
     for ck in trainer.run():
         params = {k: v.cpu() for k, v in ck.params.items()}
         for members in groups:
-            tensors = _member_slices(params, plan, members)
+            tensors = member_slices(params, plan.members[members[0]].init, members)
             meta = _shard_metadata(zoo, plan, [runs[i] for i in members], tensors, ck.step)
             pending.append((writer.submit(store.put_shard, tensors, meta), ck.step, ck.epoch,
                             ck.alive, members))
         alive = ck.alive.nonzero().flatten().tolist()
         for i in alive:
             last_step[i] = ck.step
-        ids = [runs[i].run_id for i in alive]
-        for name, values in ck.metrics.items():
-            metrics["run_id"] += ids
-            metrics["step"] += [ck.step] * len(ids)
-            metrics["metric"] += [name] * len(ids)
-            metrics["tensor"] += [None] * len(ids)
-            metrics["value"] += values[alive].tolist()
+        for k, values in metric_columns(ck.metrics, ck.step, [runs[i].run_id for i in alive],
+                                        alive).items():
+            metrics[k] += values
         report.checkpoints += 1
     checkpoints = [row for future, *where in pending
                    for row in _checkpoint_rows(future.result(), *where, runs, plan)]
@@ -224,21 +234,24 @@ def _train_cohort(zoo: str, trainer: CohortTrainer, runs: list[RunConfig],
     return checkpoints, metrics, run_rows
 
 
-def _shape_groups(plan: CohortPlan) -> list[list[int]]:
-    """Members with identical true parameter shapes: each group gets its own shard per step, so
-    shards hold every member at its own shape, never padded."""
-    groups: dict[tuple, list[int]] = {}
-    for i, m in enumerate(plan.members):
-        groups.setdefault(tuple(tuple(v.shape) for v in m.init.values()), []).append(i)
-    return list(groups.values())
-
-
-def _member_slices(params: dict[str, torch.Tensor], plan: CohortPlan,
-                   members: list[int]) -> dict[str, torch.Tensor]:
-    shapes = plan.members[members[0]].init
-    index = torch.tensor(members)
-    return {k: v.index_select(0, index)[(slice(None), *(slice(0, n) for n in shapes[k].shape))]
-            .contiguous() for k, v in params.items()}
+def metric_columns(values: dict, step: int, ids: list[str], members: list[int]
+                   ) -> dict[str, list]:
+    """Metric rows of `members` (positions in the stack; `ids` their run ids) at `step`, as
+    columns, from an evaluator's [P] values; per-tensor metrics carry the state-dict name in
+    `tensor`. A NaN value means the metric is undefined for that member (e.g. `alpha`
+    of a matrix with fewer than 10 eigenvalues): it gets no row."""
+    metrics: dict[str, list] = {k: [] for k in ("run_id", "step", "metric", "tensor", "value")}
+    for key, column in values.items():
+        name, tensor = key if isinstance(key, tuple) else (key, None)
+        picked = column[members]
+        keep = ~torch.isnan(picked)
+        kept = [i for i, k in zip(ids, keep.tolist()) if k] if not bool(keep.all()) else ids
+        metrics["run_id"] += kept
+        metrics["step"] += [step] * len(kept)
+        metrics["metric"] += [name] * len(kept)
+        metrics["tensor"] += [tensor] * len(kept)
+        metrics["value"] += picked[keep].tolist()
+    return metrics
 
 
 def _checkpoint_rows(blob: str, step: int, epoch: torch.Tensor, alive: torch.Tensor,

@@ -2,6 +2,10 @@
 parameters [P, ...], inputs [P, B, ...] and labels [P, B] to per-member mean cross-entropy [P]
 and per-member gradients.
 
+Both also give every member's logits and penultimate features on shared inputs
+(`forward_shared`, `features_shared`), one member's logits (`forward_one`, a function of its own
+parameters that `torch.func` can differentiate twice), and name the classifier layer.
+
 Two implementations:
 - `VmapKernel`, for any architecture: `torch.func.vmap(grad_and_value(...))` over
   `functional_call` of the registry's module;
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from dlstore.zoo.models import ArchOptions, MLPOptions
@@ -22,15 +27,33 @@ from dlstore.zoo.models import ArchOptions, MLPOptions
 Params = dict[str, torch.Tensor]
 
 
+class _Features(nn.Module):
+    """Calls a registry module's `features` through `functional_call` (which calls `forward`)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.features(x)
+
+
 class VmapKernel:
     def __init__(self, arch: ArchOptions, input_shape: tuple[int, ...], n_classes: int):
         with torch.device("meta"):
             self.template = arch.build(input_shape, n_classes)
+        self._features_module = _Features(self.template)
+        self.classifier = self.template.classifier_name()
         self._grad = vmap(grad_and_value(self._loss))
         self._eval = vmap(self.forward_one, in_dims=(0, None))
+        self._features = vmap(self._features_one, in_dims=(0, None))
 
     def forward_one(self, params: Params, x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.template, params, (x,))
+
+    def _features_one(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self._features_module,
+                               {f"net.{k}": v for k, v in params.items()}, (x,))
 
     def _loss(self, params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.forward_one(params, x), y)
@@ -44,11 +67,16 @@ class VmapKernel:
         """Logits [P, N, C] of every member on the same inputs [N, ...]."""
         return self._eval(params, x)
 
+    def features_shared(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features [P, N, d] (the module's `features`) of every member."""
+        return self._features(params, x)
+
 
 class MLPKernel:
     def __init__(self, arch: MLPOptions):
         self.n_layers = arch.depth + 1
         self.activation = arch.activation
+        self.classifier = f"layers.{self.n_layers - 1}"
 
     def _act(self, z: torch.Tensor) -> torch.Tensor:
         if self.activation == "relu":
@@ -64,13 +92,17 @@ class MLPKernel:
             return torch.ops.aten.tanh_backward(grad, a)
         return torch.ops.aten.gelu_backward(grad, z)
 
-    def _forward(self, params: Params, h: torch.Tensor, keep: bool, start: int = 0):
-        """Layers `start`.. on inputs `h` [P, B, features]; with `keep`, also the pre-activations
+    @staticmethod
+    def _linear(params: Params, i: int, h: torch.Tensor) -> torch.Tensor:
+        w, b = params[f"layers.{i}.weight"], params[f"layers.{i}.bias"]
+        return torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+
+    def _forward(self, params: Params, h: torch.Tensor, keep: bool):
+        """All layers on inputs `h` [P, B, features]; with `keep`, also the pre-activations
         and activations the backward pass needs."""
         zs, acts = [], [h]
-        for i in range(start, self.n_layers):
-            w, b = params[f"layers.{i}.weight"], params[f"layers.{i}.bias"]
-            z = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+        for i in range(self.n_layers):
+            z = self._linear(params, i, h)
             if i < self.n_layers - 1:
                 h = self._act(z)
                 if keep:
@@ -80,16 +112,38 @@ class MLPKernel:
                 h = z
         return h, zs, acts
 
-    def forward_shared(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _first_layer(params: Params, x: torch.Tensor) -> torch.Tensor:
         # the first layer sees the same inputs for every member: one [N, in] x [in, P*out] matmul
         # instead of P small ones
         w, b = params["layers.0.weight"], params["layers.0.bias"]
         n_members, n_out, n_in = w.shape
         z = (x.flatten(1) @ w.reshape(n_members * n_out, n_in).T).view(-1, n_members, n_out)
-        z = z.transpose(0, 1) + b.unsqueeze(1)
+        return z.transpose(0, 1) + b.unsqueeze(1)
+
+    def features_shared(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features [P, N, width]: the last hidden layer's activations (the inputs
+        themselves for an MLP without hidden layers), as `MLP.features`."""
         if self.n_layers == 1:
-            return z
-        return self._forward(params, self._act(z), keep=False, start=1)[0]
+            return x.flatten(1).expand(params["layers.0.weight"].shape[0], -1, -1)
+        h = self._act(self._first_layer(params, x))
+        for i in range(1, self.n_layers - 1):
+            h = self._act(self._linear(params, i, h))
+        return h
+
+    def forward_shared(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        if self.n_layers == 1:
+            return self._first_layer(params, x)
+        return self._linear(params, self.n_layers - 1, self.features_shared(params, x))
+
+    def forward_one(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        """One member's logits [N, C] (parameters without the member axis)."""
+        h = x.flatten(1)
+        for i in range(self.n_layers):
+            h = h @ params[f"layers.{i}.weight"].T + params[f"layers.{i}.bias"]
+            if i < self.n_layers - 1:
+                h = self._act(h)
+        return h
 
     def loss_and_grads(self, params: Params, x: torch.Tensor, y: torch.Tensor
                        ) -> tuple[torch.Tensor, Params]:

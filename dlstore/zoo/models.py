@@ -79,6 +79,10 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers[-1](self.features(x))
 
+    def classifier_name(self) -> str:
+        """State-dict prefix of the layer that maps `features` to logits."""
+        return f"layers.{len(self.layers) - 1}"
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate-layer representation (input to the classifier)."""
         x = x.flatten(1)
@@ -123,6 +127,9 @@ class CNN1d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(self.features(x))
+
+    def classifier_name(self) -> str:
+        return "out"
 
 
 @register_arch("cnn1d")

@@ -28,12 +28,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from dlstore.errors import DlstoreError
 from dlstore.metrics.basic import dist_from_init, loss_and_accuracy, weight_norm
+from dlstore.metrics.collapse import neural_collapse
+from dlstore.metrics.hessian import hessian_spectrum
+from dlstore.metrics.spectra import is_weight_matrix, spectral_metrics
+from dlstore.metrics.weights import tensor_statistics
 from dlstore.zoo.kernels import kernel_for
 from dlstore.zoo.models import ArchOptions
 from dlstore.zoo.schedule import BatchOrder, lr_factor
+from dlstore.zoo.spec import MetricsOptions, checkpoint_metric_steps
 
 Params = dict[str, torch.Tensor]
 
@@ -76,6 +82,10 @@ class CohortPlan:
     x_test: torch.Tensor
     y_test: torch.Tensor
     members: list[MemberPlan] = field(default_factory=list)
+    metrics: MetricsOptions = field(default_factory=MetricsOptions)
+
+
+MetricKey = str | tuple[str, str]
 
 
 @dataclass
@@ -87,15 +97,21 @@ class Checkpoint:
     evaluator: CheckpointEvaluator
 
     @functools.cached_property
-    def metrics(self) -> dict[str, torch.Tensor]:
-        """name -> [P] float64 on the CPU, computed on first access (on any thread)."""
-        return self.evaluator(self.params)
+    def metrics(self) -> dict[MetricKey, torch.Tensor]:
+        """[P] float64 on the CPU, computed on first access (on any thread): whole-model metrics
+        by name, per-tensor metrics by (name, state-dict name), NaN where a member has no value
+        (e.g. `alpha` of a matrix with too few eigenvalues)."""
+        return self.evaluator(self.params, self.step)
 
 
 @dataclass
 class CheckpointEvaluator:
-    """The metrics of a checkpoint snapshot: losses and accuracies on the full splits (each
-    member on its own training subset and labels), weight norm and distance from init."""
+    """The metrics of a checkpoint snapshot, for the families the spec selects at its step
+    (`steps`: family -> steps; "basic" = losses and accuracies on the full splits, each member
+    on its own training subset and labels, weight norm and distance from init).
+
+    Per-tensor metrics are computed per shape group (members of identical true shapes), on each
+    member's true slice of the padded stack, so that padding never counts."""
 
     kernel: object
     init: Params
@@ -105,22 +121,106 @@ class CheckpointEvaluator:
     x_test: torch.Tensor
     y_test: torch.Tensor
     chunk: int
+    n_classes: int
+    shape_groups: list[list[int]]  # member indices with identical true shapes
+    shapes: list[Params]  # per group, tensors of the true shapes (a member's init)
+    masks: Params  # 1 on true entries of padded tensors (absent: no padding)
+    options: MetricsOptions
+    steps: dict[str, set[int]]
+    member_chunk: int = 256  # members per Hessian / collapse computation (bounds memory)
 
-    def __call__(self, params: Params) -> dict[str, torch.Tensor]:
-        forward = self.kernel.forward_shared
+    def __call__(self, params: Params, step: int) -> dict[MetricKey, torch.Tensor]:
+        metrics: dict[MetricKey, torch.Tensor] = {}
         with torch.no_grad():
-            train_loss, train_acc = loss_and_accuracy(forward, params, self.x_train,
-                                                      self.y_train, n_valid=self.n_train,
-                                                      chunk=self.chunk)
-            test_loss, test_acc = loss_and_accuracy(forward, params, self.x_test, self.y_test,
-                                                    chunk=self.chunk)
-            metrics = {
-                "train_loss": train_loss, "train_acc": train_acc,
+            if step in self.steps.get("basic", ()):
+                metrics.update(self._basic(params))
+            metrics.update(self._per_tensor(params, step))
+            if step in self.steps.get("neural_collapse", ()):
+                metrics.update(self._chunked(self._collapse, params))
+        if step in self.steps.get("hessian", ()):
+            metrics.update(self._chunked(functools.partial(self._hessian, seed=step), params))
+        return {k: v.cpu() for k, v in metrics.items()}
+
+    def _basic(self, params: Params) -> dict[MetricKey, torch.Tensor]:
+        forward = self.kernel.forward_shared
+        train_loss, train_acc = loss_and_accuracy(forward, params, self.x_train, self.y_train,
+                                                  n_valid=self.n_train, chunk=self.chunk)
+        test_loss, test_acc = loss_and_accuracy(forward, params, self.x_test, self.y_test,
+                                                chunk=self.chunk)
+        return {"train_loss": train_loss, "train_acc": train_acc,
                 "test_loss": test_loss, "test_acc": test_acc,
                 "weight_norm": weight_norm(params),
-                "dist_from_init": dist_from_init(params, self.init),
-            }
-        return {k: v.cpu() for k, v in metrics.items()}
+                "dist_from_init": dist_from_init(params, self.init)}
+
+    def _per_tensor(self, params: Params, step: int) -> dict[MetricKey, torch.Tensor]:
+        statistics = step in self.steps.get("statistics", ())
+        spectra = step in self.steps.get("spectra", ())
+        out: dict[MetricKey, torch.Tensor] = {}
+        if not (statistics or spectra):
+            return out
+        n_members = next(iter(params.values())).shape[0]
+        for members, shapes in zip(self.shape_groups, self.shapes):
+            index = torch.tensor(members, device=next(iter(params.values())).device)
+            for name, stack in member_slices(params, shapes, members).items():
+                values = tensor_statistics(stack) if statistics else {}
+                if spectra and is_weight_matrix(stack):
+                    values.update(spectral_metrics(stack))
+                for metric, value in values.items():
+                    column = out.setdefault((metric, name), torch.full(
+                        (n_members,), torch.nan, dtype=torch.float64, device=value.device))
+                    column[index] = value
+        return out
+
+    def _training_sample(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The first `size` training examples (a fixed subsample), each member's own labels,
+        and weights that leave out examples beyond a member's training set."""
+        size = min(size, self.x_train.shape[0])
+        weight = (torch.arange(size, device=self.x_train.device)[None, :]
+                  < self.n_train[:, None]).to(torch.float32)
+        return self.x_train[:size], self.y_train[:, :size], weight
+
+    def _chunked(self, compute, params: Params) -> dict[MetricKey, torch.Tensor]:
+        n_members = next(iter(params.values())).shape[0]
+        parts = [compute({k: v[s:s + self.member_chunk] for k, v in params.items()},
+                         slice(s, s + self.member_chunk))
+                 for s in range(0, n_members, self.member_chunk)]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def _hessian(self, params: Params, members: slice, seed: int) -> dict[str, torch.Tensor]:
+        opts = self.options.hessian
+        x, y, weight = self._training_sample(opts.subsample)
+        forward_one = self.kernel.forward_one
+
+        def loss_one(p: Params, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor):
+            return (F.cross_entropy(forward_one(p, x), y, reduction="none") * w).sum() / w.sum()
+
+        masks = {k: m[members] for k, m in self.masks.items()}
+        return hessian_spectrum(loss_one, params, x, y[members], weight[members],
+                                iterations=opts.iterations, tolerance=opts.tolerance,
+                                probes=opts.probes, masks=masks, seed=seed)
+
+    def _collapse(self, params: Params, members: slice) -> dict[str, torch.Tensor]:
+        x, y, weight = self._training_sample(self.options.neural_collapse.subsample)
+        head = self.kernel.classifier
+        return neural_collapse(self.kernel.features_shared(params, x), y[members],
+                               params[f"{head}.weight"], params[f"{head}.bias"], self.n_classes,
+                               weight=weight[members])
+
+
+def shape_groups(members: list[MemberPlan]) -> list[list[int]]:
+    """Members with identical true parameter shapes (in cohort order)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, m in enumerate(members):
+        groups.setdefault(tuple(tuple(v.shape) for v in m.init.values()), []).append(i)
+    return list(groups.values())
+
+
+def member_slices(params: Params, shapes: Params, members: list[int]) -> Params:
+    """The stacks [len(members), ...] of `members`, each tensor cut to the true shapes of
+    `shapes` (from a padded cohort stack)."""
+    index = torch.tensor(members, device=next(iter(params.values())).device)
+    return {k: v.index_select(0, index)[(slice(None), *(slice(0, n) for n in shapes[k].shape))]
+            .contiguous() for k, v in params.items()}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -215,8 +315,13 @@ class CohortTrainer:
 
         alive = torch.ones(n_members, dtype=torch.bool, device=dev)
         checkpoints = set(plan.checkpoint_steps)
-        evaluator = CheckpointEvaluator(self.kernel, init, x_train, y_train, n_train, x_test,
-                                        y_test, self.eval_chunk)
+        groups = shape_groups(members)
+        evaluator = CheckpointEvaluator(
+            self.kernel, init, x_train, y_train, n_train, x_test, y_test, self.eval_chunk,
+            n_classes=plan.n_classes, shape_groups=groups,
+            shapes=[members[g[0]].init for g in groups], masks=masks, options=plan.metrics,
+            steps={"basic": checkpoints,
+                   **checkpoint_metric_steps(plan.metrics, plan.checkpoint_steps)})
 
         for t in range(plan.total_steps + 1):
             if t in checkpoints:

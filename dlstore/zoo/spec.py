@@ -9,10 +9,13 @@
     [grid]     model.width = [16, 32, 64]     # any field above as a list of values
                train.lr = [0.01, 0.1]
     [build]    cohort_size = "auto"            # how the zoo is built, not what it contains
+    [metrics]  hessian = { subsample = 512, at = "last" }   # what is measured, not what is trained
+    [phases]   train_loss = 0.1                # thresholds of the phase taxonomy (analysis)
 
 The runs are the Cartesian product of the grid times the seeds. Each run has a stable id: a hash
 of its canonical config with defaults left out, plus the zoo name, so adding an option with a
-no-op default later does not rename existing runs.
+no-op default later does not rename existing runs. `[metrics]`, `[phases]` and `[build]` are
+zoo-level: they never enter a run id (see `MetricsOptions`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -97,6 +100,86 @@ class BuildOptions(BaseModel):
         return value
 
 
+CheckpointSelection = Literal["all", "last"] | list[Annotated[int, Field(ge=0)]]
+
+
+class _Selected(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    at: CheckpointSelection = Field(
+        default="last", description="checkpoints to compute at: all, last, or a list of steps "
+        "(each a checkpoint step of every run)")
+
+
+class HessianOptions(_Selected):
+    subsample: int = Field(default=512, ge=1, description="first n training examples of each "
+                           "member (its own labels)")
+    iterations: int = Field(default=100, ge=1, description="most power-iteration steps")
+    tolerance: float = Field(default=1e-3, gt=0, description="relative change that stops the "
+                             "power iteration")
+    probes: int = Field(default=10, ge=1, description="Rademacher probes of the Hutchinson trace")
+
+
+class CollapseOptions(_Selected):
+    subsample: int = Field(default=2048, ge=1, description="first n training examples of each "
+                           "member (its own labels)")
+
+
+class GroupOptions(_Selected):
+    points: int = Field(default=11, ge=2, description="points on the line between two members")
+    pairs: int = Field(default=10, ge=1, description="most pairs of seeds per group")
+    subsample: int = Field(default=4096, ge=1, description="first n training examples for the "
+                           "train-split barriers")
+
+
+class MetricsOptions(BaseModel):
+    """What is measured, chosen per zoo. Not part of any run id (metrics never change weights),
+    so adding a metric to a built spec renames nothing; runs already in a store keep the metrics
+    they were built with until `dlstore metrics compute SPEC` adds the missing ones.
+
+    Cheap metrics (`statistics`, `spectra`) take a checkpoint selection or false; costly ones
+    (`hessian`, `neural_collapse`, `groups`) are off unless given, as true (defaults) or a table."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    statistics: CheckpointSelection | None = Field(
+        default="all", description="per-tensor mean, std and quantiles")
+    spectra: CheckpointSelection | None = Field(
+        default="all", description="per weight matrix norms, ranks and power-law alpha")
+    hessian: HessianOptions | None = None
+    neural_collapse: CollapseOptions | None = None
+    groups: GroupOptions | None = Field(
+        default=None, description="over the seeds of each config: barriers, mode connectivity, "
+        "CKA, disagreement")
+
+    @field_validator("statistics", "spectra", mode="before")
+    @classmethod
+    def _cheap_switch(cls, value):
+        if value is True:
+            return "all"
+        return None if value is False else value
+
+    @field_validator("hessian", "neural_collapse", "groups", mode="before")
+    @classmethod
+    def _costly_switch(cls, value):
+        if value is True:
+            return {}
+        return None if value is False else value
+
+
+class PhaseOptions(BaseModel):
+    """Thresholds of the phase taxonomy of Yang et al. 2021 (`dlstore.analysis.phases`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    train_loss: float = Field(default=0.1, gt=0, description="mean final train loss above which "
+                              "a config is poorly trained (Phases I, II)")
+    mode_connectivity: float = Field(default=0.01, ge=0, description="|mc| (train error) up to "
+                                     "which seeds count as connected")
+    cka: float = Field(default=0.9, ge=0, le=1, description="CKA from which a connected, "
+                       "well-trained config is Phase IV-B")
+    hessian_top_eig: float | None = Field(default=None, gt=0, description="if given, a top "
+                                          "Hessian eigenvalue above it also counts as poorly "
+                                          "trained")
+
+
 class _SpecFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)
@@ -107,6 +190,8 @@ class _SpecFile(BaseModel):
     train: dict[str, Any]
     grid: dict[str, Any] = {}
     build: BuildOptions = BuildOptions()
+    metrics: MetricsOptions = MetricsOptions()
+    phases: PhaseOptions = PhaseOptions()
 
 
 @dataclass(frozen=True)
@@ -159,6 +244,8 @@ class ZooSpec:
     text: str
     runs: tuple[RunConfig, ...]
     build: BuildOptions
+    metrics: MetricsOptions = MetricsOptions()
+    phases: PhaseOptions = PhaseOptions()
 
     @property
     def spec_hash(self) -> str:
@@ -221,7 +308,8 @@ class ZooSpec:
         ids = [r.run_id for r in runs]
         if len(set(ids)) != len(ids):
             raise SpecError("grid: two grid points describe the same run (repeated value?)")
-        return cls(top.name, text if text is not None else json.dumps(raw), tuple(runs), top.build)
+        return cls(top.name, text if text is not None else json.dumps(raw), tuple(runs), top.build,
+                   top.metrics, top.phases)
 
 
 def _parse_sections(sections: dict[str, Any]) -> tuple[DatasetOptions, ArchOptions, TrainOptions]:
@@ -314,3 +402,35 @@ def checkpoint_steps(value: str | tuple[int, ...] | list[int], total_steps: int)
         idx = [round(i * (len(steps) - 1) / (want - 1)) for i in range(want)] if want > 1 else [-1]
         steps = [steps[i] for i in idx]
     return [0, *steps]
+
+
+def selected_steps(selection: CheckpointSelection | None, steps: list[int], field: str
+                   ) -> set[int]:
+    """The checkpoint steps a metric's `at` selects among a run's checkpoint `steps` (sorted)."""
+    if selection is None:
+        return set()
+    if selection == "all":
+        return set(steps)
+    if selection == "last":
+        return {steps[-1]}
+    missing = sorted(set(selection) - set(steps))
+    if missing:
+        raise SpecError(f"{field}: step {missing[0]} is not a checkpoint step of every run "
+                        f"(checkpoints at {steps})")
+    return set(selection)
+
+
+CHECKPOINT_FAMILIES = ("statistics", "spectra", "hessian", "neural_collapse")
+
+
+def checkpoint_metric_steps(options: MetricsOptions, steps: list[int]) -> dict[str, set[int]]:
+    """For each family of checkpoint metrics, the steps (among a cohort's checkpoint `steps`)
+    at which the spec asks for it; a SpecError names a selected step that is no checkpoint."""
+    out = {}
+    for family in CHECKPOINT_FAMILIES:
+        value = getattr(options, family)
+        if isinstance(value, _Selected):
+            out[family] = selected_steps(value.at, steps, f"metrics.{family}.at")
+        else:
+            out[family] = selected_steps(value, steps, f"metrics.{family}")
+    return out

@@ -1,0 +1,151 @@
+"""What the checkpoint metrics cost, measured side by side in one run.
+
+    python bench/metrics_cost.py families --width 32 --members 1024     # per checkpoint
+    python bench/metrics_cost.py build zoo/quickstart.toml --variants before,defaults,costly
+    python bench/metrics_cost.py build zoo/mnist1d-10k.toml --seeds 10   # a 1,000-run slice
+
+`families`: one trained checkpoint of a cohort of MNIST-1D MLPs (SGD, 200 steps), evaluated
+family by family with the spec's defaults (`basic`: losses and accuracies on the full splits,
+weight norm, distance from init; `statistics`, `spectra`: per tensor; `hessian`: subsample 512,
+power iteration and 10 Hutchinson probes; `neural_collapse`: subsample 2048). Each family is
+timed `--repeats` times in turn (round robin) and the median kept; prints seconds per checkpoint
+for the cohort and the ratio to `basic`.
+
+`build`: builds the spec into fresh temporary stores with `[metrics]` set to each of `--variants`
+(first `before`: the defaults before per-tensor metrics existed; see --help), each `--repeats`
+times in turn, the median kept; prints wall seconds, metric rows and the ratios to `before`. The
+last line of either mode is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import statistics
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import torch
+
+from dlstore.store.store import Store
+from dlstore.zoo.builder import build_zoo, cohort_plan, plan_cohorts
+from dlstore.zoo.population import CohortTrainer
+from dlstore.zoo.spec import CollapseOptions, GroupOptions, HessianOptions, MetricsOptions, ZooSpec
+
+FAMILIES = ("basic", "statistics", "spectra", "hessian", "neural_collapse")
+
+
+def families(args) -> dict:
+    text = textwrap.dedent(f"""
+        name = "bench"
+        seeds = {args.members}
+        checkpoints = [0, 200]
+        [dataset]
+        name = "mnist1d"
+        [model]
+        arch = "mlp"
+        width = {args.width}
+        depth = {args.depth}
+        [train]
+        lr = 0.05
+        steps = 200
+        [metrics]
+        hessian = true
+        neural_collapse = true
+    """)
+    spec = ZooSpec.from_text(text)
+    (runs, datas), = plan_cohorts(list(spec.runs), args.members, metrics=spec.metrics)
+    plan = cohort_plan(runs, datas, spec.metrics)
+    trainer = CohortTrainer(plan, args.device)
+    checkpoint = list(trainer.run())[-1]
+    evaluator = checkpoint.evaluator
+    every = {f: {200} for f in FAMILIES}
+    times: dict[str, list[float]] = {f: [] for f in FAMILIES}
+    for _ in range(args.repeats):
+        for family in FAMILIES:
+            evaluator.steps = {family: every[family]}
+            started = time.perf_counter()
+            evaluator(checkpoint.params, 200)
+            times[family].append(time.perf_counter() - started)
+    median = {f: statistics.median(t) for f, t in times.items()}
+    print(f"cohort of {args.members} MLPs (width {args.width}, depth {args.depth}) on "
+          f"{trainer.device}, one checkpoint:")
+    for family, seconds in median.items():
+        print(f"  {family:16s} {seconds:8.3f} s   {seconds / median['basic']:7.2f} x basic")
+    return {"mode": "families", "members": args.members, "width": args.width,
+            "depth": args.depth, "seconds": median,
+            "ratio_to_basic": {f: s / median["basic"] for f, s in median.items()}}
+
+
+def build(args) -> dict:
+    text = Path(args.spec).read_text()
+    if args.seeds is not None:
+        text = re.sub(r"(?m)^seeds\s*=.*$", f"seeds = {args.seeds}", text)
+    spec = ZooSpec.from_text(text)
+    known = {
+        "before": MetricsOptions(statistics=None, spectra=None),
+        "defaults": MetricsOptions(),
+        "all": MetricsOptions(statistics="all", spectra="all"),
+        "statistics": MetricsOptions(statistics="all", spectra=None),
+        "last": MetricsOptions(statistics="last", spectra="last"),
+        "costly": MetricsOptions(hessian=HessianOptions(), neural_collapse=CollapseOptions(),
+                                 groups=GroupOptions()),
+    }
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in known]
+    if unknown or names[0] != "before":
+        raise SystemExit(f"--variants: start with before, then any of {list(known)}")
+    variants = {name: known[name] for name in names}
+    runs: dict[str, list[tuple[float, float, int]]] = {name: [] for name in variants}
+    for _ in range(args.repeats):  # round robin, so that load from other jobs hits all alike
+        for name, metrics in variants.items():
+            with tempfile.TemporaryDirectory() as tmp:
+                store = Store(Path(tmp) / "s", create=True)
+                started = time.perf_counter()
+                report = build_zoo(dataclasses.replace(spec, metrics=metrics), store,
+                                   device=args.device)
+                seconds = time.perf_counter() - started
+                rows = int(store.sql("SELECT count(*) AS n FROM _metrics")["n"][0])
+            runs[name].append((seconds, report.train_seconds, rows))
+    results = {}
+    for name, measured in runs.items():
+        seconds = statistics.median(m[0] for m in measured)
+        train = statistics.median(m[1] for m in measured)
+        results[name] = {"seconds": seconds, "train_seconds": train,
+                         "metric_rows": measured[0][2]}
+        print(f"{name:9s} {seconds:8.1f} s wall ({train:.1f} s training), "
+              f"{measured[0][2]:,} metric rows, {seconds / results['before']['seconds']:.2f} x "
+              "before")
+    return {"mode": "build", "spec": args.spec, "runs": len(spec.runs), "results": results}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="mode", required=True)
+    fam = sub.add_parser("families")
+    fam.add_argument("--width", type=int, default=32)
+    fam.add_argument("--depth", type=int, default=2)
+    fam.add_argument("--members", type=int, default=256)
+    fam.add_argument("--repeats", type=int, default=3)
+    fam.add_argument("--device", default="cpu")
+    bld = sub.add_parser("build")
+    bld.add_argument("spec")
+    bld.add_argument("--seeds", type=int, default=None, help="override the spec's seeds")
+    bld.add_argument("--variants", default="before,defaults",
+                     help="comma-separated, first 'before': before (no per-tensor metrics), "
+                     "defaults, all (statistics and spectra at every checkpoint), statistics "
+                     "(statistics only, every checkpoint), last (both at the last checkpoint), "
+                     "costly (defaults + Hessian, collapse, groups)")
+    bld.add_argument("--repeats", type=int, default=1, help="builds of each variant (median)")
+    bld.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(json.dumps(families(args) if args.mode == "families" else build(args)))
+
+
+if __name__ == "__main__":
+    main()

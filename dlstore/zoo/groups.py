@@ -1,0 +1,150 @@
+"""Metrics of groups of runs, computed after the runs are committed, from weights read back
+through the store: the seeds of one config can train in different cohorts.
+
+A group is the complete runs of one zoo whose configs are equal but for the seed. For up to
+`pairs` pairs of its members (in seed order) it records, averaged over the pairs:
+
+- `train_loss_barrier`, `train_error_barrier`, `test_loss_barrier`, `test_error_barrier`: the
+  largest rise of loss / error above the chord along the straight line between the two
+  networks' weights (`interpolation_barrier`), on the first `subsample` training examples of the
+  group's first run (its labels) and on the test split;
+- `mode_connectivity`: Yang et al.'s signed mc on the same line, from the train error;
+- `cka`: linear CKA of the two networks' penultimate features on the test split;
+- `disagreement`: the fraction of test examples on which they predict different classes.
+
+Resumable: a (group, step) already recorded is skipped, so the step can run after every build
+and as `dlstore metrics groups` on an existing store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from dlstore.metrics.connectivity import interpolation_barrier, mode_connectivity
+from dlstore.metrics.similarity import disagreement, linear_cka
+from dlstore.store.store import Store
+from dlstore.zoo.kernels import kernel_for
+from dlstore.zoo.models import parse_arch_options
+from dlstore.zoo.spec import GroupOptions, selected_steps
+
+GROUP_METRICS = ("train_loss_barrier", "train_error_barrier", "test_loss_barrier",
+                 "test_error_barrier", "mode_connectivity", "cka", "disagreement")
+# groups whose rows are appended in one commit
+COMMIT_GROUPS = 64
+
+
+@dataclass
+class Group:
+    group_id: str
+    zoo: str
+    key: str  # JSON of the shared config
+    runs: list[dict]  # runs rows, in seed order
+
+
+def find_groups(store: Store, zoo: str, run_ids: set[str] | None = None) -> list[Group]:
+    """The groups of `zoo` (of its runs in `run_ids` if given) with at least two complete
+    runs."""
+    rows = store.sql("SELECT run_id, zoo, seed, config, input_shape, n_classes, final_step "
+                     "FROM runs WHERE zoo = ? AND status = 'complete' ORDER BY seed, run_id",
+                     [zoo]).to_dicts()
+    by_key: dict[str, list[dict]] = {}
+    for row in rows:
+        if run_ids is not None and row["run_id"] not in run_ids:
+            continue
+        config = json.loads(row["config"])
+        config.pop("seed")
+        by_key.setdefault(json.dumps(config, sort_keys=True), []).append(row)
+    groups = []
+    for key, members in by_key.items():
+        if len(members) < 2:
+            continue
+        digest = hashlib.sha256(json.dumps([key, [m["run_id"] for m in members]]).encode())
+        groups.append(Group(f"{zoo}-g{digest.hexdigest()[:12]}", zoo, key, members))
+    return groups
+
+
+def compute_group_metrics(store: Store, zoo: str, options: GroupOptions,
+                          run_ids: set[str] | None = None, device: str | torch.device = "cpu",
+                          progress: Callable[[int, int], None] | None = None) -> int:
+    """Record the group metrics of every group of `zoo` at the steps `options.at` selects (among
+    the checkpoint steps its members share) that the store does not hold yet. Returns the number
+    of (group, step) pairs computed."""
+    groups = find_groups(store, zoo, run_ids)
+    done = {(r["group_id"], r["step"]) for r in store.sql(
+        "SELECT DISTINCT group_id, step FROM _group_metrics WHERE zoo = ?", [zoo]).to_dicts()}
+    columns = _empty_columns()
+    computed = 0
+    for k, group in enumerate(groups):
+        for step in _group_steps(store, group, options):
+            if (group.group_id, step) in done:
+                continue
+            values = group_metrics_at(store, group, step, options, torch.device(device))
+            for name, value in values.items():
+                for column, item in (("group_id", group.group_id), ("zoo", zoo),
+                                     ("run_ids", [r["run_id"] for r in group.runs]),
+                                     ("group_key", group.key), ("step", step),
+                                     ("metric", name), ("value", value)):
+                    columns[column].append(item)
+            computed += 1
+        if (k + 1) % COMMIT_GROUPS == 0:
+            store.record_group_metrics(columns)
+            columns = _empty_columns()
+        if progress:
+            progress(k + 1, len(groups))
+    store.record_group_metrics(columns)
+    return computed
+
+
+def _empty_columns() -> dict[str, list]:
+    return {k: [] for k in ("group_id", "zoo", "run_ids", "group_key", "step", "metric",
+                            "value")}
+
+
+def _group_steps(store: Store, group: Group, options: GroupOptions) -> list[int]:
+    ids = [r["run_id"] for r in group.runs]
+    shared = store.sql("SELECT step FROM checkpoints WHERE list_contains(?, run_id) "
+                       "GROUP BY step HAVING count(DISTINCT run_id) = ? ORDER BY step",
+                       [ids, len(ids)])["step"].to_list()
+    if not shared:
+        return []
+    return sorted(selected_steps(options.at, shared, "metrics.groups.at"))
+
+
+def group_metrics_at(store: Store, group: Group, step: int, options: GroupOptions,
+                     device: torch.device) -> dict[str, float]:
+    """The group metrics of `group` at `step`, averaged over its first `options.pairs` pairs."""
+    first = group.runs[0]
+    config = json.loads(first["config"])
+    kernel = kernel_for(parse_arch_options(config["model"]), tuple(first["input_shape"]),
+                        first["n_classes"])
+    states = [store.load_state_dict(r["run_id"], step) for r in group.runs]
+    pairs = list(itertools.islice(itertools.combinations(range(len(states)), 2),
+                                  options.pairs))
+    a = {k: torch.stack([states[i][k] for i, _ in pairs]).to(device) for k in states[0]}
+    b = {k: torch.stack([states[j][k] for _, j in pairs]).to(device) for k in states[0]}
+    data = {k: v.to(device) for k, v in store.load_dataset(first["run_id"]).items()}
+    x_train = data["x_train"][:options.subsample]
+    y_train = data["y_train"][:options.subsample]
+    with torch.no_grad():
+        train = interpolation_barrier(kernel.forward_shared, a, b, x_train, y_train,
+                                      n_points=options.points)
+        test = interpolation_barrier(kernel.forward_shared, a, b, data["x_test"],
+                                     data["y_test"], n_points=options.points)
+        values = {
+            "train_loss_barrier": train["loss_barrier"],
+            "train_error_barrier": train["error_barrier"],
+            "test_loss_barrier": test["loss_barrier"],
+            "test_error_barrier": test["error_barrier"],
+            "mode_connectivity": mode_connectivity(train["error_path"]),
+            "cka": linear_cka(kernel.features_shared(a, data["x_test"]),
+                              kernel.features_shared(b, data["x_test"])),
+            "disagreement": disagreement(kernel.forward_shared(a, data["x_test"]),
+                                         kernel.forward_shared(b, data["x_test"])),
+        }
+    return {name: float(values[name].mean()) for name in GROUP_METRICS}
