@@ -36,6 +36,7 @@ from dlstore.metrics.collapse import neural_collapse
 from dlstore.metrics.hessian import hessian_spectrum
 from dlstore.metrics.spectra import is_weight_matrix, spectral_metrics
 from dlstore.metrics.weights import tensor_statistics
+from dlstore.zoo.data import gaussian_clone
 from dlstore.zoo.kernels import kernel_for
 from dlstore.zoo.models import ArchOptions
 from dlstore.zoo.schedule import BatchOrder, lr_factor
@@ -137,6 +138,11 @@ class CheckpointEvaluator:
             metrics.update(self._per_tensor(params, step))
             if step in self.steps.get("neural_collapse", ()):
                 metrics.update(self._chunked(self._collapse, params))
+            if step in self.steps.get("gaussian_clone", ()):
+                clone_loss, clone_acc = loss_and_accuracy(
+                    self.kernel.forward_shared, params, self._clone, self.y_test,
+                    chunk=self.chunk)
+                metrics.update({"clone_loss": clone_loss, "clone_acc": clone_acc})
         if step in self.steps.get("hessian", ()):
             metrics.update(self._chunked(functools.partial(self._hessian, seed=step), params))
         return {k: v.cpu() for k, v in metrics.items()}
@@ -151,6 +157,12 @@ class CheckpointEvaluator:
                 "test_loss": test_loss, "test_acc": test_acc,
                 "weight_norm": weight_norm(params),
                 "dist_from_init": dist_from_init(params, self.init)}
+
+    @functools.cached_property
+    def _clone(self) -> torch.Tensor:
+        """The Gaussian clone of the test inputs (labels: `y_test`), drawn once per cohort."""
+        return gaussian_clone(self.x_test, self.y_test, self.n_classes,
+                              self.options.gaussian_clone.seed)
 
     def _per_tensor(self, params: Params, step: int) -> dict[MetricKey, torch.Tensor]:
         statistics = step in self.steps.get("statistics", ())

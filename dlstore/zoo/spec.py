@@ -124,6 +124,14 @@ class CollapseOptions(_Selected):
                            "member (its own labels)")
 
 
+class CloneOptions(_Selected):
+    at: CheckpointSelection = Field(
+        default="all", description="checkpoints to compute at (cheap: one pass over a "
+        "test-sized set)")
+    seed: int = Field(default=0, description="draws the clone; the same for every run of a "
+                      "dataset, so runs are compared on one clone")
+
+
 class GroupOptions(_Selected):
     points: int = Field(default=11, ge=2, description="points on the line between two members")
     pairs: int = Field(default=10, ge=1, description="most pairs of seeds per group")
@@ -137,7 +145,8 @@ class MetricsOptions(BaseModel):
     they were built with until `dlstore metrics compute SPEC` adds the missing ones.
 
     Cheap metrics (`statistics`, `spectra`) take a checkpoint selection or false; costly ones
-    (`hessian`, `neural_collapse`, `groups`) are off unless given, as true (defaults) or a table."""
+    (`hessian`, `neural_collapse`, `gaussian_clone`, `groups`) are off unless given, as true
+    (defaults) or a table."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     statistics: CheckpointSelection | None = Field(
@@ -146,6 +155,9 @@ class MetricsOptions(BaseModel):
         default="all", description="per weight matrix norms, ranks and power-law alpha")
     hessian: HessianOptions | None = None
     neural_collapse: CollapseOptions | None = None
+    gaussian_clone: CloneOptions | None = Field(
+        default=None, description="loss and accuracy on a Gaussian clone of the test split "
+        "(each class resampled from its mean and covariance)")
     groups: GroupOptions | None = Field(
         default=None, description="over the seeds of each config: barriers, mode connectivity, "
         "CKA, disagreement")
@@ -157,7 +169,7 @@ class MetricsOptions(BaseModel):
             return "all"
         return None if value is False else value
 
-    @field_validator("hessian", "neural_collapse", "groups", mode="before")
+    @field_validator("hessian", "neural_collapse", "gaussian_clone", "groups", mode="before")
     @classmethod
     def _costly_switch(cls, value):
         if value is True:
@@ -420,7 +432,7 @@ def selected_steps(selection: CheckpointSelection | None, steps: list[int], fiel
     return set(selection)
 
 
-CHECKPOINT_FAMILIES = ("statistics", "spectra", "hessian", "neural_collapse")
+CHECKPOINT_FAMILIES = ("statistics", "spectra", "hessian", "neural_collapse", "gaussian_clone")
 
 
 def checkpoint_metric_steps(options: MetricsOptions, steps: list[int]) -> dict[str, set[int]]:
