@@ -74,7 +74,7 @@ class CohortPlan:
     arch: ArchOptions
     input_shape: tuple[int, ...]
     n_classes: int
-    optimizer: str  # "sgd" | "adam"
+    optimizer: str  # "sgd" | "adam" | "adamw"
     schedule: str
     batch_size: int
     total_steps: int
@@ -362,7 +362,8 @@ class CohortTrainer:
 
 
 class StackedOptimizer:
-    """torch.optim.SGD (momentum, L2 weight decay) and torch.optim.Adam, written in place on
+    """torch.optim.SGD (momentum, L2 weight decay), torch.optim.Adam and torch.optim.AdamW
+    (decoupled weight decay), written in place on
     stacked parameters with per-member hyperparameters as [P] columns.
 
     In place, because at zoo sizes the update is bound by memory traffic, not arithmetic. Frozen
@@ -400,7 +401,9 @@ class StackedOptimizer:
                     g.masked_fill_(frozen.view(shape), 0.0)
                 if masks and k in masks:  # padded entries of narrower members get no gradient
                     g.mul_(masks[k])
-                if self.use_weight_decay:
+                if self.use_weight_decay and self.kind == "adamw":
+                    p.mul_(1.0 - lr.view(shape) * self.weight_decay.view(shape))
+                elif self.use_weight_decay:
                     g.addcmul_(p, self.weight_decay.view(shape))
                 if self.kind == "sgd":
                     if self.use_momentum:

@@ -51,11 +51,13 @@ MAX_RUNS = 1_000_000
 
 class TrainOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    optimizer: Literal["sgd", "adam"] = "sgd"
+    optimizer: Literal["sgd", "adam", "adamw"] = Field(
+        default="sgd", description="adam adds weight decay to the gradient (L2, as "
+        "torch.optim.Adam); adamw decays the weights directly (decoupled, torch.optim.AdamW)")
     lr: float = Field(default=0.1, gt=0)
     momentum: float = Field(default=0.9, ge=0, lt=1, description="sgd only")
-    betas: tuple[float, float] = Field(default=(0.9, 0.999), description="adam only")
-    eps: float = Field(default=1e-8, gt=0, description="adam only")
+    betas: tuple[float, float] = Field(default=(0.9, 0.999), description="adam(w) only")
+    eps: float = Field(default=1e-8, gt=0, description="adam(w) only")
     weight_decay: float = Field(default=0.0, ge=0, description="L2 penalty added to the gradient")
     batch_size: int = Field(default=128, ge=1)
     epochs: int | None = Field(default=None, ge=1)
@@ -67,8 +69,8 @@ class TrainOptions(BaseModel):
     def _one_length(self) -> TrainOptions:
         if (self.epochs is None) == (self.steps is None):
             raise ValueError("give exactly one of epochs or steps")
-        if self.optimizer == "adam" and "momentum" in self.model_fields_set:
-            raise ValueError("momentum is an sgd option; adam uses betas")
+        if self.optimizer != "sgd" and "momentum" in self.model_fields_set:
+            raise ValueError(f"momentum is an sgd option; {self.optimizer} uses betas")
         if self.optimizer == "sgd" and self.model_fields_set & {"betas", "eps"}:
             raise ValueError("betas and eps are adam options")
         return self
