@@ -69,7 +69,8 @@ class Store:
 
     def sql(self, query: str, params: list | None = None) -> pl.DataFrame:
         """Run a SQL query over the store's views (runs, checkpoints, metrics, final, curves,
-        metrics_wide, zoos, fits) and return a polars DataFrame. `params` fill `?` placeholders."""
+        metrics_wide, zoos, fits, masks, group_metrics, tickets, ticket_transfer) and return a
+        polars DataFrame. `params` fill `?` placeholders."""
         con = self.catalog.refresh()
         try:
             statements = con.extract_statements(query)
@@ -130,6 +131,14 @@ class Store:
         row = self.checkpoint(run_id, step)
         return self.blobs.read_member(row["blob"], row["member"])
 
+    def load_mask(self, mask_id: str) -> dict[str, torch.Tensor]:
+        """A lottery-ticket mask: {prunable tensor name: bool tensor}, True = kept."""
+        rows = self._lookup("SELECT blob, member FROM masks WHERE mask_id = ?", [mask_id])
+        if not rows:
+            raise NotFoundError(f"no mask {mask_id!r} in store {self.root} (the masks view lists "
+                                "them; runs.mask_id names each run's)")
+        return self.blobs.read_member(rows[0]["blob"], rows[0]["member"])
+
     def load_model(self, run_id: str, step: int | None = None) -> nn.Module:
         """The run's network at `step` (None = last checkpoint), in eval mode, on the CPU."""
         from dlstore.zoo.models import parse_arch_options
@@ -163,12 +172,12 @@ class Store:
         return self.blobs.put(tensors, metadata)
 
     def commit(self, checkpoints: list[dict], metrics: list[dict] | dict[str, list],
-               runs: list[dict]) -> str:
-        """Append checkpoint and metric rows, then the runs rows last, all stamped with one
+               runs: list[dict], masks: list[dict] = ()) -> str:
+        """Append checkpoint, metric and mask rows, then the runs rows last, all stamped with one
         commit id, which is returned. `metrics` may be rows or columns."""
         commit_id = uuid.uuid4().hex
         now = dt.datetime.now(dt.timezone.utc)
-        for row in checkpoints:
+        for row in [*checkpoints, *masks]:
             row["commit_id"] = commit_id
         for row in runs:
             row["commit_id"] = commit_id
@@ -180,8 +189,14 @@ class Store:
                 row["commit_id"] = commit_id
         self.tables.append("checkpoints", checkpoints)
         self.tables.append("metrics", metrics)
+        self.tables.append("masks", list(masks))
         self.tables.append("runs", runs)
         return commit_id
+
+    def record_group_metrics(self, columns: dict[str, list]) -> None:
+        """Append values measured over several committed runs (group_id, run_ids, step, metric,
+        value), as columns."""
+        self.tables.append("group_metrics", columns)
 
     def record_fit(self, row: dict) -> str:
         """Append an analysis result to the fits table; returns its fit id."""
