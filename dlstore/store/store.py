@@ -131,13 +131,39 @@ class Store:
         row = self.checkpoint(run_id, step)
         return self.blobs.read_member(row["blob"], row["member"])
 
+    def load_state_dicts(self, keys: list[tuple[str, int | None]]
+                         ) -> list[dict[str, torch.Tensor]]:
+        """`load_state_dict` of many (run_id, step) pairs (step None = the run's last
+        checkpoint) with one query."""
+        rows = self._lookup(
+            "SELECT c.run_id, c.step, c.step = r.final_step AS last, c.blob, c.member "
+            "FROM checkpoints c JOIN runs r ON r.run_id = c.run_id "
+            "WHERE list_contains(?, c.run_id)", [sorted({run_id for run_id, _ in keys})])
+        where = {(r["run_id"], r["step"]): r for r in rows}
+        where |= {(r["run_id"], None): r for r in rows if r["last"]}
+        out = []
+        for run_id, step in keys:
+            if (run_id, step) not in where:
+                self.checkpoint(run_id, step)  # raises the NotFoundError that says why
+            row = where[(run_id, step)]
+            out.append(self.blobs.read_member(row["blob"], row["member"]))
+        return out
+
     def load_mask(self, mask_id: str) -> dict[str, torch.Tensor]:
         """A lottery-ticket mask: {prunable tensor name: bool tensor}, True = kept."""
-        rows = self._lookup("SELECT blob, member FROM masks WHERE mask_id = ?", [mask_id])
-        if not rows:
-            raise NotFoundError(f"no mask {mask_id!r} in store {self.root} (the masks view lists "
-                                "them; runs.mask_id names each run's)")
-        return self.blobs.read_member(rows[0]["blob"], rows[0]["member"])
+        return self.load_masks([mask_id])[mask_id]
+
+    def load_masks(self, mask_ids: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+        """`load_mask` of many masks with one query."""
+        rows = self._lookup("SELECT mask_id, blob, member FROM masks "
+                            "WHERE list_contains(?, mask_id)", [sorted(set(mask_ids))])
+        where = {r["mask_id"]: r for r in rows}
+        missing = [m for m in mask_ids if m not in where]
+        if missing:
+            raise NotFoundError(f"no mask {missing[0]!r} in store {self.root} (the masks view "
+                                "lists them; runs.mask_id names each run's)")
+        return {m: self.blobs.read_member(where[m]["blob"], where[m]["member"])
+                for m in mask_ids}
 
     def load_model(self, run_id: str, step: int | None = None) -> nn.Module:
         """The run's network at `step` (None = last checkpoint), in eval mode, on the CPU."""

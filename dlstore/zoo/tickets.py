@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from dlstore.errors import NotFoundError, SpecError
+from dlstore.errors import SpecError
 from dlstore.metrics.connectivity import interpolation_barrier
 from dlstore.store.store import Store
 from dlstore.zoo.data import run_data
@@ -248,51 +248,58 @@ class TicketPhase:
     def prepare(self, plan: CohortPlan, runs: list[RunConfig]) -> None:
         """Give each member of `plan` its mask and start weights (rewound, or its own fresh init
         for reinit controls); the trainer zeroes what the mask prunes."""
+        derived = [run for run in runs if isinstance(run, TicketRun)
+                   and not (run.level == 0 and run.control is None)]
+        self._read([run for run in derived if run.level > 0],
+                   {(run.dense_run_id, run.rewind_step) for run in derived
+                    if run.control != "reinit"})
         for member, run in zip(plan.members, runs):
             mask = self.mask(run)
             self._members[run.run_id] = mask
-            if not isinstance(run, TicketRun) or (run.level == 0 and run.control is None):
+            if run not in derived:
                 continue
             member.mask = mask
             if run.control != "reinit":
-                rewound = self.rewound(run.dense_run_id, run.rewind_step)
+                rewound = self._rewound[(run.dense_run_id, run.rewind_step)]
                 if {k: v.shape for k, v in rewound.items()} != {
                         k: v.shape for k, v in member.init.items()}:
                     raise SpecError(f"run {run.run_id}: the weights of {run.dense_run_id} at "
                                     f"step {run.rewind_step} do not fit its network")
                 member.init = rewound
 
+    def _read(self, masked: list[TicketRun], rewinds: set[tuple[str, int]]) -> None:
+        """Bring in, with a few bulk reads, this level's masks (the stored ones of committed
+        tickets, else pruned from the previous level's stored weights and mask) and the
+        weights to rewind to."""
+        wanted = sorted({run.chain_mask_id for run in masked} - set(self._masks))
+        stored = set(self.store.sql("SELECT mask_id FROM masks WHERE list_contains(?, mask_id)",
+                                    [wanted])["mask_id"]) if wanted else set()
+        self._masks |= self.store.load_masks(sorted(stored)) if stored else {}
+        prune = {run.chain_mask_id: run for run in masked if run.chain_mask_id not in self._masks}
+        previous = self.store.load_masks([mask_id_of(run.prune_from) for run in prune.values()
+                                          if run.level > 1]) if prune else {}
+        keys = [(run.prune_from, None) for run in prune.values()]
+        keys += sorted(rewinds - set(self._rewound))
+        states = dict(zip(keys, self.store.load_state_dicts(keys))) if keys else {}
+        o = self.options
+        for key, run in prune.items():
+            weights = states[(run.prune_from, None)]
+            before = (full_mask(weights) if run.level == 1
+                      else previous[mask_id_of(run.prune_from)])
+            self._masks[key] = magnitude_prune(before, weights, o.prune_fraction,
+                                               o.output_fraction, o.scope)
+        self._rewound |= {k: states[k] for k in rewinds if k not in self._rewound}
+
     def mask(self, run: RunConfig) -> Mask | None:
         if not isinstance(run, TicketRun) or run.level == 0:
             return None
-        chain = self._chain_mask(run)
+        chain = self._masks[run.chain_mask_id]
         if run.control != "random_mask":
             return chain
         if run.mask_id not in self._masks:
             seed = derive_seed(run.seed, f"random_mask:{run.run_id}")
             self._masks[run.mask_id] = random_mask_like(chain, seed)
         return self._masks[run.mask_id]
-
-    def _chain_mask(self, run: TicketRun) -> Mask:
-        """This level's magnitude-pruning mask: the stored one if its ticket is committed, else
-        pruned from the previous level's stored weights and mask."""
-        key = run.chain_mask_id
-        if key not in self._masks:
-            try:
-                self._masks[key] = self.store.load_mask(key)
-            except NotFoundError:
-                weights = self.store.load_state_dict(run.prune_from)
-                previous = (full_mask(weights) if run.level == 1
-                            else self.store.load_mask(mask_id_of(run.prune_from)))
-                o = self.options
-                self._masks[key] = magnitude_prune(previous, weights, o.prune_fraction,
-                                                   o.output_fraction, o.scope)
-        return self._masks[key]
-
-    def rewound(self, run_id: str, step: int) -> dict[str, torch.Tensor]:
-        if (run_id, step) not in self._rewound:
-            self._rewound[(run_id, step)] = self.store.load_state_dict(run_id, step)
-        return self._rewound[(run_id, step)]
 
     def finish(self, rows: tuple[list[dict], dict[str, list], list[dict]], runs: list[RunConfig],
                zoo: str) -> tuple[list[dict], dict[str, list], list[dict], list[dict]]:
@@ -347,6 +354,8 @@ def stability_pairs(phases: list[list[RunConfig]]) -> list[tuple[RunConfig, RunC
 def record_stability(store: Store, pairs: list[tuple[RunConfig, RunConfig]]) -> int:
     """Error and loss barriers on the test split between each committed pair that has none yet
     (`group_metrics`, group id `stability-...`); returns the pairs recorded."""
+    if not pairs:
+        return 0
     present = store.run_ids()
     recorded = set(store.sql("SELECT DISTINCT group_id FROM group_metrics")["group_id"])
     todo = [(a, b) for a, b in pairs if a.run_id in present and b.run_id in present
@@ -361,21 +370,22 @@ def record_stability(store: Store, pairs: list[tuple[RunConfig, RunConfig]]) -> 
     for members in groups.values():
         data = run_data(members[0][0].dataset, members[0][0].seed)
         kernel = kernel_for(members[0][0].model, data.input_shape, data.n_classes)
-        states = [(store.load_state_dict(a.run_id), store.load_state_dict(b.run_id))
-                  for a, b in members]
-        stack = {side: {k: torch.stack([pair[side][k] for pair in states])
-                        for k in states[0][0]} for side in (0, 1)}
+        states = store.load_state_dicts([(run.run_id, None) for pair in members for run in pair])
+        stack = {side: {k: torch.stack([state[k] for state in states[side::2]])
+                        for k in states[0]} for side in (0, 1)}
         barrier = interpolation_barrier(kernel.forward_shared, stack[0], stack[1], data.x_test,
                                         data.y_test)
+        steps = dict(store.sql("SELECT run_id, final_step FROM runs WHERE list_contains(?, "
+                               "run_id)", [[a.run_id for a, _ in members]]).iter_rows())
         for i, (a, b) in enumerate(members):
-            step = store.run(a.run_id)["final_step"]
             for metric in ("error_barrier", "loss_barrier"):
                 rows["group_id"].append(_group_id(a, b))
                 rows["run_ids"].append([a.run_id, b.run_id])
-                rows["step"].append(step)
+                rows["step"].append(steps[a.run_id])
                 rows["metric"].append(metric)
                 rows["value"].append(float(barrier[metric][i]))
-    store.record_group_metrics(rows)
+    if todo:
+        store.record_group_metrics(rows)
     return len(todo)
 
 
