@@ -55,6 +55,17 @@ class BlobStore:
         self._verified.add(blob)
         return blob
 
+    def check_writable(self) -> None:
+        """Raise StoreError now, rather than after hours of training, if shards cannot be
+        written here (a read-only store, a full or unmounted disk)."""
+        probe = self.root / f".probe.{uuid.uuid4().hex}.tmp"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise StoreError(f"cannot write shards to {self.root}: {e.strerror or e}") from None
+
     def verify(self, blob: str, force: bool = False) -> None:
         """Raise CorruptBlobError unless the file's bytes hash to its name (checked once per
         process unless `force`)."""

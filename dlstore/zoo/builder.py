@@ -168,6 +168,7 @@ def build_zoo(spec: ZooSpec, store: Store, device: str = "auto",
     `progress(done, total)` is called with optimizer steps done (summed over cohorts)."""
     started = time.perf_counter()
     dev = resolve_device(device)
+    store.check_writable()
     phases = ticket_phases(spec) if spec.tickets is not None else [list(spec.runs)]
     if spec.transfer is not None:
         check_transfer_shapes(spec)
@@ -182,8 +183,9 @@ def build_zoo(spec: ZooSpec, store: Store, device: str = "auto",
                          sum(map(len, planned)), 0, 0.0, 0.0)
     committer = _Committer(store, spec.build.commit_every)
     done = 0
-    # shards are written by a background thread while the next steps train (torch and hashing
-    # release the GIL); rows are committed once every shard they point to is on disk
+    # checkpoints are evaluated and their shards written by a background thread while the next
+    # steps train (torch and hashing release the GIL); rows are committed once every shard they
+    # point to is on disk
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dlstore-writer") as writer:
         for cohorts, cohort_steps in zip(planned, steps):
             phase = TicketPhase(spec, store) if spec.tickets is not None else None
@@ -211,40 +213,63 @@ def build_zoo(spec: ZooSpec, store: Store, device: str = "auto",
     return report
 
 
+# Checkpoints waiting for the background thread at most; training waits beyond that, so that
+# snapshots never pile up in memory when evaluating and writing is slower than training.
+MAX_PENDING_CHECKPOINTS = 4
+
+
 def _train_cohort(zoo: str, trainer: CohortTrainer, runs: list[RunConfig],
                   datas: list[DatasetTensors], store: Store, writer: ThreadPoolExecutor,
                   report: BuildReport) -> tuple[list[dict], dict[str, list], list[dict]]:
-    """Train one cohort, handing its shards to the writer; return its checkpoint, metric and
-    runs rows once its shards are written."""
+    """Train one cohort while the writer thread evaluates and stores its checkpoints; return
+    its checkpoint, metric and runs rows once every shard is written."""
     plan = trainer.plan
     groups = _shape_groups(plan)
-    pending: list[tuple[Future, Checkpoint, list[int]]] = []
+    pending: list[Future] = []
+    for ck in trainer.run():
+        pending.append(writer.submit(_record_checkpoint, zoo, ck, runs, plan, groups, store))
+        if len(pending) > MAX_PENDING_CHECKPOINTS:
+            pending[-MAX_PENDING_CHECKPOINTS - 1].result()
+        report.checkpoints += 1
+    checkpoints: list[dict] = []
     metrics: dict[str, list] = {k: [] for k in ("run_id", "step", "metric", "tensor", "value")}
     last_step = [-1] * len(runs)
-    for ck in trainer.run():
-        for members in groups:
-            tensors = _member_slices(ck.params, plan, members)
-            meta = _shard_metadata(zoo, plan, [runs[i] for i in members], tensors, ck.step)
-            pending.append((writer.submit(store.put_shard, tensors, meta), ck, members))
-        alive = ck.alive.nonzero().flatten().tolist()
+    for future in pending:
+        ck_rows, ck_metrics, alive, step = future.result()
+        checkpoints += ck_rows
+        for k, values in ck_metrics.items():
+            metrics[k] += values
         for i in alive:
-            last_step[i] = ck.step
-        ids = [runs[i].run_id for i in alive]
-        for name, values in ck.metrics.items():
-            metrics["run_id"] += ids
-            metrics["step"] += [ck.step] * len(ids)
-            metrics["metric"] += [name] * len(ids)
-            metrics["tensor"] += [None] * len(ids)
-            metrics["value"] += values[alive].tolist()
-        report.checkpoints += 1
-    checkpoints = [row for future, ck, members in pending
-                   for row in _checkpoint_rows(future.result(), ck, members, runs, plan)]
+            last_step[i] = step
     cohort_id = uuid.uuid4().hex[:16]
     run_rows = [_run_row(run, data, plan, cohort_id, last_step[i], int(trainer.diverged_step[i]),
                          trainer.train_seconds / len(runs), trainer.device)
                 for i, (run, data) in enumerate(zip(runs, datas))]
     report.runs_diverged += sum(r["status"] == "diverged" for r in run_rows)
     return checkpoints, metrics, run_rows
+
+
+def _record_checkpoint(zoo: str, ck: Checkpoint, runs: list[RunConfig], plan: CohortPlan,
+                       groups: list[list[int]], store: Store
+                       ) -> tuple[list[dict], dict[str, list], list[int], int]:
+    """Evaluate a checkpoint snapshot and write its shards (on the writer thread): returns its
+    checkpoint rows, its metric columns, the members alive at it, and its step."""
+    alive = ck.alive.nonzero().flatten().tolist()
+    ids = [runs[i].run_id for i in alive]
+    metrics: dict[str, list] = {k: [] for k in ("run_id", "step", "metric", "tensor", "value")}
+    for name, values in ck.metrics.items():
+        metrics["run_id"] += ids
+        metrics["step"] += [ck.step] * len(ids)
+        metrics["metric"] += [name] * len(ids)
+        metrics["tensor"] += [None] * len(ids)
+        metrics["value"] += values[alive].tolist()
+    params = {k: v.cpu() for k, v in ck.params.items()}
+    rows = []
+    for members in groups:
+        tensors = _member_slices(params, plan, members)
+        meta = _shard_metadata(zoo, plan, [runs[i] for i in members], tensors, ck.step)
+        rows += _checkpoint_rows(store.put_shard(tensors, meta), ck, members, runs, plan)
+    return rows, metrics, alive, ck.step
 
 
 def _shape_groups(plan: CohortPlan) -> list[list[int]]:
