@@ -190,7 +190,7 @@ def _derived(base: dict[str, Any], kind: str, *, parent: str, level: int, rewind
             update={"order_seed": derive_seed(base["seed"], purpose)})
     return TicketRun(**fields, ticket_id=run_id, parent_run_id=parent, level=level,
                      rewind_step=rewind, control=kind, condition=condition,
-                     source_run_id=transfer and transfer["source"], dense_run_id=dense,
+                     source_run_id=transfer["source"] if transfer else None, dense_run_id=dense,
                      prune_from=prune_from, chain_mask_id=chain_mask,
                      mask_id=mask_id_of(run_id) if kind == "random_mask" else chain_mask,
                      sibling_of=sibling_of)
