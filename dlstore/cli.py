@@ -453,13 +453,103 @@ def plot_metric(
     out.print(f"figure -> {out_path}")
 
 
+tickets_app = typer.Typer(no_args_is_help=True, help="Lottery tickets found while building zoos.")
+app.add_typer(tickets_app, name="tickets")
+
+
+@tickets_app.command("report")
+def tickets_report(
+    store: str = StoreOption,
+    zoo: str = typer.Option(None, help="The tickets zoo (needed when the store holds several)."),
+    plots: Path = typer.Option(Path("."), help="Directory for tickets_density.png and "
+                                               "tickets_transfer.png."),
+    max_density: float = typer.Option(0.2, min=0.0, max=1.0,
+                                      help="Densities at or below this count as sparse."),
+) -> None:
+    """Accuracy vs density of tickets, controls and dense runs; instability; transfer matrix."""
+    from dlstore.analysis.tickets import (
+        accuracy_by_density,
+        instability,
+        signatures,
+        transfer_matrix,
+        transfer_table,
+    )
+    from dlstore.errors import QueryError
+    from dlstore.plots import ticket_density_figure, transfer_heatmap
+    from dlstore.store.store import Store
+
+    s = Store(store)
+    # tables of ten columns: a report written to a file or pipe is not cut at 80 characters
+    console = out if out.is_terminal else Console(width=140)
+    frame = accuracy_by_density(s, zoo)
+    zoos = sorted(set(frame["zoo"]))
+    if len(zoos) > 1:
+        raise QueryError(f"the store holds tickets of zoos {', '.join(zoos)}; pick one with --zoo")
+    zoo = zoos[0]
+    plots.mkdir(parents=True, exist_ok=True)
+    console.print(f"[bold]{zoo}: final test accuracy by density[/] (mean over seeds; n seeds)")
+    _print_frame(_round(frame.drop("zoo", *(c for c in frame.columns if c.endswith("_std")))),
+                 Format.table, console)
+    sigs = signatures(s, zoo, max_density)
+    if not sigs:
+        console.print(f"no level reaches a density <= {max_density:.0%}")
+    for sig in sigs:
+        beats = ("" if sig.ticket_beats_reinit is None else
+                 f"; the ticket beats its reinit control in {sig.ticket_beats_reinit:.0%} of "
+                 "(seed, level) pairs")
+        console.print(f"{sig.condition}, rewind {sig.rewind_step}, densities <= {max_density:.0%} "
+                  f"(levels {sig.levels}): ticket {sig.ticket:.3f}, dense {sig.dense:.3f}, "
+                  f"reinit {_rounded(sig.reinit)}, random mask {_rounded(sig.random_mask)}{beats}",
+                  highlight=False, soft_wrap=True)
+    barriers = instability(s, zoo)
+    if barriers.height:
+        console.print("[bold]instability[/]: error barrier between copies trained from the same "
+                  "weights with another data order")
+        _print_frame(_round(barriers.drop("zoo")), Format.table, console)
+    ticket_density_figure(frame).savefig(plots / "tickets_density.png", dpi=120)
+    written = [plots / "tickets_density.png"]
+    transfer = transfer_table(s, zoo)
+    if transfer.height:
+        console.print("[bold]transfer[/]: mean test accuracy of tickets trained under another "
+                  "condition, their controls there, and the tickets found there")
+        short = transfer.select(
+            pl.col("source_condition").alias("source"), pl.col("target_condition").alias("target"),
+            "level", "rewind_step", "density", pl.col("transferred").alias("ticket"),
+            pl.col("transferred_reinit").alias("reinit"),
+            pl.col("transferred_random_mask").alias("random"),
+            pl.col("target_ticket").alias("found_there"), pl.col("target_dense").alias("dense"))
+        _print_frame(_round(short), Format.table, console)
+        matrices = []
+        for level in sorted(set(transfer["level"])):
+            sources, targets, values = transfer_matrix(transfer, frame, level)
+            density = transfer.filter(transfer["level"] == level)["density"].mean()
+            matrices.append((f"level {level} ({density:.0%} of weights)", sources, targets,
+                             values))
+            table = Table("source \\ target", *targets, header_style="bold",
+                          title=f"level {level}, density {density:.1%} (diagonal: found there)")
+            for source, row in zip(sources, values):
+                table.add_row(source, *(_rounded(v) for v in row))
+            console.print(table)
+        transfer_heatmap(matrices).savefig(plots / "tickets_transfer.png", dpi=120)
+        written.append(plots / "tickets_transfer.png")
+    console.print("figures -> " + ", ".join(map(str, written)))
+
+
+def _round(frame: pl.DataFrame) -> pl.DataFrame:
+    return frame.with_columns(pl.col(pl.Float64).round(3))
+
+
+def _rounded(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
 def _version() -> str:
     from dlstore import __version__
 
     return __version__
 
 
-def _print_frame(frame: pl.DataFrame, format: Format) -> None:
+def _print_frame(frame: pl.DataFrame, format: Format, console: Console = out) -> None:
     if format is Format.csv:
         sys.stdout.write(frame.write_csv())
     elif format is Format.json:
@@ -468,8 +558,8 @@ def _print_frame(frame: pl.DataFrame, format: Format) -> None:
         table = Table(*frame.columns, header_style="bold")
         for row in frame.iter_rows():
             table.add_row(*(_cell(v) for v in row))
-        out.print(table)
-        out.print(f"[dim]{frame.height} rows[/]")
+        console.print(table)
+        console.print(f"[dim]{frame.height} rows[/]")
 
 
 def _cell(value) -> str:

@@ -31,7 +31,7 @@ class VerifyReport:
 
 def verify(store: Store) -> VerifyReport:
     """Every Delta table reads; every shard's bytes hash to its name and its header parses; every
-    checkpoint row points to a shard that exists, verifies and holds its member."""
+    checkpoint (and mask) row points to a shard that exists, verifies and holds its member."""
     report = VerifyReport()
     for name in TABLES:
         try:
@@ -52,16 +52,22 @@ def verify(store: Store) -> VerifyReport:
     if temporary:
         report.notes.append(f"{len(temporary)} temporary files of interrupted shard writes "
                             "(harmless; nothing refers to them)")
-    if "checkpoints" in report.table_rows:
-        rows = store.sql("SELECT run_id, step, blob, member FROM checkpoints")
-        report.checkpoints = rows.height
-        for run_id, step, blob, member in rows.iter_rows():
+    references = {"checkpoints": "SELECT 'checkpoint ' || run_id || ' step ' || step, blob, "
+                                 "member FROM checkpoints",
+                  "masks": "SELECT 'mask ' || mask_id, blob, member FROM masks"}
+    for table, query in references.items():
+        if table not in report.table_rows:
+            continue
+        rows = store.sql(query)
+        if table == "checkpoints":
+            report.checkpoints = rows.height
+        for what, blob, member in rows.iter_rows():
             if blob not in members:
                 state = "missing" if blob not in blobs else "corrupted"
-                report.problems.append(f"checkpoint {run_id} step {step}: shard {blob} is {state}")
+                report.problems.append(f"{what}: shard {blob} is {state}")
             elif member >= members[blob]:
-                report.problems.append(f"checkpoint {run_id} step {step}: shard {blob} has "
-                                       f"{members[blob]} members, not member {member}")
+                report.problems.append(f"{what}: shard {blob} has {members[blob]} members, "
+                                       f"not member {member}")
     return report
 
 
@@ -80,12 +86,13 @@ class GcReport:
 
 
 def gc(store: Store, older_than_hours: float = 24.0, dry_run: bool = False) -> GcReport:
-    """Remove shards that no checkpoint row refers to (committed or not), leftover temporary
-    files of interrupted writes, and table files no snapshot of the retention period needs;
-    only what is older than `older_than_hours`."""
+    """Remove shards that no checkpoint or mask row refers to (committed or not), leftover
+    temporary files of interrupted writes, and table files no snapshot of the retention period
+    needs; only what is older than `older_than_hours`."""
     report = GcReport()
     cutoff = time.time() - older_than_hours * 3600
-    referenced = set(store.sql("SELECT DISTINCT blob FROM _checkpoints")["blob"])
+    referenced = set(store.sql("SELECT blob FROM _checkpoints UNION SELECT blob FROM _masks"
+                               )["blob"])
     blobs, temporary = store.blobs.list()
     for blob in blobs:
         path = store.blobs.path(blob)

@@ -81,8 +81,8 @@ class Store:
 
     def sql(self, query: str, params: list | None = None) -> pl.DataFrame:
         """Run a SQL query over the store's views (runs, checkpoints, metrics, final, curves,
-        metrics_wide, group_metrics, zoos, fits) and return a polars DataFrame. `params` fill
-        `?` placeholders."""
+        metrics_wide, group_metrics, zoos, fits, masks, tickets, ticket_transfer) and return
+        a polars DataFrame. `params` fill `?` placeholders."""
         con = self.catalog.refresh()
         try:
             statements = con.extract_statements(query)
@@ -147,6 +147,40 @@ class Store:
         """Several members of one shard (rows of `checkpoints` share `blob`), stacked."""
         names = [name for name, _, _ in self.blobs.layout(blob)[0]]
         return self.blobs.read_members(blob, members, names)
+
+    def load_state_dicts(self, keys: list[tuple[str, int | None]]
+                         ) -> list[dict[str, torch.Tensor]]:
+        """`load_state_dict` of many (run_id, step) pairs (step None = the run's last
+        checkpoint) with one query."""
+        rows = self._lookup(
+            "SELECT c.run_id, c.step, c.step = r.final_step AS last, c.blob, c.member "
+            "FROM checkpoints c JOIN runs r ON r.run_id = c.run_id "
+            "WHERE list_contains(?, c.run_id)", [sorted({run_id for run_id, _ in keys})])
+        where = {(r["run_id"], r["step"]): r for r in rows}
+        where |= {(r["run_id"], None): r for r in rows if r["last"]}
+        out = []
+        for run_id, step in keys:
+            if (run_id, step) not in where:
+                self.checkpoint(run_id, step)  # raises the NotFoundError that says why
+            row = where[(run_id, step)]
+            out.append(self.blobs.read_member(row["blob"], row["member"]))
+        return out
+
+    def load_mask(self, mask_id: str) -> dict[str, torch.Tensor]:
+        """A lottery-ticket mask: {prunable tensor name: bool tensor}, True = kept."""
+        return self.load_masks([mask_id])[mask_id]
+
+    def load_masks(self, mask_ids: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+        """`load_mask` of many masks with one query."""
+        rows = self._lookup("SELECT mask_id, blob, member FROM masks "
+                            "WHERE list_contains(?, mask_id)", [sorted(set(mask_ids))])
+        where = {r["mask_id"]: r for r in rows}
+        missing = [m for m in mask_ids if m not in where]
+        if missing:
+            raise NotFoundError(f"no mask {missing[0]!r} in store {self.root} (the masks view "
+                                "lists them; runs.mask_id names each run's)")
+        return {m: self.blobs.read_member(where[m]["blob"], where[m]["member"])
+                for m in mask_ids}
 
     def load_model(self, run_id: str, step: int | None = None) -> nn.Module:
         """The run's network at `step` (None = last checkpoint), in eval mode, on the CPU."""
@@ -329,12 +363,12 @@ class Store:
         return self.blobs.put(tensors, metadata)
 
     def commit(self, checkpoints: list[dict], metrics: list[dict] | dict[str, list],
-               runs: list[dict]) -> str:
-        """Append checkpoint and metric rows, then the runs rows last, all stamped with one
+               runs: list[dict], masks: list[dict] = ()) -> str:
+        """Append checkpoint, metric and mask rows, then the runs rows last, all stamped with one
         commit id, which is returned. `metrics` may be rows or columns."""
         commit_id = uuid.uuid4().hex
         now = dt.datetime.now(dt.timezone.utc)
-        for row in checkpoints:
+        for row in [*checkpoints, *masks]:
             row["commit_id"] = commit_id
         for row in runs:
             row["commit_id"] = commit_id
@@ -346,6 +380,7 @@ class Store:
                 row["commit_id"] = commit_id
         self.tables.append("checkpoints", checkpoints)
         self.tables.append("metrics", metrics)
+        self.tables.append("masks", list(masks))
         self.tables.append("runs", runs)
         return commit_id
 

@@ -4,6 +4,11 @@ Runs already in the store are skipped, so rerunning a spec after a crash (or aft
 trains only what is missing and adds nothing when nothing is. Each cohort's shards are written as
 its checkpoints arrive; its rows are committed when it finishes, runs rows last. When the spec
 asks for group metrics, they are computed last, from the committed runs (`groups.py`).
+
+A build is a sequence of phases, each a set of cohorts trained and committed as above. A plain
+zoo is one phase. A zoo with `[tickets]` has one per pruning level (`tickets.py`): level k's
+masks and start weights are read back from what level k-1 committed, so a rebuild after a crash
+continues from the last committed level.
 """
 
 from __future__ import annotations
@@ -34,6 +39,13 @@ from dlstore.zoo.population import (
 )
 from dlstore.zoo.seeds import derive_seed
 from dlstore.zoo.spec import MetricsOptions, RunConfig, ZooSpec, checkpoint_metric_steps
+from dlstore.zoo.tickets import (
+    TicketPhase,
+    check_transfer_shapes,
+    record_stability,
+    stability_pairs,
+    ticket_phases,
+)
 
 SHARD_FORMAT = "dlstore-cohort/1"
 
@@ -57,7 +69,8 @@ def cohort_key(run: RunConfig, total_steps: int, steps: list[int]) -> str:
     generation = run.dataset.model_dump(mode="json",
                                         exclude={"n_train", "label_noise", "noise_seed"})
     return json.dumps([generation, run.model.family_key(), run.train.optimizer,
-                       run.train.schedule, run.train.batch_size, total_steps, steps])
+                       run.train.schedule, run.train.batch_size, total_steps, run.start_step,
+                       steps])
 
 
 def plan_cohorts(runs: list[RunConfig], cohort_size: int | str = "auto", device: str = "cpu",
@@ -119,6 +132,7 @@ def cohort_plan(runs: list[RunConfig], datas: list[DatasetTensors],
         x_train=datas[largest].x_train, x_test=data.x_test, y_test=data.y_test,
         members=[_member(r, d) for r, d in zip(runs, datas)],
         metrics=metrics if metrics is not None else MetricsOptions(),
+        start_step=first.start_step,
     )
 
 
@@ -138,59 +152,76 @@ class _Committer:
         self.metrics: dict[str, list] = {k: [] for k in ("run_id", "step", "metric", "tensor",
                                                          "value")}
         self.runs: list[dict] = []
+        self.masks: list[dict] = []
 
-    def add(self, checkpoints: list[dict], metrics: dict[str, list], runs: list[dict]) -> None:
+    def add(self, checkpoints: list[dict], metrics: dict[str, list], runs: list[dict],
+            masks: list[dict] = ()) -> None:
         self.checkpoints += checkpoints
         for k, values in metrics.items():
             self.metrics[k] += values
         self.runs += runs
+        self.masks += masks
         if time.perf_counter() - self.last >= self.every:
             self.flush()
 
     def flush(self) -> None:
         if self.runs:
-            self.store.commit(self.checkpoints, self.metrics, self.runs)
+            self.store.commit(self.checkpoints, self.metrics, self.runs, self.masks)
         self._clear()
         self.last = time.perf_counter()
 
 
 def build_zoo(spec: ZooSpec, store: Store, device: str = "auto",
               progress: Callable[[int, int], None] | None = None) -> BuildReport:
-    """Train every run of `spec` that `store` does not hold yet and commit it.
+    """Train every run of `spec` that `store` does not hold yet and commit it, phase by phase.
 
     `progress(done, total)` is called with optimizer steps done (summed over cohorts)."""
     started = time.perf_counter()
     dev = resolve_device(device)
     store.check_writable()
+    phases = ticket_phases(spec) if spec.tickets is not None else [list(spec.runs)]
+    if spec.transfer is not None:
+        check_transfer_shapes(spec)
     done_ids = store.run_ids()
-    todo = [r for r in spec.runs if r.run_id not in done_ids]
-    cohorts = plan_cohorts(todo, spec.build.cohort_size, device=str(dev), metrics=spec.metrics)
-    steps = [runs[0].train.total_steps(datas[0].x_train.shape[0]) for runs, datas in cohorts]
-    report = BuildReport(spec.name, len(spec.runs), len(spec.runs) - len(todo), 0, 0,
-                         len(cohorts), 0, 0.0, 0.0)
+    todo = [[r for r in phase if r.run_id not in done_ids] for phase in phases]
+    planned = [plan_cohorts(runs, spec.build.cohort_size, device=str(dev), metrics=spec.metrics)
+               for runs in todo]
+    steps = [[runs[0].train.total_steps(datas[0].x_train.shape[0]) - runs[0].start_step
+              for runs, datas in cohorts] for cohorts in planned]
+    total = sum(map(sum, steps))
+    n_runs = sum(map(len, phases))
+    report = BuildReport(spec.name, n_runs, n_runs - sum(map(len, todo)), 0, 0,
+                         sum(map(len, planned)), 0, 0.0, 0.0)
     committer = _Committer(store, spec.build.commit_every)
+    done = 0
     # shards are written by a background thread while the next steps train (serialising and
     # hashing release the GIL); rows are committed once every shard they point to is on disk
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dlstore-writer") as writer:
-        for k, (runs, datas) in enumerate(cohorts):
-            offset = sum(steps[:k])
+        for cohorts, cohort_steps in zip(planned, steps):
+            phase = TicketPhase(spec, store) if spec.tickets is not None else None
+            for (runs, datas), n_steps in zip(cohorts, cohort_steps):
+                def on_step(step: int, offset: int = done - runs[0].start_step) -> None:
+                    if progress:
+                        progress(offset + step, total)
 
-            def on_step(step: int, offset: int = offset) -> None:
-                if progress:
-                    progress(offset + step, sum(steps))
-
-            plan = cohort_plan(runs, datas, spec.metrics)
-            trainer = CohortTrainer(plan, dev, on_step=on_step)
-            rows = _train_cohort(spec.name, trainer, runs, datas, store, writer, report)
-            committer.add(*rows)
-            report.runs_built += len(runs)
-            report.train_seconds += trainer.train_seconds
-        committer.flush()
+                plan = cohort_plan(runs, datas, spec.metrics)
+                if phase is not None:
+                    phase.prepare(plan, runs)
+                trainer = CohortTrainer(plan, dev, on_step=on_step)
+                rows = _train_cohort(spec.name, trainer, runs, datas, store, writer, report)
+                committer.add(*(rows if phase is None else phase.finish(rows, runs, spec.name)))
+                report.runs_built += len(runs)
+                report.train_seconds += trainer.train_seconds
+                done += n_steps
+            # the next phase reads what this one trained
+            committer.flush()
+            if phase is not None:
+                record_stability(store, stability_pairs(phases))
     if spec.metrics.groups is not None:
         report.group_steps = compute_group_metrics(
             store, spec.name, spec.metrics.groups, {r.run_id for r in spec.runs}, device=dev)
     store.record_zoo({"zoo": spec.name, "spec": spec.text, "spec_hash": spec.spec_hash,
-                      "n_runs": len(spec.runs), "dlstore_version": dlstore.__version__})
+                      "n_runs": n_runs, "dlstore_version": dlstore.__version__})
     report.seconds = time.perf_counter() - started
     return report
 
