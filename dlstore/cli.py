@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from dlstore.errors import DlstoreError
+from dlstore.errors import DlstoreError, UsageError
 
 DEFAULT_STORE = "dlstore-store"
 
@@ -28,13 +28,23 @@ out = Console()
 err = Console(stderr=True)
 
 StoreOption = typer.Option(DEFAULT_STORE, "--store", "-s", envvar="DLSTORE_STORE",
-                           help="Store directory (env DLSTORE_STORE).")
+                           help="Store directory or object-store URI, e.g. s3://bucket/prefix "
+                                "(env DLSTORE_STORE).")
+StorageOptions = typer.Option(
+    None, "--storage-option", "-o", metavar="KEY=VALUE",
+    help="Object-store setting (deltalake's names, e.g. AWS_ENDPOINT_URL=http://host:9000, "
+         "AWS_REGION=eu-west-1); repeatable; adds to the usual AWS_* environment variables.")
 
 
 class Device(str, enum.Enum):
     auto = "auto"
     cpu = "cpu"
     cuda = "cuda"
+
+
+class Backend(str, enum.Enum):
+    local = "local"
+    ray = "ray"
 
 
 class Format(str, enum.Enum):
@@ -47,15 +57,25 @@ class Format(str, enum.Enum):
 def build_zoo_command(
     spec: Path = typer.Argument(..., help="Zoo spec (TOML), e.g. zoo/quickstart.toml."),
     store: str = StoreOption,
+    storage_option: list[str] = StorageOptions,
     device: Device = typer.Option(Device.auto, help="Where to train: auto picks cuda if present."),
+    backend: Backend = typer.Option(Backend.local, help="local: cohorts one after another here; "
+                                    "ray: each cohort a Ray task (pip install 'dlstore[ray]')."),
+    address: str = typer.Option(None, help="Ray cluster to use with --backend ray (default: a "
+                                           "running one, else a local instance)."),
+    shard: str = typer.Option(None, metavar="I/N", help="Build only the I-th of N contiguous "
+                              "blocks of the spec's runs (0 <= I < N), e.g. one per Slurm array "
+                              "task: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT."),
 ) -> None:
     """Train every run of SPEC that STORE does not hold yet (resumable, idempotent)."""
-    from dlstore.store.store import Store
     from dlstore.zoo.builder import build_zoo
     from dlstore.zoo.spec import ZooSpec
 
     zoo = ZooSpec.from_toml(spec)
-    target = Store(store, create=True)
+    part = _parse_shard(shard) if shard is not None else None
+    if address is not None and backend is not Backend.ray:
+        raise UsageError("--address names a Ray cluster: give it with --backend ray")
+    target = _open(store, storage_option, create=True)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(),
                TextColumn("{task.percentage:>5.1f}%"), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err, transient=False) as bar:
@@ -64,12 +84,14 @@ def build_zoo_command(
         def advance(done: int, total: int) -> None:
             bar.update(task, completed=done, total=max(total, 1))
 
-        report = build_zoo(zoo, target, device=device.value, progress=advance)
+        report = build_zoo(zoo, target, device=device.value, progress=advance,
+                           backend=backend.value, address=address, shard=part)
     out.print(
         f"zoo [bold]{report.zoo}[/]: {report.runs_built} runs built "
         f"({report.runs_diverged} diverged), {report.runs_skipped} already in the store, "
         f"{report.cohorts} cohorts, {report.checkpoints} cohort checkpoints, "
         f"{report.seconds:.1f} s ({report.train_seconds:.1f} s in training steps) -> {store}"
+        + (f" (shard {shard})" if shard else "")
     )
 
 
@@ -78,24 +100,22 @@ def sql(
     query: str = typer.Argument(..., help="SQL over the views runs, checkpoints, metrics, "
                                           "final, curves, metrics_wide, zoos."),
     store: str = StoreOption,
+    storage_option: list[str] = StorageOptions,
     format: Format = typer.Option(Format.table, "--format", "-f"),
 ) -> None:
     """Answer a SQL query over the store."""
-    from dlstore.store.store import Store
-
-    _print_frame(Store(store).sql(query), format)
+    _print_frame(_open(store, storage_option).sql(query), format)
 
 
 @app.command()
 def runs(
     store: str = StoreOption,
+    storage_option: list[str] = StorageOptions,
     zoo: str = typer.Option(None, help="Only runs of this zoo."),
     format: Format = typer.Option(Format.table, "--format", "-f"),
 ) -> None:
     """List the runs in the store."""
-    from dlstore.store.store import Store
-
-    frame = Store(store).runs(zoo).select(
+    frame = _open(store, storage_option).runs(zoo).select(
         "run_id", "zoo", "status", "arch", "dataset", "width", "depth", "n_params", "n_train",
         "label_noise", "optimizer", "lr", "weight_decay", "batch_size", "total_steps", "seed")
     _print_frame(frame, format)
@@ -103,11 +123,10 @@ def runs(
 
 @app.command()
 def show(run_id: str = typer.Argument(..., help="A run id, as listed by `dlstore runs`."),
-         store: str = StoreOption) -> None:
+         store: str = StoreOption,
+         storage_option: list[str] = StorageOptions) -> None:
     """Show one run: its config, its checkpoints and its final metrics."""
-    from dlstore.store.store import Store
-
-    s = Store(store)
+    s = _open(store, storage_option)
     run = s.run(run_id)
     table = Table(show_header=False, box=None)
     for key, value in run.items():
@@ -124,12 +143,11 @@ def show(run_id: str = typer.Argument(..., help="A run id, as listed by `dlstore
 
 
 @app.command()
-def verify(store: str = StoreOption) -> None:
+def verify(store: str = StoreOption,
+           storage_option: list[str] = StorageOptions) -> None:
     """Check every shard's hash and header, every checkpoint reference, every table."""
     from dlstore.store.maintenance import verify as verify_store
-    from dlstore.store.store import Store
-
-    report = verify_store(Store(store))
+    report = verify_store(_open(store, storage_option))
     for problem in report.problems:
         out.print(f"[red]problem:[/] {problem}", highlight=False, soft_wrap=True)
     for note in report.notes:
@@ -142,26 +160,24 @@ def verify(store: str = StoreOption) -> None:
 
 
 @app.command()
-def compact(store: str = StoreOption) -> None:
+def compact(store: str = StoreOption,
+            storage_option: list[str] = StorageOptions) -> None:
     """Merge the tables' small files (safe while a build runs)."""
     from dlstore.store.maintenance import compact as compact_store
-    from dlstore.store.store import Store
-
-    removed = compact_store(Store(store))
+    removed = compact_store(_open(store, storage_option))
     out.print("compacted: " + ", ".join(f"{name} {n} files merged" for name, n in removed.items()))
 
 
 @app.command()
 def gc(
     store: str = StoreOption,
+    storage_option: list[str] = StorageOptions,
     dry_run: bool = typer.Option(False, "--dry-run", help="List what would go; remove nothing."),
     older_than: float = typer.Option(24.0, min=0, help="Only remove what is older (hours)."),
 ) -> None:
     """Remove shards no row refers to, leftover temporary files, and old table files."""
     from dlstore.store.maintenance import gc as gc_store
-    from dlstore.store.store import Store
-
-    report = gc_store(Store(store), older_than_hours=older_than, dry_run=dry_run)
+    report = gc_store(_open(store, storage_option), older_than_hours=older_than, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
     out.print(f"{verb} {len(report.shards)} unreferenced shards "
               f"({report.shard_bytes / 2**20:.1f} MiB), {report.temporary} temporary files, "
@@ -178,6 +194,7 @@ def fit_scaling(
                               help="SQL returning columns N, D, loss (two-variable law) or the "
                                    "columns named by --x and --y (one variable)."),
     store: str = StoreOption,
+    storage_option: list[str] = StorageOptions,
     x: str = typer.Option(None, "--x", help="Column of the query for L(x) = E + A x^-alpha."),
     y: str = typer.Option(None, "--y", help="Loss column for the one-variable law."),
     plot: Path = typer.Option(Path("scaling.png"), help="Where to write the figure (PNG)."),
@@ -191,9 +208,7 @@ def fit_scaling(
     from dlstore.analysis.scaling import fit_chinchilla, fit_power_law
     from dlstore.errors import QueryError
     from dlstore.plots import scaling_figure
-    from dlstore.store.store import Store
-
-    s = Store(store)
+    s = _open(store, storage_option)
     frame = s.sql(query)
     if (x is None) != (y is None):
         raise QueryError("give both --x and --y for a one-variable fit, or neither")
@@ -226,6 +241,29 @@ def fit_scaling(
         out.print(f"compute-optimal: N_opt ~ C^{a:.3f}, D_opt ~ C^{b:.3f}")
     figure.savefig(plot, dpi=120)
     out.print(f"figure -> {plot}")
+
+
+def _open(store: str, options: list[str] | None, create: bool = False):
+    from dlstore.store.store import Store
+
+    pairs = {}
+    for option in options or []:
+        key, sep, value = option.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--storage-option {option!r}: give KEY=VALUE")
+        pairs[key.strip()] = value
+    return Store(store, create=create, storage_options=pairs)
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    index, sep, count = text.partition("/")
+    try:
+        part = int(index), int(count)
+    except ValueError:
+        part = None
+    if not sep or part is None or not 0 <= part[0] < part[1]:
+        raise UsageError(f"--shard {text!r}: give I/N with 0 <= I < N, e.g. 0/4")
+    return part
 
 
 def _version() -> str:

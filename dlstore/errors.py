@@ -31,6 +31,10 @@ class CorruptBlobError(DlstoreError):
     """A weight shard whose bytes do not match its content hash, or that cannot be read."""
 
 
+class UsageError(DlstoreError):
+    """A command-line option is malformed, or needs an optional package that is not installed."""
+
+
 class DataMismatchError(DlstoreError):
     """Regenerated training data differs from what a run recorded it trained on."""
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -112,6 +112,18 @@ def cohort_plan(runs: list[RunConfig], datas: list[DatasetTensors]) -> CohortPla
     )
 
 
+@dataclass
+class CohortResult:
+    """A trained cohort whose shards are in the store: the rows that make it visible (committed
+    by `_Committer`, runs rows last) and what the build report counts."""
+
+    checkpoints: list[dict]
+    metrics: dict[str, list]
+    runs: list[dict]
+    n_checkpoints: int
+    train_seconds: float
+
+
 class _Committer:
     """Collects finished cohorts' rows and commits them in batches (runs rows last, one commit
     id): fewer, larger table files. A crash loses at most the cohorts since the last commit; a
@@ -125,15 +137,14 @@ class _Committer:
 
     def _clear(self) -> None:
         self.checkpoints: list[dict] = []
-        self.metrics: dict[str, list] = {k: [] for k in ("run_id", "step", "metric", "tensor",
-                                                         "value")}
+        self.metrics: dict[str, list] = _metric_columns()
         self.runs: list[dict] = []
 
-    def add(self, checkpoints: list[dict], metrics: dict[str, list], runs: list[dict]) -> None:
-        self.checkpoints += checkpoints
-        for k, values in metrics.items():
+    def add(self, result: CohortResult) -> None:
+        self.checkpoints += result.checkpoints
+        for k, values in result.metrics.items():
             self.metrics[k] += values
-        self.runs += runs
+        self.runs += result.runs
         if time.perf_counter() - self.last >= self.every:
             self.flush()
 
@@ -145,76 +156,117 @@ class _Committer:
 
 
 def build_zoo(spec: ZooSpec, store: Store, device: str = "auto",
-              progress: Callable[[int, int], None] | None = None) -> BuildReport:
+              progress: Callable[[int, int], None] | None = None, backend: str = "local",
+              address: str | None = None, shard: tuple[int, int] | None = None) -> BuildReport:
     """Train every run of `spec` that `store` does not hold yet and commit it.
 
-    `progress(done, total)` is called with optimizer steps done (summed over cohorts)."""
+    `backend` "local" trains the cohorts one after another in this process; "ray" runs each
+    cohort as a Ray task (on the cluster at `address`, or a local one). `shard=(i, n)` builds
+    only the i-th of n contiguous blocks of the spec's runs (0 <= i < n), e.g. one Slurm array
+    task each. `progress(done, total)` is called with optimizer steps done (summed over
+    cohorts; per step locally, per finished cohort on Ray)."""
     started = time.perf_counter()
-    dev = resolve_device(device)
+    dev = resolve_device(device) if backend == "local" else None
+    runs = spec.runs if shard is None else shard_runs(spec.runs, *shard)
     done_ids = store.run_ids()
-    todo = [r for r in spec.runs if r.run_id not in done_ids]
-    cohorts = plan_cohorts(todo, spec.build.cohort_size, device=str(dev))
+    todo = [r for r in runs if r.run_id not in done_ids]
+    if backend == "ray":
+        from dlstore.zoo import ray_backend
+
+        execute, plan_device = ray_backend.cohort_runner(store, device, address)
+    else:
+        execute, plan_device = _local_runner(store, dev), str(dev)
+    cohorts = plan_cohorts(todo, spec.build.cohort_size, device=plan_device)
     steps = [runs[0].train.total_steps(datas[0].x_train.shape[0]) for runs, datas in cohorts]
-    report = BuildReport(spec.name, len(spec.runs), len(spec.runs) - len(todo), 0, 0,
-                         len(cohorts), 0, 0.0, 0.0)
+    report = BuildReport(spec.name, len(runs), len(runs) - len(todo), 0, 0, len(cohorts), 0,
+                         0.0, 0.0)
     committer = _Committer(store, spec.build.commit_every)
-    # shards are written by a background thread while the next steps train (torch and hashing
-    # release the GIL); rows are committed once every shard they point to is on disk
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dlstore-writer") as writer:
-        for k, (runs, datas) in enumerate(cohorts):
-            offset = sum(steps[:k])
-
-            def on_step(step: int, offset: int = offset) -> None:
-                if progress:
-                    progress(offset + step, sum(steps))
-
-            plan = cohort_plan(runs, datas)
-            trainer = CohortTrainer(plan, dev, on_step=on_step)
-            rows = _train_cohort(spec.name, trainer, runs, datas, store, writer, report)
-            committer.add(*rows)
-            report.runs_built += len(runs)
-            report.train_seconds += trainer.train_seconds
-        committer.flush()
+    total = sum(steps)
+    for result in execute(spec.name, cohorts, steps,
+                          (lambda done: progress(done, total)) if progress else None):
+        committer.add(result)
+        report.runs_built += len(result.runs)
+        report.runs_diverged += sum(r["status"] == "diverged" for r in result.runs)
+        report.checkpoints += result.n_checkpoints
+        report.train_seconds += result.train_seconds
+    committer.flush()
     store.record_zoo({"zoo": spec.name, "spec": spec.text, "spec_hash": spec.spec_hash,
                       "n_runs": len(spec.runs), "dlstore_version": dlstore.__version__})
     report.seconds = time.perf_counter() - started
     return report
 
 
-def _train_cohort(zoo: str, trainer: CohortTrainer, runs: list[RunConfig],
-                  datas: list[DatasetTensors], store: Store, writer: ThreadPoolExecutor,
-                  report: BuildReport) -> tuple[list[dict], dict[str, list], list[dict]]:
-    """Train one cohort, handing its shards to the writer; return its checkpoint, metric and
-    runs rows once its shards are written."""
+def shard_runs(runs: list[RunConfig], index: int, count: int) -> list[RunConfig]:
+    """The index-th of `count` contiguous blocks of `runs`: the same runs whatever the store
+    holds, and neighbouring grid points (which share cohorts) stay together."""
+    if not 0 <= index < count:
+        raise SpecError(f"shard {index}/{count}: give I/N with 0 <= I < N")
+    return [r for k, r in enumerate(runs) if k * count // len(runs) == index]
+
+
+Cohorts = list[tuple[list[RunConfig], list[DatasetTensors]]]
+Runner = Callable[[str, Cohorts, list[int], Callable[[int], None] | None],
+                  Iterator[CohortResult]]
+
+
+def _local_runner(store: Store, device: torch.device) -> Runner:
+    """Cohorts one after another in this process."""
+
+    def execute(zoo: str, cohorts: Cohorts, steps: list[int],
+                progress: Callable[[int], None] | None) -> Iterator[CohortResult]:
+        for k, (runs, datas) in enumerate(cohorts):
+            offset = sum(steps[:k])
+
+            def on_step(step: int, offset: int = offset) -> None:
+                if progress:
+                    progress(offset + step)
+
+            yield build_cohort(zoo, runs, datas, store, device, on_step)
+
+    return execute
+
+
+def build_cohort(zoo: str, runs: list[RunConfig], datas: list[DatasetTensors], store: Store,
+                 device: torch.device, on_step: Callable[[int], None] | None = None
+                 ) -> CohortResult:
+    """Train one cohort and write its shards to the store (by a background thread, while the
+    next steps train: torch and hashing release the GIL); return its rows once every shard they
+    point to is stored. Shared by every backend; the caller commits the rows."""
+    trainer = CohortTrainer(cohort_plan(runs, datas), device, on_step=on_step)
     plan = trainer.plan
     groups = _shape_groups(plan)
     pending: list[tuple[Future, Checkpoint, list[int]]] = []
-    metrics: dict[str, list] = {k: [] for k in ("run_id", "step", "metric", "tensor", "value")}
+    metrics = _metric_columns()
     last_step = [-1] * len(runs)
-    for ck in trainer.run():
-        for members in groups:
-            tensors = _member_slices(ck.params, plan, members)
-            meta = _shard_metadata(zoo, plan, [runs[i] for i in members], tensors, ck.step)
-            pending.append((writer.submit(store.put_shard, tensors, meta), ck, members))
-        alive = ck.alive.nonzero().flatten().tolist()
-        for i in alive:
-            last_step[i] = ck.step
-        ids = [runs[i].run_id for i in alive]
-        for name, values in ck.metrics.items():
-            metrics["run_id"] += ids
-            metrics["step"] += [ck.step] * len(ids)
-            metrics["metric"] += [name] * len(ids)
-            metrics["tensor"] += [None] * len(ids)
-            metrics["value"] += values[alive].tolist()
-        report.checkpoints += 1
-    checkpoints = [row for future, ck, members in pending
-                   for row in _checkpoint_rows(future.result(), ck, members, runs, plan)]
+    n_checkpoints = 0
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dlstore-writer") as writer:
+        for ck in trainer.run():
+            for members in groups:
+                tensors = _member_slices(ck.params, plan, members)
+                meta = _shard_metadata(zoo, plan, [runs[i] for i in members], tensors, ck.step)
+                pending.append((writer.submit(store.put_shard, tensors, meta), ck, members))
+            alive = ck.alive.nonzero().flatten().tolist()
+            for i in alive:
+                last_step[i] = ck.step
+            ids = [runs[i].run_id for i in alive]
+            for name, values in ck.metrics.items():
+                metrics["run_id"] += ids
+                metrics["step"] += [ck.step] * len(ids)
+                metrics["metric"] += [name] * len(ids)
+                metrics["tensor"] += [None] * len(ids)
+                metrics["value"] += values[alive].tolist()
+            n_checkpoints += 1
+        checkpoints = [row for future, ck, members in pending
+                       for row in _checkpoint_rows(future.result(), ck, members, runs, plan)]
     cohort_id = uuid.uuid4().hex[:16]
     run_rows = [_run_row(run, data, plan, cohort_id, last_step[i], int(trainer.diverged_step[i]),
                          trainer.train_seconds / len(runs), trainer.device)
                 for i, (run, data) in enumerate(zip(runs, datas))]
-    report.runs_diverged += sum(r["status"] == "diverged" for r in run_rows)
-    return checkpoints, metrics, run_rows
+    return CohortResult(checkpoints, metrics, run_rows, n_checkpoints, trainer.train_seconds)
+
+
+def _metric_columns() -> dict[str, list]:
+    return {k: [] for k in ("run_id", "step", "metric", "tensor", "value")}
 
 
 def _shape_groups(plan: CohortPlan) -> list[list[int]]:
