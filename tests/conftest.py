@@ -1,10 +1,6 @@
 import itertools
 import os
-import socket
-import subprocess
-import sys
 import textwrap
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -14,6 +10,7 @@ from hypothesis import settings
 from dlstore.store.store import Store
 from dlstore.zoo.builder import build_zoo
 from dlstore.zoo.spec import ZooSpec
+from tests.s3server import start_s3_server
 
 # Property-based tests draw the same examples on every run, so that CI is reproducible; set
 # HYPOTHESIS_PROFILE=explore to draw fresh ones.
@@ -66,30 +63,10 @@ def s3(tmp_path_factory):
     factory of fresh store URIs and the storage options that reach them. Shards read from it
     are cached under a temporary directory, not the user's cache."""
     try:
-        import boto3
-        import moto.server  # noqa: F401
+        server, options = start_s3_server("zoos")
     except ImportError as e:
         pytest.skip(f"no local S3 server: moto[server] cannot be imported ({e}); "
                     "pip install 'moto[server]' (part of the dev extra)")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    # a process of its own: deltalake calls that hold the GIL would starve a server thread
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert server.poll() is None and time.monotonic() < deadline, "moto did not start"
-            time.sleep(0.1)
-    options = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-               "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
-    boto3.client("s3", endpoint_url=options["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                 aws_access_key_id="testing", aws_secret_access_key="testing"
-                 ).create_bucket(Bucket="zoos")
     cache = os.environ.get("DLSTORE_CACHE")
     os.environ["DLSTORE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     names = itertools.count()

@@ -25,7 +25,7 @@ from typing import IO, TYPE_CHECKING
 from safetensors import SafetensorError, safe_open
 
 from dlstore.errors import CorruptBlobError, NotFoundError, StoreError
-from dlstore.store.location import FileInfo, Location
+from dlstore.store.location import FileInfo, Location, cache_dir
 
 if TYPE_CHECKING:
     import torch
@@ -128,7 +128,7 @@ class BlobStore:
                 with open(local, "rb") as f:
                     self._check(blob, _digest(f))
             return local
-        cached = _cache_dir() / blob[:2] / f"{blob[2:]}{_SUFFIX}"
+        cached = cache_dir() / "blobs" / blob[:2] / f"{blob[2:]}{_SUFFIX}"
         if cached.is_file() and (not verify or blob in self._verified):
             return cached
         if cached.is_file():
@@ -200,8 +200,3 @@ def _digest(source: IO[bytes], sink: IO[bytes] | None = None):
             sink.write(chunk)
     return digest
 
-
-def _cache_dir() -> Path:
-    root = os.environ.get("DLSTORE_CACHE") or Path(
-        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dlstore"
-    return Path(root) / "blobs"

@@ -14,8 +14,9 @@ implementations of `Location`:
 The tables go through deltalake's own object-store support with `storage_options`; this module
 only decides those options. On S3 they always keep Delta's safe commit (conditional put,
 `If-None-Match`), never the unsafe-rename mode, so concurrent builders cannot lose a commit.
-DuckDB reads an object store's Parquet files through the same pyarrow filesystem registered as
-an fsspec filesystem: no DuckDB extension is downloaded at run time.
+DuckDB reads an object store's Parquet files from local copies fetched through the same pyarrow
+filesystem (data files never change under their name): no DuckDB extension is downloaded at run
+time, and queries run at local speed once the files are here.
 
 Keys are '/'-separated paths relative to the store's root.
 """
@@ -23,6 +24,7 @@ Keys are '/'-separated paths relative to the store's root.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -238,20 +240,28 @@ class ObjectLocation(Location):
         return None
 
     def readable_by_duckdb(self, con: duckdb.DuckDBPyConnection, uris: list[str]) -> list[str]:
-        from fsspec.implementations.arrow import ArrowFSWrapper
+        """Local copies: Delta never rewrites a data file under its name, so a copy fetched once
+        stays valid, and DuckDB then reads at local speed (the first query on a machine fetches
+        the tables, later ones only files committed since)."""
+        import hashlib
 
-        protocol = f"dlstore{self.scheme}"
-
-        class Wrapper(ArrowFSWrapper):
-            # the bucket stays part of the path (fsspec's default would take it for a host)
-            @classmethod
-            def _strip_protocol(cls, path):
-                return path.split("://", 1)[-1]
-
-        Wrapper.protocol = protocol
-        if not con.filesystem_is_registered(protocol):
-            con.register_filesystem(Wrapper(self.fs))
-        return [f"{protocol}://{u.split('://', 1)[-1]}" for u in uris]
+        paths = []
+        for uri in uris:
+            name = hashlib.sha256(uri.encode()).hexdigest()
+            cached = cache_dir() / "tables" / name[:2] / f"{name[2:]}.parquet"
+            if not cached.is_file():
+                source = uri.split("://", 1)[-1]
+                tmp = cached.parent / f".{cached.name}.{uuid.uuid4().hex}.tmp"
+                try:
+                    cached.parent.mkdir(parents=True, exist_ok=True)
+                    with self._call(uri, lambda s=source: self.fs.open_input_stream(s)) as f, \
+                            open(tmp, "wb") as out:
+                        shutil.copyfileobj(f, out, 1 << 22)
+                    os.replace(tmp, cached)
+                finally:
+                    tmp.unlink(missing_ok=True)
+            paths.append(str(cached))
+        return paths
 
     def _call(self, key, action):
         try:
@@ -332,6 +342,13 @@ def _other_location(uri: str, options: dict[str, str]) -> ObjectLocation:
             raise StoreError(f"no filesystem for the store URI {uri}: {e}") from None
         filesystem = pafs.PyFileSystem(pafs.FSSpecHandler(spec_fs))
     return ObjectLocation(uri, options, filesystem, base)
+
+
+def cache_dir() -> Path:
+    """Where copies of object-store files are kept on this machine ($DLSTORE_CACHE)."""
+    root = os.environ.get("DLSTORE_CACHE") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dlstore"
+    return Path(root)
 
 
 def _first(settings: dict[str, str], *names: str) -> str | None:

@@ -28,6 +28,7 @@ class Tables:
         self.prefix = prefix
         self.options = location.storage_options
         self._current: set[str] = set()  # tables whose schema this process has brought up to date
+        self._loaded: dict[str, DeltaTable] = {}  # snapshots read so far, brought up to date
 
     def path(self, name: str) -> str:
         """The table's URI as deltalake opens it (a plain path for a local store)."""
@@ -93,7 +94,11 @@ class Tables:
         """(version, Parquet file URIs) of the table's current snapshot. A table that a newer
         dlstore added and this store has not written yet reads as empty (version -1)."""
         try:
-            table = self._open(name)
+            table = self._loaded.get(name)
+            if table is None:
+                table = self._loaded[name] = self._open(name)
+            else:  # only the log entries committed since (on an object store: fewer requests)
+                table.update_incremental()
         except TableNotFoundError:
             if not self.location.list(f"{self.prefix}/{name}"):
                 return -1, []
