@@ -1,6 +1,11 @@
 """Property-based: whatever a user gives, the answer is a result or a one-line DlstoreError."""
 
+import contextlib
+import os
 import shutil
+import stat
+import subprocess
+import sys
 import tomllib
 
 import pytest
@@ -117,20 +122,51 @@ def test_any_run_id_and_step_give_weights_or_not_found(built_store, run_id, step
         _one_line(e)
 
 
-@pytest.mark.skipif(not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() == 0,
-                    reason="root writes through read-only permissions")
-def test_read_only_store_is_a_one_line_error(tmp_path, tiny_spec):
-    import os
-    import stat
+@contextlib.contextmanager
+def read_only(root):
+    """Make a directory tree unwritable: permissions for a normal user, the immutable attribute
+    for root (whom permissions do not stop); skip where neither is possible."""
+    if os.geteuid() != 0:
+        modes = {}
+        for folder, _, files in os.walk(root):
+            for path in [folder, *(os.path.join(folder, f) for f in files)]:
+                modes[path] = os.stat(path).st_mode
+                os.chmod(path, modes[path] & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+        try:
+            yield
+        finally:
+            for path, mode in modes.items():
+                os.chmod(path, mode)
+        return
+    if shutil.which("chattr") is None or subprocess.run(
+            ["chattr", "-R", "+i", str(root)], capture_output=True).returncode != 0:
+        pytest.skip("running as root where chattr +i is not available: nothing makes a "
+                    "directory read-only for root here")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-R", "-i", str(root)], check=True)
 
+
+def _tree(root) -> dict:
+    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_read_only_store_is_a_one_line_error_and_stays_as_it_was(tmp_path, tiny_spec):
     from dlstore.store.store import Store
     from dlstore.zoo.builder import build_zoo
 
     store = Store(tmp_path / "s", create=True)
-    for folder, _, files in os.walk(store.root):
-        for name in [*files, "."]:
-            path = os.path.join(folder, name)
-            os.chmod(path, os.stat(path).st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
-    with pytest.raises(DlstoreError) as caught:
-        build_zoo(tiny_spec, store, device="cpu")
-    _one_line(caught.value)
+    spec_file = tmp_path / "tiny.toml"
+    spec_file.write_text(TINY_SPEC)
+    before = _tree(store.root)
+    with read_only(store.root):
+        with pytest.raises(DlstoreError) as caught:
+            build_zoo(tiny_spec, store, device="cpu")
+        _one_line(caught.value)
+        result = subprocess.run(
+            [sys.executable, "-m", "dlstore.cli", "build-zoo", str(spec_file), "--store",
+             str(store.root), "--device", "cpu"], capture_output=True, text=True)
+    assert _tree(store.root) == before
+    assert dlstore.open(store.root).runs().height == 0
+    assert result.returncode == 1 and "Traceback" not in result.stderr

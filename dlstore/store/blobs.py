@@ -63,6 +63,16 @@ class BlobStore:
         self._verified.add(blob)
         return blob
 
+    def check_writable(self) -> None:
+        """Raise StoreError now, rather than after hours of training, if shards cannot be
+        written here (a read-only store, a full or unmounted disk)."""
+        probe = f"{self.prefix}/.probe.{uuid.uuid4().hex}.tmp"
+        try:
+            self.location.write_atomic(probe, b"")
+            self.location.remove(probe)
+        except OSError as e:
+            raise StoreError(f"cannot write shards to {self.root}: {e.strerror or e}") from None
+
     def verify(self, blob: str, force: bool = False) -> None:
         """Raise CorruptBlobError unless the shard's bytes hash to its name (checked once per
         process unless `force`; `force` on an object store hashes the stored object itself)."""

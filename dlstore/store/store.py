@@ -173,6 +173,10 @@ class Store:
 
     # -- writing (the builder's side) -----------------------------------------------------
 
+    def check_writable(self) -> None:
+        """StoreError unless shards can be written: checked before a build trains anything."""
+        self.blobs.check_writable()
+
     def put_shard(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
         return self.blobs.put(tensors, metadata)
 

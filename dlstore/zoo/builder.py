@@ -167,6 +167,7 @@ def build_zoo(spec: ZooSpec, store: Store, device: str = "auto",
     cohorts; per step locally, per finished cohort on Ray)."""
     started = time.perf_counter()
     dev = resolve_device(device) if backend == "local" else None
+    store.check_writable()
     runs = spec.runs if shard is None else shard_runs(spec.runs, *shard)
     done_ids = store.run_ids()
     todo = [r for r in runs if r.run_id not in done_ids]
@@ -226,47 +227,68 @@ def _local_runner(store: Store, device: torch.device) -> Runner:
     return execute
 
 
+# Checkpoints waiting for the background thread at most; training waits beyond that, so that
+# snapshots never pile up in memory when evaluating and writing is slower than training.
+MAX_PENDING_CHECKPOINTS = 4
+
+
 def build_cohort(zoo: str, runs: list[RunConfig], datas: list[DatasetTensors], store: Store,
                  device: torch.device, on_step: Callable[[int], None] | None = None
                  ) -> CohortResult:
-    """Train one cohort and write its shards to the store (by a background thread, while the
-    next steps train: torch and hashing release the GIL); return its rows once every shard they
-    point to is stored. Shared by every backend; the caller commits the rows."""
+    """Train one cohort while a background thread evaluates its checkpoints and writes their
+    shards to the store (torch and hashing release the GIL); return its rows once every shard
+    they point to is stored. Shared by every backend; the caller commits the rows."""
     trainer = CohortTrainer(cohort_plan(runs, datas), device, on_step=on_step)
     plan = trainer.plan
     groups = _shape_groups(plan)
-    pending: list[tuple[Future, Checkpoint, list[int]]] = []
-    metrics = _metric_columns()
-    last_step = [-1] * len(runs)
-    n_checkpoints = 0
+    pending: list[Future] = []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dlstore-writer") as writer:
         for ck in trainer.run():
-            for members in groups:
-                tensors = _member_slices(ck.params, plan, members)
-                meta = _shard_metadata(zoo, plan, [runs[i] for i in members], tensors, ck.step)
-                pending.append((writer.submit(store.put_shard, tensors, meta), ck, members))
-            alive = ck.alive.nonzero().flatten().tolist()
+            pending.append(writer.submit(_record_checkpoint, zoo, ck, runs, plan, groups, store))
+            if len(pending) > MAX_PENDING_CHECKPOINTS:
+                pending[-MAX_PENDING_CHECKPOINTS - 1].result()
+        checkpoints: list[dict] = []
+        metrics = _metric_columns()
+        last_step = [-1] * len(runs)
+        for future in pending:
+            ck_rows, ck_metrics, alive, step = future.result()
+            checkpoints += ck_rows
+            for k, values in ck_metrics.items():
+                metrics[k] += values
             for i in alive:
-                last_step[i] = ck.step
-            ids = [runs[i].run_id for i in alive]
-            for name, values in ck.metrics.items():
-                metrics["run_id"] += ids
-                metrics["step"] += [ck.step] * len(ids)
-                metrics["metric"] += [name] * len(ids)
-                metrics["tensor"] += [None] * len(ids)
-                metrics["value"] += values[alive].tolist()
-            n_checkpoints += 1
-        checkpoints = [row for future, ck, members in pending
-                       for row in _checkpoint_rows(future.result(), ck, members, runs, plan)]
+                last_step[i] = step
     cohort_id = uuid.uuid4().hex[:16]
     run_rows = [_run_row(run, data, plan, cohort_id, last_step[i], int(trainer.diverged_step[i]),
                          trainer.train_seconds / len(runs), trainer.device)
                 for i, (run, data) in enumerate(zip(runs, datas))]
-    return CohortResult(checkpoints, metrics, run_rows, n_checkpoints, trainer.train_seconds)
+    return CohortResult(checkpoints, metrics, run_rows, len(pending), trainer.train_seconds)
 
 
 def _metric_columns() -> dict[str, list]:
     return {k: [] for k in ("run_id", "step", "metric", "tensor", "value")}
+
+
+def _record_checkpoint(zoo: str, ck: Checkpoint, runs: list[RunConfig], plan: CohortPlan,
+                       groups: list[list[int]], store: Store
+                       ) -> tuple[list[dict], dict[str, list], list[int], int]:
+    """Evaluate a checkpoint snapshot and write its shards (on the writer thread): returns its
+    checkpoint rows, its metric columns, the members alive at it, and its step."""
+    alive = ck.alive.nonzero().flatten().tolist()
+    ids = [runs[i].run_id for i in alive]
+    metrics = _metric_columns()
+    for name, values in ck.metrics.items():
+        metrics["run_id"] += ids
+        metrics["step"] += [ck.step] * len(ids)
+        metrics["metric"] += [name] * len(ids)
+        metrics["tensor"] += [None] * len(ids)
+        metrics["value"] += values[alive].tolist()
+    params = {k: v.cpu() for k, v in ck.params.items()}
+    rows = []
+    for members in groups:
+        tensors = _member_slices(params, plan, members)
+        meta = _shard_metadata(zoo, plan, [runs[i] for i in members], tensors, ck.step)
+        rows += _checkpoint_rows(store.put_shard(tensors, meta), ck, members, runs, plan)
+    return rows, metrics, alive, ck.step
 
 
 def _shape_groups(plan: CohortPlan) -> list[list[int]]:

@@ -168,11 +168,13 @@ def activation_units(options: ArchOptions, input_shape: tuple[int, ...], n_class
         nonlocal total
         total += output[0].numel()
 
-    with torch.device("meta"):
+    # one real example on the CPU: a forward on the meta device costs over a second on its first
+    # call (operator decompositions load), far more than this network's forward
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
         module = options.build(input_shape, n_classes)
         hooks = [m.register_forward_hook(count) for m in module.modules()
                  if not list(m.children())]
-        module(torch.empty((1, *input_shape)))
+        module(torch.zeros((1, *input_shape)))
     for hook in hooks:
         hook.remove()
     return total

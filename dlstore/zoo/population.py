@@ -11,8 +11,9 @@ Each member draws its own batches from its own order seed and sees its own label
 and training-set size, so a member trained here ends where the same run trained alone by
 `reference.train_reference` ends (up to float rounding).
 
-The trainer writes nothing: it yields a `Checkpoint` (stacked weights on the CPU plus metrics)
-at each checkpoint step, and the builder hands those to the store.
+The trainer writes nothing: it yields a `Checkpoint` at each checkpoint step, a snapshot of the
+stacked weights whose metrics are computed when first asked for, so that the builder can evaluate
+and store checkpoints on a background thread while training goes on.
 
 A member whose training loss becomes NaN or infinite is frozen from that step on (its weights stop
 changing, later checkpoints skip it) and reported in `diverged_step`; the rest of the cohort trains
@@ -21,6 +22,7 @@ on.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -81,9 +83,45 @@ class CohortPlan:
 class Checkpoint:
     step: int
     epoch: torch.Tensor  # [P] float64: step / steps per epoch of each member
-    params: Params  # [P, ...] on the CPU, each member at its own shape within the widest
-    metrics: dict[str, torch.Tensor]  # name -> [P] float64
+    params: Params  # [P, ...] snapshot on the training device, each member at its own shape
     alive: torch.Tensor  # [P] bool: members not diverged before this step
+    evaluator: CheckpointEvaluator
+
+    @functools.cached_property
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """name -> [P] float64 on the CPU, computed on first access (on any thread)."""
+        return self.evaluator(self.params)
+
+
+@dataclass
+class CheckpointEvaluator:
+    """The metrics of a checkpoint snapshot: losses and accuracies on the full splits (each
+    member on its own training subset and labels), weight norm and distance from init."""
+
+    kernel: object
+    init: Params
+    x_train: torch.Tensor
+    y_train: torch.Tensor  # [P, n] per-member labels
+    n_train: torch.Tensor  # [P]
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    chunk: int
+
+    def __call__(self, params: Params) -> dict[str, torch.Tensor]:
+        forward = self.kernel.forward_shared
+        with torch.no_grad():
+            train_loss, train_acc = loss_and_accuracy(forward, params, self.x_train,
+                                                      self.y_train, n_valid=self.n_train,
+                                                      chunk=self.chunk)
+            test_loss, test_acc = loss_and_accuracy(forward, params, self.x_test, self.y_test,
+                                                    chunk=self.chunk)
+            metrics = {
+                "train_loss": train_loss, "train_acc": train_acc,
+                "test_loss": test_loss, "test_acc": test_acc,
+                "weight_norm": weight_norm(params),
+                "dist_from_init": dist_from_init(params, self.init),
+            }
+        return {k: v.cpu() for k, v in metrics.items()}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -178,11 +216,15 @@ class CohortTrainer:
 
         alive = torch.ones(n_members, dtype=torch.bool, device=dev)
         checkpoints = set(plan.checkpoint_steps)
+        evaluator = CheckpointEvaluator(self.kernel, init, x_train, y_train, n_train, x_test,
+                                        y_test, self.eval_chunk)
 
         for t in range(plan.total_steps + 1):
             if t in checkpoints:
-                yield self._checkpoint(t, sampler.epoch(t), params, init, alive, x_train, y_train,
-                                       n_train, x_test, y_test)
+                # a snapshot: training goes on in place while the checkpoint is evaluated/stored
+                yield Checkpoint(step=t, epoch=sampler.epoch(t),
+                                 params={k: v.detach().clone() for k, v in params.items()},
+                                 alive=alive.cpu().clone(), evaluator=evaluator)
             if t == plan.total_steps:
                 break
             started = time.perf_counter()
@@ -201,25 +243,6 @@ class CohortTrainer:
             if self.on_step is not None:
                 self.on_step(t + 1)
 
-    def _checkpoint(self, step, epoch, params, init, alive, x_train, y_train, n_train, x_test,
-                    y_test) -> Checkpoint:
-        forward = self.kernel.forward_shared
-        with torch.no_grad():
-            train_loss, train_acc = loss_and_accuracy(forward, params, x_train, y_train,
-                                                      n_valid=n_train, chunk=self.eval_chunk)
-            test_loss, test_acc = loss_and_accuracy(forward, params, x_test, y_test,
-                                                    chunk=self.eval_chunk)
-            metrics = {
-                "train_loss": train_loss, "train_acc": train_acc,
-                "test_loss": test_loss, "test_acc": test_acc,
-                "weight_norm": weight_norm(params), "dist_from_init": dist_from_init(params, init),
-            }
-        return Checkpoint(
-            step=step, epoch=epoch,
-            params={k: v.detach().to("cpu", copy=True) for k, v in params.items()},
-            metrics={k: v.cpu() for k, v in metrics.items()},
-            alive=alive.cpu().clone(),
-        )
 
 
 class StackedOptimizer:
