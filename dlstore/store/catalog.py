@@ -3,8 +3,8 @@ convenience views researchers query (`final`, `curves`, `metrics_wide`), defined
 
 Views read the snapshot's Parquet file list directly (`read_parquet([...])`), which is several
 times faster for filtered aggregates than going through a registered Arrow dataset. On an object
-store the same list is read through the store's filesystem, registered with DuckDB (see
-`Location.readable_by_duckdb`).
+store DuckDB reads local copies of the same files (see `Location.readable_files`): no extension
+is downloaded.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class Catalog:
             self.con.register(f"_empty_{name}", schema.empty_table())
             source = f"SELECT * FROM _empty_{name}"
             if files:
-                files = self.tables.location.readable_by_duckdb(self.con, files)
+                files = self.tables.location.readable_files(files)
                 listing = ", ".join(_sql_string(f) for f in files)
                 source += (" UNION ALL BY NAME SELECT * FROM "
                            f"read_parquet([{listing}], union_by_name = true)")

@@ -35,7 +35,6 @@ from typing import IO, TYPE_CHECKING
 from dlstore.errors import StoreError
 
 if TYPE_CHECKING:
-    import duckdb
     from pyarrow import fs as pafs
 
 # options that would switch Delta's S3 commits to a rename without mutual exclusion
@@ -98,8 +97,9 @@ class Location(ABC):
         """The file on this machine holding `key`, where there is one (local stores)."""
 
     @abstractmethod
-    def readable_by_duckdb(self, con: duckdb.DuckDBPyConnection, uris: list[str]) -> list[str]:
-        """The paths under which `con` reads these file URIs (as deltalake lists them)."""
+    def readable_files(self, uris: list[str]) -> list[str]:
+        """Paths on this machine from which DuckDB reads these table files (URIs as deltalake
+        lists them)."""
 
 
 class LocalLocation(Location):
@@ -168,7 +168,7 @@ class LocalLocation(Location):
     def local_path(self, key: str) -> Path:
         return self.root / key
 
-    def readable_by_duckdb(self, con: duckdb.DuckDBPyConnection, uris: list[str]) -> list[str]:
+    def readable_files(self, uris: list[str]) -> list[str]:
         return uris
 
 
@@ -239,7 +239,7 @@ class ObjectLocation(Location):
     def local_path(self, key: str) -> None:
         return None
 
-    def readable_by_duckdb(self, con: duckdb.DuckDBPyConnection, uris: list[str]) -> list[str]:
+    def readable_files(self, uris: list[str]) -> list[str]:
         """Local copies: Delta never rewrites a data file under its name, so a copy fetched once
         stays valid, and DuckDB then reads at local speed (the first query on a machine fetches
         the tables, later ones only files committed since)."""
