@@ -207,7 +207,7 @@ class ObjectLocation(Location):
 
     def write_atomic(self, key: str, data: bytes) -> None:
         head, _, name = key.rpartition("/")
-        tmp = f"{head}/.{name}.{uuid.uuid4().hex}.tmp" if head else f".{name}.tmp"
+        tmp = f"{head}/" * bool(head) + f".{name}.{uuid.uuid4().hex}.tmp"
 
         def write() -> None:
             with self.fs.open_output_stream(self._path(tmp)) as f:
@@ -234,7 +234,10 @@ class ObjectLocation(Location):
                        if f.type == pafs.FileType.File), key=lambda f: f.key)
 
     def remove(self, key: str) -> None:
-        self._call(key, lambda: self.fs.delete_file(self._path(key)))
+        try:
+            self._call(key, lambda: self.fs.delete_file(self._path(key)))
+        except FileNotFoundError:
+            pass  # as on a local disk: already gone is removed
 
     def local_path(self, key: str) -> None:
         return None
