@@ -71,9 +71,8 @@ def test_the_cli_reaches_s3_through_options_and_environment(s3, s3_store):
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["n", "8"]
     env = {**os.environ, **s3.options}
-    for args in (("runs", "--format", "csv"), ("verify",)):
-        result = _cli(*args, "--store", str(s3_store.root), env=env)
-        assert result.returncode == 0, result.stderr
+    result = _cli("verify", "--store", str(s3_store.root), env=env)
+    assert result.returncode == 0, result.stderr
     assert "ok: 10 shards, 40 checkpoints" in result.stdout
     run_id = s3_store.runs()["run_id"][0]
     shown = _cli("show", run_id, "--store", str(s3_store.root), env=env)
@@ -129,9 +128,9 @@ def _build(spec, uri, s3):
 
 
 def test_two_builders_at_once_on_s3(s3, tmp_path, built_store):
-    text = TINY_SPEC + "\n[build]\ncohort_size = 2\ncommit_every = 0\n"
+    """Both train the whole zoo (one cohort) and commit it, racing: each run shows once."""
     spec = tmp_path / "tiny.toml"
-    spec.write_text(text)
+    spec.write_text(TINY_SPEC)
     uri = s3.new_uri()
     dlstore.Store(uri, create=True, storage_options=s3.options)
     builders = [subprocess.Popen(_build(spec, uri, s3), stdout=subprocess.DEVNULL,
@@ -144,9 +143,7 @@ def test_two_builders_at_once_on_s3(s3, tmp_path, built_store):
     counts = store.sql("SELECT run_id, count(*) AS n FROM metrics GROUP BY run_id")
     assert counts.height == 8 and set(counts["n"]) == {5 * 6}
     assert verify(store).ok
-    reference = dlstore.Store(tmp_path / "reference", create=True)
-    build_zoo(ZooSpec.from_text(text), reference, device="cpu")
-    _same_weights(store, reference)
+    _same_weights(store, built_store)
 
 
 @pytest.mark.slow
