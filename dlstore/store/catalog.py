@@ -2,7 +2,9 @@
 convenience views researchers query (`final`, `curves`, `metrics_wide`), defined here in SQL.
 
 Views read the snapshot's Parquet file list directly (`read_parquet([...])`), which is several
-times faster for filtered aggregates than going through a registered Arrow dataset.
+times faster for filtered aggregates than going through a registered Arrow dataset. On an object
+store DuckDB reads local copies of the same files (see `Location.readable_files`): no extension
+is downloaded.
 """
 
 from __future__ import annotations
@@ -133,6 +135,7 @@ class Catalog:
             self.con.register(f"_empty_{name}", schema.empty_table())
             source = f"SELECT * FROM _empty_{name}"
             if files:
+                files = self.tables.location.readable_files(files)
                 listing = ", ".join(_sql_string(f) for f in files)
                 source += (" UNION ALL BY NAME SELECT * FROM "
                            f"read_parquet([{listing}], union_by_name = true)")

@@ -94,16 +94,15 @@ def gc(store: Store, older_than_hours: float = 24.0, dry_run: bool = False) -> G
     referenced = set(store.sql("SELECT blob FROM _checkpoints UNION SELECT blob FROM _masks"
                                )["blob"])
     blobs, temporary = store.blobs.list()
-    for blob in blobs:
-        path = store.blobs.path(blob)
-        if blob not in referenced and path.stat().st_mtime < cutoff:
+    for blob, info in blobs.items():
+        if blob not in referenced and info.mtime < cutoff:
             report.shards.append(blob)
-            report.shard_bytes += path.stat().st_size if dry_run else store.blobs.remove(blob)
-    for path in temporary:
-        if path.stat().st_mtime < cutoff:
+            report.shard_bytes += info.size if dry_run else store.blobs.remove(blob)
+    for leftover in temporary:
+        if leftover.mtime < cutoff:
             report.temporary += 1
             if not dry_run:
-                path.unlink(missing_ok=True)
+                store.blobs.remove_temporary(leftover)
     for name in TABLES:
         if store.tables.snapshot(name)[0] >= 0:
             report.table_files += len(store.tables.vacuum(name, int(older_than_hours), dry_run))

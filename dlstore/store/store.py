@@ -31,6 +31,7 @@ from dlstore.errors import (
 )
 from dlstore.store.blobs import BlobStore
 from dlstore.store.catalog import Catalog
+from dlstore.store.location import open_location
 from dlstore.store.tables import Tables
 
 if TYPE_CHECKING:  # torch is imported where weights are touched, so that SQL starts fast
@@ -47,33 +48,46 @@ FORMAT_VERSION = 1
 
 
 class Store:
-    """A dlstore store on the local filesystem. Use `dlstore.open(path)`."""
+    """A dlstore store: a local directory or an object-store URI (`s3://bucket/prefix`, ...).
+    Use `dlstore.open(location, storage_options=...)`; `storage_options` are deltalake's names
+    (`AWS_ENDPOINT_URL`, `AWS_REGION`, ...) and add to the usual environment variables."""
 
-    def __init__(self, root: str | Path, create: bool = False):
-        self.root = Path(root)
-        marker = self.root / _MARKER
-        if not marker.is_file():
+    def __init__(self, root: str | Path, create: bool = False,
+                 storage_options: dict[str, str] | None = None):
+        self.location = open_location(root, storage_options)
+        self.root: Path | str = self.location.local_path("") or self.location.uri
+        if not self.location.is_file(_MARKER):
             if not create:
-                what = "is a file, not a store" if self.root.is_file() else (
-                    "holds no dlstore store" if self.root.exists() else "does not exist")
-                raise StoreError(f"store {self.root} {what}; build a zoo into it first "
-                                 "(dlstore build-zoo SPEC --store PATH)")
-            self._initialise(marker)
-        self.blobs = BlobStore(self.root / "blobs")
-        self.tables = Tables(self.root / "tables")
+                raise StoreError(f"store {self.root} {self._what_is_there()}; build a zoo into "
+                                 "it first (dlstore build-zoo SPEC --store PATH)")
+            self._initialise()
+        self.blobs = BlobStore(self.location)
+        self.tables = Tables(self.location)
         if create:
             self.tables.create_missing()
         self.catalog = Catalog(self.tables)
 
-    def _initialise(self, marker: Path) -> None:
-        if self.root.exists() and not self.root.is_dir():
-            raise StoreError(f"store path {self.root} is a file, not a directory")
-        if self.root.is_dir() and any(self.root.iterdir()):
-            raise StoreError(f"{self.root} is a non-empty directory that holds no dlstore store; "
-                             "choose an empty or new directory")
+    @property
+    def storage_options(self) -> dict[str, str]:
+        """What another process needs, besides `root`, to open this store."""
+        return self.location.storage_options
+
+    def _what_is_there(self) -> str:
+        local = self.location.local_path("")
+        if local is not None:
+            return "is a file, not a store" if local.is_file() else (
+                "holds no dlstore store" if local.exists() else "does not exist")
+        return "holds no dlstore store" if not self.location.is_empty() else "does not exist"
+
+    def _initialise(self) -> None:
+        if not self.location.is_empty():
+            what = "directory" if self.location.local else "location"
+            raise StoreError(f"{self.root} is a non-empty {what} that holds no dlstore store; "
+                             f"choose an empty or new {what}")
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            marker.write_text(json.dumps({"format": "dlstore", "version": FORMAT_VERSION}) + "\n")
+            self.location.write_atomic(
+                _MARKER, (json.dumps({"format": "dlstore", "version": FORMAT_VERSION}) + "\n")
+                .encode())
         except OSError as e:
             raise StoreError(f"cannot create a store at {self.root}: {e}") from None
 
@@ -484,8 +498,10 @@ def _mixed_layouts(layouts: list[Layout], layout_of_row: list[int], keys: pl.Dat
             "--pad on the command line) or select runs of one shape")
 
 
-def open(path: str | Path) -> Store:  # noqa: A001 - mirrors dlstore.open
-    return Store(path)
+def open(path: str | Path,  # noqa: A001 - mirrors dlstore.open
+         storage_options: dict[str, str] | None = None) -> Store:
+    """Open the store at a local path or object-store URI (StoreError if there is none)."""
+    return Store(path, storage_options=storage_options)
 
 
 def _one_line(error: Exception) -> str:
