@@ -13,10 +13,11 @@ from pathlib import Path
 import polars as pl
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from dlstore.errors import DlstoreError, NotFoundError
+from dlstore.errors import DlstoreError, NotFoundError, UsageError
 
 DEFAULT_STORE = "dlstore-store"
 
@@ -28,13 +29,23 @@ out = Console()
 err = Console(stderr=True)
 
 StoreOption = typer.Option(DEFAULT_STORE, "--store", "-s", envvar="DLSTORE_STORE",
-                           help="Store directory (env DLSTORE_STORE).")
+                           help="Store directory or object-store URI, e.g. s3://bucket/prefix "
+                                "(env DLSTORE_STORE).")
+StorageOptions = typer.Option(
+    None, "--storage-option", "-o", metavar="KEY=VALUE",
+    help="Object-store setting (deltalake's names, e.g. AWS_ENDPOINT_URL=http://host:9000, "
+         "AWS_REGION=eu-west-1); repeatable; adds to the usual AWS_* environment variables.")
 
 
 class Device(str, enum.Enum):
     auto = "auto"
     cpu = "cpu"
     cuda = "cuda"
+
+
+class Backend(str, enum.Enum):
+    local = "local"
+    ray = "ray"
 
 
 class Format(str, enum.Enum):
@@ -47,15 +58,26 @@ class Format(str, enum.Enum):
 def build_zoo_command(
     spec: Path = typer.Argument(..., help="Zoo spec (TOML), e.g. zoo/quickstart.toml."),
     store: str = StoreOption,
+    storage_option: list[str] = StorageOptions,
     device: Device = typer.Option(Device.auto, help="Where to train: auto picks cuda if present."),
+    backend: Backend = typer.Option(Backend.local, help="local: cohorts one after another here; "
+                                    "ray: each cohort a Ray task (pip install 'dlstore[ray]')."),
+    address: str = typer.Option(None, help="Ray cluster to use with --backend ray (default: a "
+                                           "running one, else a local instance)."),
+    shard: str = typer.Option(None, metavar="I/N", help="Build only the I-th of N contiguous "
+                              "blocks of the spec's runs (0 <= I < N), e.g. one per Slurm array "
+                              "task: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT."),
 ) -> None:
     """Train every run of SPEC that STORE does not hold yet (resumable, idempotent)."""
-    from dlstore.store.store import Store
-    from dlstore.zoo.builder import build_zoo
+    from dlstore.zoo.builder import build_zoo, check_backend
     from dlstore.zoo.spec import ZooSpec
 
     zoo = ZooSpec.from_toml(spec)
-    target = Store(store, create=True)
+    part = _parse_shard(shard) if shard is not None else None
+    if address is not None and backend is not Backend.ray:
+        raise UsageError("--address names a Ray cluster: give it with --backend ray")
+    check_backend(zoo, backend.value, part)
+    target = _open(store, storage_option, create=True)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(),
                TextColumn("{task.percentage:>5.1f}%"), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err, transient=False) as bar:
@@ -64,14 +86,15 @@ def build_zoo_command(
         def advance(done: int, total: int) -> None:
             bar.update(task, completed=done, total=max(total, 1))
 
-        report = build_zoo(zoo, target, device=device.value, progress=advance)
+        report = build_zoo(zoo, target, device=device.value, progress=advance,
+                           backend=backend.value, address=address, shard=part)
     out.print(
         f"zoo [bold]{report.zoo}[/]: {report.runs_built} runs built "
         f"({report.runs_diverged} diverged), {report.runs_skipped} already in the store, "
         f"{report.cohorts} cohorts, {report.checkpoints} cohort checkpoints, "
         f"{report.seconds:.1f} s ({report.train_seconds:.1f} s in training steps)"
         + (f", group metrics of {report.group_steps} groups x steps" if report.group_steps
-           else "") + f" -> {store}"
+           else "") + f" -> {store}" + (f" (shard {shard})" if shard else "")
     )
 
 
@@ -81,24 +104,22 @@ def sql(
                                           "final, curves, metrics_wide, group_metrics, zoos, "
                                           "fits."),
     store: str = StoreOption,
+    storage_option: list[str] = StorageOptions,
     format: Format = typer.Option(Format.table, "--format", "-f"),
 ) -> None:
     """Answer a SQL query over the store."""
-    from dlstore.store.store import Store
-
-    _print_frame(Store(store).sql(query), format)
+    _print_frame(_open(store, storage_option).sql(query), format)
 
 
 @app.command()
 def runs(
     store: str = StoreOption,
+    storage_option: list[str] = StorageOptions,
     zoo: str = typer.Option(None, help="Only runs of this zoo."),
     format: Format = typer.Option(Format.table, "--format", "-f"),
 ) -> None:
     """List the runs in the store."""
-    from dlstore.store.store import Store
-
-    frame = Store(store).runs(zoo).select(
+    frame = _open(store, storage_option).runs(zoo).select(
         "run_id", "zoo", "status", "arch", "dataset", "width", "depth", "n_params", "n_train",
         "label_noise", "optimizer", "lr", "weight_decay", "batch_size", "total_steps", "seed")
     _print_frame(frame, format)
@@ -106,11 +127,10 @@ def runs(
 
 @app.command()
 def show(run_id: str = typer.Argument(..., help="A run id, as listed by `dlstore runs`."),
-         store: str = StoreOption) -> None:
+         store: str = StoreOption,
+         storage_option: list[str] = StorageOptions) -> None:
     """Show one run: its config, its checkpoints and its final metrics."""
-    from dlstore.store.store import Store
-
-    s = Store(store)
+    s = _open(store, storage_option)
     run = s.run(run_id)
     table = Table(show_header=False, box=None)
     for key, value in run.items():
@@ -127,12 +147,11 @@ def show(run_id: str = typer.Argument(..., help="A run id, as listed by `dlstore
 
 
 @app.command()
-def verify(store: str = StoreOption) -> None:
+def verify(store: str = StoreOption,
+           storage_option: list[str] = StorageOptions) -> None:
     """Check every shard's hash and header, every checkpoint reference, every table."""
     from dlstore.store.maintenance import verify as verify_store
-    from dlstore.store.store import Store
-
-    report = verify_store(Store(store))
+    report = verify_store(_open(store, storage_option))
     for problem in report.problems:
         out.print(f"[red]problem:[/] {problem}", highlight=False, soft_wrap=True)
     for note in report.notes:
@@ -145,26 +164,24 @@ def verify(store: str = StoreOption) -> None:
 
 
 @app.command()
-def compact(store: str = StoreOption) -> None:
+def compact(store: str = StoreOption,
+            storage_option: list[str] = StorageOptions) -> None:
     """Merge the tables' small files (safe while a build runs)."""
     from dlstore.store.maintenance import compact as compact_store
-    from dlstore.store.store import Store
-
-    removed = compact_store(Store(store))
+    removed = compact_store(_open(store, storage_option))
     out.print("compacted: " + ", ".join(f"{name} {n} files merged" for name, n in removed.items()))
 
 
 @app.command()
 def gc(
     store: str = StoreOption,
+    storage_option: list[str] = StorageOptions,
     dry_run: bool = typer.Option(False, "--dry-run", help="List what would go; remove nothing."),
     older_than: float = typer.Option(24.0, min=0, help="Only remove what is older (hours)."),
 ) -> None:
     """Remove shards no row refers to, leftover temporary files, and old table files."""
     from dlstore.store.maintenance import gc as gc_store
-    from dlstore.store.store import Store
-
-    report = gc_store(Store(store), older_than_hours=older_than, dry_run=dry_run)
+    report = gc_store(_open(store, storage_option), older_than_hours=older_than, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
     out.print(f"{verb} {len(report.shards)} unreferenced shards "
               f"({report.shard_bytes / 2**20:.1f} MiB), {report.temporary} temporary files, "
@@ -181,6 +198,7 @@ def fit_scaling(
                               help="SQL returning columns N, D, loss (two-variable law) or the "
                                    "columns named by --x and --y (one variable)."),
     store: str = StoreOption,
+    storage_option: list[str] = StorageOptions,
     x: str = typer.Option(None, "--x", help="Column of the query for L(x) = E + A x^-alpha."),
     y: str = typer.Option(None, "--y", help="Loss column for the one-variable law."),
     plot: Path = typer.Option(Path("scaling.png"), help="Where to write the figure (PNG)."),
@@ -194,9 +212,7 @@ def fit_scaling(
     from dlstore.analysis.scaling import fit_chinchilla, fit_power_law
     from dlstore.errors import QueryError
     from dlstore.plots import scaling_figure
-    from dlstore.store.store import Store
-
-    s = Store(store)
+    s = _open(store, storage_option)
     frame = s.sql(query)
     if (x is None) != (y is None):
         raise QueryError("give both --x and --y for a one-variable fit, or neither")
@@ -260,6 +276,7 @@ WslSeed = typer.Option(0, help="Seed of the split by run and of the predictor.")
 def wsl_fit(
     query: str = WslQuery,
     store: str = StoreOption,
+    storage_option: list[str] = StorageOptions,
     target: str = typer.Option("test_acc", help="A column of the query, a runs column, a "
                                                 "metric, or generalization_gap."),
     features: WslFeatures = typer.Option(WslFeatures.stats),
@@ -275,11 +292,10 @@ def wsl_fit(
     from dlstore.analysis.wsl import WeightDataset, WeightSpaceError, fit_predictor
     from dlstore.layout import Layout
     from dlstore.plots import wsl_figure
-    from dlstore.store.store import Store
 
     if not plot.parent.is_dir():
         raise WeightSpaceError(f"--plot {plot}: directory {plot.parent} does not exist")
-    s = Store(store)
+    s = _open(store, storage_option)
     layout = Layout.union(s.weight_layouts(query)[0]) if pad and features.value != "stats" else None
     dataset = WeightDataset(s, query, target=target, features=features.value, task=task.value,
                             splits=_split_fractions(split), seed=seed, layout=layout)
@@ -305,6 +321,7 @@ def wsl_export(
     query: str = WslQuery,
     out_dir: Path = typer.Option(..., "--out", help="New or empty directory to write."),
     store: str = StoreOption,
+    storage_option: list[str] = StorageOptions,
     format: WslFormat = typer.Option(WslFormat.unterthiner, "--format", "-f"),
     canonical: bool = typer.Option(False, help="Write permutation-canonical weights."),
     pad: bool = typer.Option(False, help="Zero-pad runs of several widths into one layout."),
@@ -313,9 +330,8 @@ def wsl_export(
 ) -> None:
     """Write checkpoints' weights, metrics, layout and split files for weight-space models."""
     from dlstore.analysis.wsl_export import export
-    from dlstore.store.store import Store
 
-    report = export(Store(store), query, format.value, out_dir, seed=seed,
+    report = export(_open(store, storage_option), query, format.value, out_dir, seed=seed,
                     splits=_split_fractions(split), canonical=canonical, pad=pad)
     sizes = ", ".join(f"{name} {n}" for name, n in report.split_sizes.items())
     out.print(f"{report.rows} checkpoints of {report.runs} runs ({report.layout.size} weights "
@@ -356,18 +372,18 @@ def _selection(at: str) -> str | list[int]:
 def metrics_compute(
     spec: Path = typer.Argument(..., help="Zoo spec whose [metrics] to compute."),
     store: str = StoreOption,
+    storage_option: list[str] = StorageOptions,
     device: Device = typer.Option(Device.auto, help="Where to compute."),
 ) -> None:
     """Add the metrics SPEC's [metrics] asks for to its runs already in STORE (a rebuild skips
     complete runs, so metrics added to a spec later are computed here); resumable."""
-    from dlstore.store.store import Store
     from dlstore.zoo.backfill import backfill_checkpoint_metrics
     from dlstore.zoo.groups import compute_group_metrics
     from dlstore.zoo.population import resolve_device
     from dlstore.zoo.spec import ZooSpec
 
     zoo = ZooSpec.from_toml(spec)
-    s = Store(store)
+    s = _open(store, storage_option)
     dev = resolve_device(device.value)
     checkpoints = backfill_checkpoint_metrics(zoo, s, device=dev)
     groups = 0
@@ -382,6 +398,7 @@ def metrics_compute(
 def metrics_groups(
     zoo: str = typer.Option(..., "--zoo", help="Zoo whose groups (seeds of a config) to use."),
     store: str = StoreOption,
+    storage_option: list[str] = StorageOptions,
     at: str = typer.Option("last", help="Steps: last, all, or a comma-separated list."),
     pairs: int = typer.Option(10, min=1, help="Most pairs of seeds compared per group."),
     points: int = typer.Option(11, min=2, help="Points on the line between two networks."),
@@ -390,13 +407,12 @@ def metrics_groups(
 ) -> None:
     """Record group metrics (barriers, mode connectivity, CKA, disagreement) of a zoo's groups
     that the store lacks; groups already recorded are skipped."""
-    from dlstore.store.store import Store
     from dlstore.zoo.groups import compute_group_metrics
     from dlstore.zoo.population import resolve_device
     from dlstore.zoo.spec import GroupOptions
 
     options = GroupOptions(at=_selection(at), pairs=pairs, points=points, subsample=subsample)
-    s = Store(store)
+    s = _open(store, storage_option)
     if not s.sql("SELECT 1 FROM runs WHERE zoo = ? LIMIT 1", [zoo]).height:
         raise NotFoundError(f"no runs of zoo {zoo!r} in store {store}")
     computed = compute_group_metrics(s, zoo, options, device=resolve_device(device.value))
@@ -414,15 +430,15 @@ def plot_phases(
     x: str = typer.Option(..., "--x", help="Grid axis across, e.g. lr or batch_size."),
     y: str = typer.Option(..., "--y", help="Grid axis up, e.g. width or n_train."),
     store: str = StoreOption,
+    storage_option: list[str] = StorageOptions,
     zoo: str = typer.Option(None, help="Zoo (needed when several have group metrics)."),
     out_path: Path = typer.Option(Path("phases.png"), "--out", help="Where to write the PNG."),
 ) -> None:
     """Phase diagram after Yang et al. 2021, thresholds from the zoo's [phases] spec table."""
     from dlstore.analysis.phases import phase_counts, phase_table
     from dlstore.plots import phase_figure
-    from dlstore.store.store import Store
 
-    table = phase_table(Store(store), x, y, zoo)
+    table = phase_table(_open(store, storage_option), x, y, zoo)
     _print_frame(table, Format.table)
     counts = ", ".join(f"{p}: {n}" for p, n in phase_counts(table).items())
     phase_figure(table, x, y).savefig(out_path, dpi=120)
@@ -436,6 +452,7 @@ def plot_metric(
     x: str = typer.Option(..., "--x", help="Grid axis across."),
     y: str = typer.Option(..., "--y", help="Grid axis up."),
     store: str = StoreOption,
+    storage_option: list[str] = StorageOptions,
     zoo: str = typer.Option(None, help="Only runs of this zoo."),
     tensor: str = typer.Option(None, help="State-dict name, for per-tensor metrics."),
     out_path: Path = typer.Option(None, "--out", help="Where to write the PNG "
@@ -444,9 +461,8 @@ def plot_metric(
     """Heatmap of a metric's mean at each run's last checkpoint over two grid axes."""
     from dlstore.analysis.phases import metric_table
     from dlstore.plots import metric_figure
-    from dlstore.store.store import Store
 
-    table = metric_table(Store(store), metric, x, y, zoo, tensor)
+    table = metric_table(_open(store, storage_option), metric, x, y, zoo, tensor)
     _print_frame(table, Format.table)
     out_path = out_path or Path(f"{metric}.png")
     metric_figure(table, metric, x, y).savefig(out_path, dpi=120)
@@ -542,13 +558,126 @@ def _print_signature(signature: dict, out_path: Path) -> None:
     out.print(f"figure -> {out_path}")
 
 
+tickets_app = typer.Typer(no_args_is_help=True, help="Lottery tickets found while building zoos.")
+app.add_typer(tickets_app, name="tickets")
+
+
+@tickets_app.command("report")
+def tickets_report(
+    store: str = StoreOption,
+    storage_option: list[str] = StorageOptions,
+    zoo: str = typer.Option(None, help="The tickets zoo (needed when the store holds several)."),
+    plots: Path = typer.Option(Path("."), help="Directory for tickets_density.png and "
+                                               "tickets_transfer.png."),
+    max_density: float = typer.Option(0.2, min=0.0, max=1.0,
+                                      help="Densities at or below this count as sparse."),
+) -> None:
+    """Accuracy vs density of tickets, controls and dense runs; instability; transfer matrix."""
+    from dlstore.analysis.tickets import (
+        accuracy_by_density,
+        instability,
+        signatures,
+        transfer_matrix,
+        transfer_table,
+    )
+    from dlstore.errors import QueryError
+    from dlstore.plots import ticket_density_figure, transfer_heatmap
+
+    s = _open(store, storage_option)
+    # tables of ten columns: a report written to a file or pipe is not cut at 80 characters
+    console = out if out.is_terminal else Console(width=140)
+    frame = accuracy_by_density(s, zoo)
+    zoos = sorted(set(frame["zoo"]))
+    if len(zoos) > 1:
+        raise QueryError(f"the store holds tickets of zoos {', '.join(zoos)}; pick one with --zoo")
+    zoo = zoos[0]
+    plots.mkdir(parents=True, exist_ok=True)
+    console.print(f"[bold]{zoo}: final test accuracy by density[/] (mean over seeds; n seeds)")
+    _print_frame(_round(frame.drop("zoo", *(c for c in frame.columns if c.endswith("_std")))),
+                 Format.table, console)
+    sigs = signatures(s, zoo, max_density)
+    if not sigs:
+        console.print(f"no level reaches a density <= {max_density:.0%}")
+    for sig in sigs:
+        beats = ("" if sig.ticket_beats_reinit is None else
+                 f"; the ticket beats its reinit control in {sig.ticket_beats_reinit:.0%} of "
+                 "(seed, level) pairs")
+        console.print(f"{sig.condition}, rewind {sig.rewind_step}, densities <= {max_density:.0%} "
+                  f"(levels {sig.levels}): ticket {sig.ticket:.3f}, dense {sig.dense:.3f}, "
+                  f"reinit {_rounded(sig.reinit)}, random mask {_rounded(sig.random_mask)}{beats}",
+                  highlight=False, soft_wrap=True)
+    barriers = instability(s, zoo)
+    if barriers.height:
+        console.print("[bold]instability[/]: error barrier between copies trained from the same "
+                  "weights with another data order")
+        _print_frame(_round(barriers.drop("zoo")), Format.table, console)
+    ticket_density_figure(frame).savefig(plots / "tickets_density.png", dpi=120)
+    written = [plots / "tickets_density.png"]
+    transfer = transfer_table(s, zoo)
+    if transfer.height:
+        console.print("[bold]transfer[/]: mean test accuracy of tickets trained under another "
+                  "condition, their controls there, and the tickets found there")
+        short = transfer.select(
+            pl.col("source_condition").alias("source"), pl.col("target_condition").alias("target"),
+            "level", "rewind_step", "density", pl.col("transferred").alias("ticket"),
+            pl.col("transferred_reinit").alias("reinit"),
+            pl.col("transferred_random_mask").alias("random"),
+            pl.col("target_ticket").alias("found_there"), pl.col("target_dense").alias("dense"))
+        _print_frame(_round(short), Format.table, console)
+        matrices = []
+        for level in sorted(set(transfer["level"])):
+            sources, targets, values = transfer_matrix(transfer, frame, level)
+            density = transfer.filter(transfer["level"] == level)["density"].mean()
+            matrices.append((f"level {level} ({density:.0%} of weights)", sources, targets,
+                             values))
+            table = Table("source \\ target", *targets, header_style="bold",
+                          title=f"level {level}, density {density:.1%} (diagonal: found there)")
+            for source, row in zip(sources, values):
+                table.add_row(source, *(_rounded(v) for v in row))
+            console.print(table)
+        transfer_heatmap(matrices).savefig(plots / "tickets_transfer.png", dpi=120)
+        written.append(plots / "tickets_transfer.png")
+    console.print("figures -> " + ", ".join(map(str, written)))
+
+
+def _round(frame: pl.DataFrame) -> pl.DataFrame:
+    return frame.with_columns(pl.col(pl.Float64).round(3))
+
+
+def _rounded(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
+def _open(store: str, options: list[str] | None, create: bool = False):
+    from dlstore.store.store import Store
+
+    pairs = {}
+    for option in options or []:
+        key, sep, value = option.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--storage-option {option!r}: give KEY=VALUE")
+        pairs[key.strip()] = value
+    return Store(store, create=create, storage_options=pairs)
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    index, sep, count = text.partition("/")
+    try:
+        part = int(index), int(count)
+    except ValueError:
+        part = None
+    if not sep or part is None or not 0 <= part[0] < part[1]:
+        raise UsageError(f"--shard {text!r}: give I/N with 0 <= I < N, e.g. 0/4")
+    return part
+
+
 def _version() -> str:
     from dlstore import __version__
 
     return __version__
 
 
-def _print_frame(frame: pl.DataFrame, format: Format) -> None:
+def _print_frame(frame: pl.DataFrame, format: Format, console: Console = out) -> None:
     if format is Format.csv:
         sys.stdout.write(frame.write_csv())
     elif format is Format.json:
@@ -557,8 +686,8 @@ def _print_frame(frame: pl.DataFrame, format: Format) -> None:
         table = Table(*frame.columns, header_style="bold")
         for row in frame.iter_rows():
             table.add_row(*(_cell(v) for v in row))
-        out.print(table)
-        out.print(f"[dim]{frame.height} rows[/]")
+        console.print(table)
+        console.print(f"[dim]{frame.height} rows[/]")
 
 
 def _cell(value) -> str:
@@ -571,7 +700,8 @@ def main() -> None:
     try:
         app()
     except DlstoreError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        # escaped: messages carry user text and install hints like 'dlstore[ray]'
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         err.print("interrupted; rerun the same command to resume")

@@ -35,6 +35,10 @@ class LayoutError(DlstoreError):
     """Weights that do not fit a layout (unknown tensor, wrong shape, rows of several layouts)."""
 
 
+class UsageError(DlstoreError):
+    """A command-line option is malformed, or needs an optional package that is not installed."""
+
+
 class DataMismatchError(DlstoreError):
     """Regenerated training data differs from what a run recorded it trained on."""
 

@@ -9,6 +9,7 @@ matplotlib.use("Agg")  # figures are written to files; no display is assumed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import FormatStrFormatter  # noqa: E402
 
 EXTRAPOLATE = 10.0  # draw fitted curves this factor beyond the largest observed value
 
@@ -103,6 +104,46 @@ def wsl_figure(result) -> Figure:
         ax.set_title(f"{result.model} on {result.features} features: accuracy "
                      f"{result.accuracy:.3f}\n{result.n_test} checkpoints of "
                      f"{result.n_test_runs} held-out runs", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def ticket_density_figure(frame) -> Figure:
+    """Test accuracy against density (log axis, densest left), one panel per condition: tickets,
+    their reinit and random-mask controls per rewind step, the dense runs as a band. `frame` is
+    `dlstore.analysis.tickets.accuracy_by_density`: columns condition, rewind_step, density,
+    dense(_std), and ticket / reinit / random_mask with their `_std`."""
+    conditions = list(dict.fromkeys(frame["condition"].to_list()))
+    fig, axes = plt.subplots(1, len(conditions), figsize=(4.5 * len(conditions), 4),
+                             squeeze=False, sharey=True)
+    styles = {"ticket": "-", "reinit": "--", "random_mask": ":"}
+    for ax, condition in zip(axes[0], conditions):
+        part = frame.filter(frame["condition"] == condition)
+        dense, dense_std = part["dense"][0], part["dense_std"][0] or 0.0
+        if dense is not None:
+            ax.axhspan(dense - dense_std, dense + dense_std, color="grey", alpha=0.2)
+            ax.axhline(dense, color="grey", linewidth=1, label="dense")
+        for colour, rewind in enumerate(sorted(set(part["rewind_step"].to_list()))):
+            rows = part.filter(part["rewind_step"] == rewind).sort("density")
+            for kind, style in styles.items():
+                values = rows[kind].to_numpy()
+                if np.isnan(values.astype(float)).all():
+                    continue
+                ax.errorbar(rows["density"].to_numpy() * 100, values,
+                            yerr=rows[f"{kind}_std"].fill_null(0.0).to_numpy(),
+                            color=f"C{colour}", linestyle=style, marker="o", markersize=3,
+                            capsize=2, label=f"{kind.replace('_', ' ')}, rewind {rewind}")
+        ax.set_xscale("log")
+        ax.invert_xaxis()
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(FormatStrFormatter(""))
+        ax.set_xticks([t for t in (100, 50, 20, 10, 5, 2, 1, 0.5)
+                       if part["density"].min() * 100 <= t <= 100])
+        ax.set_xlabel("weights remaining (%)")
+        ax.set_title(condition)
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("test accuracy")
+    axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
     return fig
 
@@ -252,5 +293,30 @@ def simplicity_figure(table) -> Figure:
             label="Gaussian clone (class means + covariances)")
     ax.set_ylabel("accuracy")
     _log_steps(ax, "distributional simplicity bias")
+    fig.tight_layout()
+    return fig
+
+
+def transfer_heatmap(matrices: list[tuple[str, list[str], list[str], list[list]]]) -> Figure:
+    """One heatmap per (title, sources, targets, values) of
+    `dlstore.analysis.tickets.transfer_matrix`: rows the source condition, columns the target;
+    the diagonal holds the tickets a condition found itself."""
+    fig, axes = plt.subplots(1, len(matrices), figsize=(1.3 + 1.2 * max(len(m[2]) for m in
+                                                                        matrices)
+                                                        * len(matrices), 3.2), squeeze=False)
+    for ax, (title, sources, targets, values) in zip(axes[0], matrices):
+        grid = np.array([[np.nan if v is None else v for v in row] for row in values], float)
+        image = ax.imshow(grid, cmap="viridis", vmin=np.nanmin(grid), vmax=np.nanmax(grid))
+        for i in range(len(sources)):
+            for j in range(len(targets)):
+                if not np.isnan(grid[i, j]):
+                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                            color="white" if grid[i, j] < np.nanmean(grid) else "black")
+        ax.set_xticks(range(len(targets)), targets, rotation=30, ha="right")
+        ax.set_yticks(range(len(sources)), sources)
+        ax.set_xlabel("trained under (target)")
+        ax.set_ylabel("ticket found under (source)")
+        ax.set_title(title, fontsize=9)
+        fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
     return fig

@@ -47,7 +47,14 @@ RUNS = pa.schema([
     ("config", pa.string()),        # the full run config as JSON, defaults spelled out
     ("final_step", pa.int64()),     # last checkpoint step with weights (before divergence)
     ("diverged_step", pa.int64()),  # step whose loss was NaN/inf; null if none
-    ("parent_run_id", pa.string()),
+    ("parent_run_id", pa.string()),  # lottery tickets: the run this one was derived from
+    ("level", pa.int64()),          # pruning level; 0 = the dense reference; null outside tickets
+    ("density", pa.float64()),      # fraction of prunable weights kept (1.0 when dense)
+    ("mask_id", pa.string()),       # the mask it trained with (table masks); null when dense
+    ("rewind_step", pa.int64()),    # step of the dense run it started from (0 = its init)
+    ("control", pa.string()),       # null for tickets; reinit | random_mask | order_copy
+    ("condition", pa.string()),     # transfer condition it trained under; null = the spec's own
+    ("source_run_id", pa.string()),  # transfers: the ticket whose mask and weights it took
     ("cohort_id", pa.string()),
     ("commit_id", pa.string()),
     ("data_hash", pa.string()),     # fingerprint of the exact tensors the run used
@@ -92,6 +99,19 @@ FITS = pa.schema([
     ("dlstore_version", pa.string()),
 ])
 
+MASKS = pa.schema([
+    ("mask_id", pa.string()),
+    ("run_id", pa.string()),        # the run that trained with it first (a ticket or control)
+    ("level", pa.int64()),
+    ("density", pa.float64()),      # kept / prunable, over all prunable tensors
+    ("rewind_step", pa.int64()),
+    ("blob", pa.string()),          # shard of bool tensors [P, ...], one per prunable tensor
+    ("member", pa.int32()),
+    ("tensor_names", pa.list_(pa.string())),       # the prunable tensors, in state-dict order
+    ("tensor_densities", pa.list_(pa.float64())),  # kept / size of each
+    ("commit_id", pa.string()),
+])
+
 # Metrics of a group of runs: the seeds of one config (mode connectivity, CKA, disagreement).
 GROUP_METRICS = pa.schema([
     ("group_id", pa.string()),      # <zoo>-g<hash of the shared config and the member run ids>
@@ -110,6 +130,7 @@ TABLES: dict[str, pa.Schema] = {
     "checkpoints": CHECKPOINTS,
     "metrics": METRICS,
     "fits": FITS,
+    "masks": MASKS,
     "group_metrics": GROUP_METRICS,
 }
 
@@ -118,5 +139,5 @@ TABLES: dict[str, pa.Schema] = {
 HYPERPARAMETER_COLUMNS = (
     "run_id", "zoo", "status", "arch", "dataset", "width", "depth", "n_params", "n_train",
     "label_noise", "optimizer", "lr", "momentum", "weight_decay", "batch_size", "schedule",
-    "epochs", "total_steps", "seed",
+    "epochs", "total_steps", "seed", "level", "density", "rewind_step", "control", "condition",
 )

@@ -73,6 +73,31 @@ def test_any_grid_gives_a_spec_or_a_spec_error(grid):
         _one_line(e)
 
 
+TICKET_FIELDS = {
+    "tickets": ["levels", "prune_fraction", "output_prune_fraction", "scope", "rewind_steps",
+                "controls", "stability", "colour"],
+    "transfer": ["targets", "levels", "rewind_steps", "seeds", "controls", "find_on_target",
+                 "all_pairs", "colour"],
+}
+
+
+@SETTINGS
+@given(section=st.sampled_from(sorted(TICKET_FIELDS)), data=st.data(), value=values,
+       target=st.dictionaries(st.sampled_from(["seed_offset", "train", "dataset", "model", "x"]),
+                              values, max_size=2))
+def test_any_tickets_or_transfer_value_gives_a_spec_or_a_spec_error(section, data, value, target):
+    raw = tomllib.loads(TINY_SPEC)
+    raw["tickets"] = {"levels": 2, "rewind_steps": [0, 3]}
+    raw["transfer"] = {"targets": {"t": target}}
+    raw[section][data.draw(st.sampled_from(TICKET_FIELDS[section]))] = value
+    try:
+        spec = ZooSpec.from_dict(raw)
+    except SpecError as e:
+        _one_line(e)
+    else:
+        assert spec.tickets is not None and spec.transfer is not None
+
+
 @pytest.fixture(scope="module")
 def shard_copy(tmp_path_factory, built_store):
     root = tmp_path_factory.mktemp("bad") / "store"

@@ -87,7 +87,8 @@ def phase_table(store: Store, x: str, y: str, zoo: str | None = None,
     zoo = zoo_of(store, zoo)
     thresholds = thresholds or spec_thresholds(store, zoo)
     frame = store.sql(f"""
-        WITH last AS (SELECT group_id, max(step) AS step FROM group_metrics WHERE zoo = ?
+        WITH last AS (SELECT group_id, max(step) AS step FROM group_metrics
+                      WHERE zoo = ? AND metric = 'mode_connectivity'  -- seed groups only
                       GROUP BY group_id),
         per_group AS (
             SELECT g.group_id, g.step, any_value(g.{x}) AS x, any_value(g.{y}) AS y,

@@ -2,8 +2,14 @@
 
 A shard holds one checkpoint step of a cohort: every tensor with a leading member axis [P, ...],
 plus `__metadata__` that makes it self-describing (layout, architecture, run ids, step). Its name
-is the sha256 of its bytes: `blobs/ab/cdef....safetensors`. Writes go to a temporary name, are
-fsynced, then renamed, so a shard is either complete under its hash or absent.
+is the sha256 of its bytes: `blobs/ab/cdef....safetensors`. Writes go to a temporary name and are
+then renamed (fsynced first on a local disk, copied on an object store), so a shard is either
+complete under its hash or absent.
+
+On an object store, a shard that is read is fetched whole into a local cache (`$DLSTORE_CACHE`,
+default `~/.cache/dlstore`), hashed on the way, and read from there with `safe_open` like a local
+shard. Shards never change under their name, so a cached copy is always valid; the whole shard
+is read anyway to verify it, and the next member read from the same shard is local.
 """
 
 from __future__ import annotations
@@ -12,16 +18,18 @@ import hashlib
 import itertools
 import json
 import os
+import struct
 import uuid
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 from safetensors import SafetensorError, safe_open
 
 from dlstore.errors import CorruptBlobError, NotFoundError, StoreError
+from dlstore.store.location import FileInfo, Location, cache_dir
 
 if TYPE_CHECKING:
     import torch
@@ -34,16 +42,23 @@ _GAP = 8
 _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
            "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
            "BOOL": "bool"}
+_SUFFIX = ".safetensors"
 
 
 class BlobStore:
-    def __init__(self, root: Path):
-        self.root = root
+    def __init__(self, location: Location, prefix: str = "blobs"):
+        self.location = location
+        self.prefix = prefix
+        self.root = location.local_path(prefix) or location.display(prefix)
         self._verified: set[str] = set()
         self._layouts: dict[str, tuple] = {}
 
-    def path(self, blob: str) -> Path:
-        return self.root / blob[:2] / f"{blob[2:]}.safetensors"
+    def key(self, blob: str) -> str:
+        return f"{self.prefix}/{blob[:2]}/{blob[2:]}{_SUFFIX}"
+
+    def path(self, blob: str) -> Path | str:
+        """Where the shard lives: a local path, or a URI on an object store."""
+        return self.location.local_path(self.key(blob)) or self.location.display(self.key(blob))
 
     def put(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
         """Write a shard and return its hash; writing bytes that already exist is a no-op."""
@@ -51,18 +66,10 @@ class BlobStore:
 
         data = save_safetensors({k: v.contiguous() for k, v in tensors.items()}, metadata)
         blob = hashlib.sha256(data).hexdigest()
-        path = self.path(blob)
-        if path.exists():
+        if self.location.is_file(self.key(blob)):
             return blob
-        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            _fsync_dir(path.parent)
+            self.location.write_atomic(self.key(blob), data)
         except OSError as e:
             raise StoreError(f"cannot write shard to {self.root}: {e.strerror or e}") from None
         self._verified.add(blob)
@@ -71,34 +78,30 @@ class BlobStore:
     def check_writable(self) -> None:
         """Raise StoreError now, rather than after hours of training, if shards cannot be
         written here (a read-only store, a full or unmounted disk)."""
-        probe = self.root / f".probe.{uuid.uuid4().hex}.tmp"
+        probe = f"{self.prefix}/.probe.{uuid.uuid4().hex}.tmp"
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            probe.write_bytes(b"")
-            probe.unlink()
+            self.location.write_atomic(probe, b"")
+            self.location.remove(probe)
         except OSError as e:
             raise StoreError(f"cannot write shards to {self.root}: {e.strerror or e}") from None
 
     def verify(self, blob: str, force: bool = False) -> None:
-        """Raise CorruptBlobError unless the file's bytes hash to its name (checked once per
-        process unless `force`)."""
+        """Raise CorruptBlobError unless the shard's bytes hash to its name (checked once per
+        process unless `force`; `force` on an object store hashes the stored object itself)."""
         if blob in self._verified and not force:
             return
-        path = self._existing(blob)
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                digest.update(chunk)
-        if digest.hexdigest() != blob:
-            raise CorruptBlobError(f"shard {blob} is corrupted: its bytes hash to "
-                                   f"{digest.hexdigest()[:16]}..., not to its name ({path})")
-        self._verified.add(blob)
+        self._verified.discard(blob)
+        if self.location.local or not force:
+            self._file(blob)
+            return
+        self._exists(blob)
+        with self.location.open_read(self.key(blob)) as f:
+            digest = _digest(f)
+        self._check(blob, digest)
 
     def read_member(self, blob: str, member: int, verify: bool = True) -> dict[str, torch.Tensor]:
         """The tensors of one member, read as slices without loading the rest of the shard."""
-        if verify:
-            self.verify(blob)
-        path = self._existing(blob)
+        path = self._file(blob, verify)
         try:
             with safe_open(str(path), framework="pt") as f:
                 return {name: f.get_slice(name)[member] for name in f.keys()}
@@ -116,9 +119,7 @@ class BlobStore:
         import numpy as np
         import torch
 
-        if verify:
-            self.verify(blob)
-        path = self._existing(blob)
+        path = self._file(blob, verify)
         wanted, inverse = np.unique(np.asarray(members, dtype=np.int64), return_inverse=True)
         cuts = np.flatnonzero(np.diff(wanted) > _GAP) + 1
         segments = [(int(part[0]), int(part[-1]) + 1) for part in np.split(wanted, cuts)]
@@ -177,7 +178,9 @@ class BlobStore:
         return self._layouts[blob]
 
     def _read_layout(self, blob: str) -> tuple[tuple[tuple[str, tuple[int, ...], str], ...], int]:
-        path = self._existing(blob)
+        # the header of a local shard; an object-store shard is cached whole (unverified here:
+        # its members are verified when they are read)
+        path = self._file(blob, verify=False)
         try:
             with safe_open(str(path), framework="pt") as f:
                 header = {name: f.get_slice(name) for name in f.keys()}
@@ -197,51 +200,116 @@ class BlobStore:
                       for (name, shape), dtype in zip(tensors, dtypes)), members.pop())
 
     def metadata(self, blob: str) -> dict[str, str]:
-        path = self._existing(blob)
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return dict(f.metadata() or {})
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CorruptBlobError(f"shard {blob} cannot be read ({path}): {e}") from None
+        return dict(self._header(blob).get("__metadata__") or {})
 
     def shape(self, blob: str) -> dict[str, list[int]]:
         """Shape of every tensor in a shard, read from its header."""
-        path = self._existing(blob)
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return {name: list(f.get_slice(name).get_shape()) for name in f.keys()}
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CorruptBlobError(f"shard {blob} cannot be read ({path}): {e}") from None
+        return {name: list(info["shape"]) for name, info in self._header(blob).items()
+                if name != "__metadata__"}
 
     def remove(self, blob: str) -> int:
         """Delete a shard; returns the bytes freed."""
-        path = self.path(blob)
-        size = path.stat().st_size
-        path.unlink()
+        info = self.location.info(self.key(blob))
+        self.location.remove(self.key(blob))
         self._verified.discard(blob)
-        return size
+        return info.size if info else 0
 
-    def list(self) -> tuple[list[str], list[Path]]:
-        """(blob hashes present, leftover temporary files of interrupted writes)."""
-        blobs, temporary = [], []
-        if self.root.is_dir():
-            for path in sorted(self.root.glob("*/*")):
-                if path.name.endswith(".tmp"):
-                    temporary.append(path)
-                elif path.suffix == ".safetensors":
-                    blobs.append(path.parent.name + path.stem)
+    def remove_temporary(self, leftover: FileInfo) -> None:
+        """Delete a temporary file left by an interrupted write (as `list` returns it)."""
+        self.location.remove(leftover.key)
+
+    def list(self) -> tuple[dict[str, FileInfo], list[FileInfo]]:
+        """(shards present, by hash; leftover temporary files of interrupted writes)."""
+        blobs, temporary = {}, []
+        for entry in self.location.list(self.prefix):
+            folder, _, name = entry.key.removeprefix(f"{self.prefix}/").rpartition("/")
+            if name.endswith(".tmp"):
+                temporary.append(entry)
+            elif name.endswith(_SUFFIX) and "/" not in folder:
+                blobs[folder + name.removesuffix(_SUFFIX)] = entry
         return blobs, temporary
 
-    def _existing(self, blob: str) -> Path:
-        path = self.path(blob)
-        if not path.is_file():
-            raise NotFoundError(f"shard {blob} is missing from the store ({path})")
-        return path
+    # -- reading through a local file -----------------------------------------------------
+
+    def _file(self, blob: str, verify: bool = True) -> Path:
+        """A local file with the shard's bytes, verified once per process (unless not
+        `verify`): the shard itself on a local store, a cached copy of an object-store shard."""
+        local = self.location.local_path(self.key(blob))
+        if local is not None:
+            self._exists(blob)
+            if verify and blob not in self._verified:
+                with open(local, "rb") as f:
+                    self._check(blob, _digest(f))
+            return local
+        cached = cache_dir() / "blobs" / blob[:2] / f"{blob[2:]}{_SUFFIX}"
+        if cached.is_file() and (not verify or blob in self._verified):
+            return cached
+        if cached.is_file():
+            with open(cached, "rb") as f:
+                if _digest(f).hexdigest() == blob:
+                    self._verified.add(blob)
+                    return cached
+        self._fetch(blob, cached)
+        return cached
+
+    def _fetch(self, blob: str, cached: Path) -> None:
+        """Copy an object-store shard into the cache, hashing it on the way; a shard whose bytes
+        do not match its name is not cached."""
+        self._exists(blob)
+        tmp = cached.parent / f".{cached.name}.{uuid.uuid4().hex}.tmp"
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            with self.location.open_read(self.key(blob)) as source, open(tmp, "wb") as sink:
+                digest = _digest(source, sink)
+            self._check(blob, digest)
+            os.replace(tmp, cached)
+        except OSError as e:
+            raise StoreError(f"cannot cache shard {blob} in {cached.parent}: {e}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _header(self, blob: str) -> dict:
+        """The shard's safetensors header (tensor names, dtypes, shapes, offsets, metadata), read
+        without the tensors: a local file through safetensors, an object through two reads."""
+        local = self.location.local_path(self.key(blob))
+        if local is not None:
+            self._exists(blob)
+            try:
+                with safe_open(str(local), framework="pt") as f:
+                    header = {name: {"shape": f.get_slice(name).get_shape()} for name in f.keys()}
+                    header["__metadata__"] = f.metadata()
+                    return header
+            except (SafetensorError, OSError, ValueError) as e:
+                raise CorruptBlobError(f"shard {blob} cannot be read ({local}): {e}") from None
+        self._exists(blob)
+        with self.location.open_read(self.key(blob)) as f:
+            try:
+                (size,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(size))
+                if not isinstance(header, dict):
+                    raise ValueError("the header is not a JSON object")
+                return header
+            except (struct.error, ValueError, MemoryError) as e:
+                raise CorruptBlobError(f"shard {blob} cannot be read ({self.path(blob)}): "
+                                       f"{e}") from None
+
+    def _check(self, blob: str, digest) -> None:
+        if digest.hexdigest() != blob:
+            raise CorruptBlobError(f"shard {blob} is corrupted: its bytes hash to "
+                                   f"{digest.hexdigest()[:16]}..., not to its name "
+                                   f"({self.path(blob)})")
+        self._verified.add(blob)
+
+    def _exists(self, blob: str) -> None:
+        if not self.location.is_file(self.key(blob)):
+            raise NotFoundError(f"shard {blob} is missing from the store ({self.path(blob)})")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _digest(source: IO[bytes], sink: IO[bytes] | None = None):
+    digest = hashlib.sha256()
+    while chunk := source.read(_CHUNK):
+        digest.update(chunk)
+        if sink is not None:
+            sink.write(chunk)
+    return digest
+

@@ -2,7 +2,9 @@
 convenience views researchers query (`final`, `curves`, `metrics_wide`), defined here in SQL.
 
 Views read the snapshot's Parquet file list directly (`read_parquet([...])`), which is several
-times faster for filtered aggregates than going through a registered Arrow dataset.
+times faster for filtered aggregates than going through a registered Arrow dataset. On an object
+store DuckDB reads local copies of the same files (see `Location.readable_files`): no extension
+is downloaded.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ VIEWS = {
     "metrics": """
         SELECT m.* EXCLUDE (commit_id) FROM _metrics m
         JOIN runs r ON m.run_id = r.run_id AND m.commit_id = r.commit_id""",
+    "masks": """
+        SELECT m.* EXCLUDE (commit_id) FROM _masks m
+        JOIN runs r ON m.run_id = r.run_id AND m.commit_id = r.commit_id""",
     # each run's metrics at its last checkpoint with weights, with its hyperparameters
     "final": f"""
         SELECT {_HYPER}, m.step, m.metric, m.tensor, m.value
@@ -59,6 +64,50 @@ VIEWS = {
         FROM metrics m JOIN runs r ON m.run_id = r.run_id
         LEFT JOIN checkpoints c ON c.run_id = m.run_id AND c.step = m.step
         WHERE m.tensor IS NULL""",
+    # every run of a tickets zoo with its lineage and its final accuracy and loss
+    "tickets": """
+        SELECT r.run_id, r.zoo, r.status, coalesce(r.condition, 'base') AS condition, r.seed,
+               r.level, r.density, r.rewind_step, r.control,
+               CASE WHEN r.control IS NOT NULL THEN r.control
+                    WHEN r.level = 0 THEN 'dense' ELSE 'ticket' END AS kind,
+               r.parent_run_id, r.source_run_id,
+               CASE WHEN r.source_run_id IS NOT NULL THEN coalesce(s.condition, 'base') END
+                   AS source_condition,
+               r.mask_id, r.optimizer, r.dataset, r.n_train, r.label_noise, r.final_step,
+               max(m.value) FILTER (WHERE m.metric = 'test_acc') AS test_acc,
+               max(m.value) FILTER (WHERE m.metric = 'test_loss') AS test_loss,
+               max(m.value) FILTER (WHERE m.metric = 'train_acc') AS train_acc
+        FROM runs r
+        LEFT JOIN runs s ON s.run_id = r.source_run_id
+        LEFT JOIN metrics m ON m.run_id = r.run_id AND m.step = r.final_step
+                            AND m.tensor IS NULL
+        WHERE r.level IS NOT NULL
+        GROUP BY ALL""",
+    # transferred tickets by source condition x target condition x level (density), mean test
+    # accuracy over seeds, beside their controls and the tickets found on the target itself
+    "ticket_transfer": """
+        WITH moved AS (
+            SELECT zoo, source_condition, condition AS target_condition, level, rewind_step,
+                   avg(density) AS density,
+                   avg(test_acc) FILTER (WHERE kind = 'ticket') AS transferred,
+                   avg(test_acc) FILTER (WHERE kind = 'reinit') AS transferred_reinit,
+                   avg(test_acc) FILTER (WHERE kind = 'random_mask') AS transferred_random_mask,
+                   count(*) FILTER (WHERE kind = 'ticket') AS n
+            FROM tickets WHERE source_run_id IS NOT NULL GROUP BY ALL),
+        native AS (
+            SELECT zoo, condition, level, rewind_step,
+                   avg(test_acc) FILTER (WHERE kind = 'ticket') AS target_ticket,
+                   avg(test_acc) FILTER (WHERE kind = 'reinit') AS target_reinit,
+                   avg(test_acc) FILTER (WHERE kind = 'random_mask') AS target_random_mask
+            FROM tickets WHERE source_run_id IS NULL AND level > 0 GROUP BY ALL),
+        dense AS (
+            SELECT zoo, condition, avg(test_acc) AS target_dense
+            FROM tickets WHERE kind = 'dense' GROUP BY ALL)
+        SELECT m.*, n.target_ticket, n.target_reinit, n.target_random_mask, d.target_dense
+        FROM moved m
+        LEFT JOIN native n ON n.zoo = m.zoo AND n.condition = m.target_condition
+                          AND n.level = m.level AND n.rewind_step = m.rewind_step
+        LEFT JOIN dense d ON d.zoo = m.zoo AND d.condition = m.target_condition""",
 }
 
 # one row per (run, step), one column per whole-model metric; DuckDB views need the pivot
@@ -86,6 +135,7 @@ class Catalog:
             self.con.register(f"_empty_{name}", schema.empty_table())
             source = f"SELECT * FROM _empty_{name}"
             if files:
+                files = self.tables.location.readable_files(files)
                 listing = ", ".join(_sql_string(f) for f in files)
                 source += (" UNION ALL BY NAME SELECT * FROM "
                            f"read_parquet([{listing}], union_by_name = true)")

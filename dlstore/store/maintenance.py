@@ -31,7 +31,7 @@ class VerifyReport:
 
 def verify(store: Store) -> VerifyReport:
     """Every Delta table reads; every shard's bytes hash to its name and its header parses; every
-    checkpoint row points to a shard that exists, verifies and holds its member."""
+    checkpoint (and mask) row points to a shard that exists, verifies and holds its member."""
     report = VerifyReport()
     for name in TABLES:
         try:
@@ -52,16 +52,22 @@ def verify(store: Store) -> VerifyReport:
     if temporary:
         report.notes.append(f"{len(temporary)} temporary files of interrupted shard writes "
                             "(harmless; nothing refers to them)")
-    if "checkpoints" in report.table_rows:
-        rows = store.sql("SELECT run_id, step, blob, member FROM checkpoints")
-        report.checkpoints = rows.height
-        for run_id, step, blob, member in rows.iter_rows():
+    references = {"checkpoints": "SELECT 'checkpoint ' || run_id || ' step ' || step, blob, "
+                                 "member FROM checkpoints",
+                  "masks": "SELECT 'mask ' || mask_id, blob, member FROM masks"}
+    for table, query in references.items():
+        if table not in report.table_rows:
+            continue
+        rows = store.sql(query)
+        if table == "checkpoints":
+            report.checkpoints = rows.height
+        for what, blob, member in rows.iter_rows():
             if blob not in members:
                 state = "missing" if blob not in blobs else "corrupted"
-                report.problems.append(f"checkpoint {run_id} step {step}: shard {blob} is {state}")
+                report.problems.append(f"{what}: shard {blob} is {state}")
             elif member >= members[blob]:
-                report.problems.append(f"checkpoint {run_id} step {step}: shard {blob} has "
-                                       f"{members[blob]} members, not member {member}")
+                report.problems.append(f"{what}: shard {blob} has {members[blob]} members, "
+                                       f"not member {member}")
     return report
 
 
@@ -80,23 +86,23 @@ class GcReport:
 
 
 def gc(store: Store, older_than_hours: float = 24.0, dry_run: bool = False) -> GcReport:
-    """Remove shards that no checkpoint row refers to (committed or not), leftover temporary
-    files of interrupted writes, and table files no snapshot of the retention period needs;
-    only what is older than `older_than_hours`."""
+    """Remove shards that no checkpoint or mask row refers to (committed or not), leftover
+    temporary files of interrupted writes, and table files no snapshot of the retention period
+    needs; only what is older than `older_than_hours`."""
     report = GcReport()
     cutoff = time.time() - older_than_hours * 3600
-    referenced = set(store.sql("SELECT DISTINCT blob FROM _checkpoints")["blob"])
+    referenced = set(store.sql("SELECT blob FROM _checkpoints UNION SELECT blob FROM _masks"
+                               )["blob"])
     blobs, temporary = store.blobs.list()
-    for blob in blobs:
-        path = store.blobs.path(blob)
-        if blob not in referenced and path.stat().st_mtime < cutoff:
+    for blob, info in blobs.items():
+        if blob not in referenced and info.mtime < cutoff:
             report.shards.append(blob)
-            report.shard_bytes += path.stat().st_size if dry_run else store.blobs.remove(blob)
-    for path in temporary:
-        if path.stat().st_mtime < cutoff:
+            report.shard_bytes += info.size if dry_run else store.blobs.remove(blob)
+    for leftover in temporary:
+        if leftover.mtime < cutoff:
             report.temporary += 1
             if not dry_run:
-                path.unlink(missing_ok=True)
+                store.blobs.remove_temporary(leftover)
     for name in TABLES:
         if store.tables.snapshot(name)[0] >= 0:
             report.table_files += len(store.tables.vacuum(name, int(older_than_hours), dry_run))

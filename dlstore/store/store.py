@@ -31,6 +31,7 @@ from dlstore.errors import (
 )
 from dlstore.store.blobs import BlobStore
 from dlstore.store.catalog import Catalog
+from dlstore.store.location import open_location
 from dlstore.store.tables import Tables
 
 if TYPE_CHECKING:  # torch is imported where weights are touched, so that SQL starts fast
@@ -47,33 +48,46 @@ FORMAT_VERSION = 1
 
 
 class Store:
-    """A dlstore store on the local filesystem. Use `dlstore.open(path)`."""
+    """A dlstore store: a local directory or an object-store URI (`s3://bucket/prefix`, ...).
+    Use `dlstore.open(location, storage_options=...)`; `storage_options` are deltalake's names
+    (`AWS_ENDPOINT_URL`, `AWS_REGION`, ...) and add to the usual environment variables."""
 
-    def __init__(self, root: str | Path, create: bool = False):
-        self.root = Path(root)
-        marker = self.root / _MARKER
-        if not marker.is_file():
+    def __init__(self, root: str | Path, create: bool = False,
+                 storage_options: dict[str, str] | None = None):
+        self.location = open_location(root, storage_options)
+        self.root: Path | str = self.location.local_path("") or self.location.uri
+        if not self.location.is_file(_MARKER):
             if not create:
-                what = "is a file, not a store" if self.root.is_file() else (
-                    "holds no dlstore store" if self.root.exists() else "does not exist")
-                raise StoreError(f"store {self.root} {what}; build a zoo into it first "
-                                 "(dlstore build-zoo SPEC --store PATH)")
-            self._initialise(marker)
-        self.blobs = BlobStore(self.root / "blobs")
-        self.tables = Tables(self.root / "tables")
+                raise StoreError(f"store {self.root} {self._what_is_there()}; build a zoo into "
+                                 "it first (dlstore build-zoo SPEC --store PATH)")
+            self._initialise()
+        self.blobs = BlobStore(self.location)
+        self.tables = Tables(self.location)
         if create:
             self.tables.create_missing()
         self.catalog = Catalog(self.tables)
 
-    def _initialise(self, marker: Path) -> None:
-        if self.root.exists() and not self.root.is_dir():
-            raise StoreError(f"store path {self.root} is a file, not a directory")
-        if self.root.is_dir() and any(self.root.iterdir()):
-            raise StoreError(f"{self.root} is a non-empty directory that holds no dlstore store; "
-                             "choose an empty or new directory")
+    @property
+    def storage_options(self) -> dict[str, str]:
+        """What another process needs, besides `root`, to open this store."""
+        return self.location.storage_options
+
+    def _what_is_there(self) -> str:
+        local = self.location.local_path("")
+        if local is not None:
+            return "is a file, not a store" if local.is_file() else (
+                "holds no dlstore store" if local.exists() else "does not exist")
+        return "holds no dlstore store" if not self.location.is_empty() else "does not exist"
+
+    def _initialise(self) -> None:
+        if not self.location.is_empty():
+            what = "directory" if self.location.local else "location"
+            raise StoreError(f"{self.root} is a non-empty {what} that holds no dlstore store; "
+                             f"choose an empty or new {what}")
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            marker.write_text(json.dumps({"format": "dlstore", "version": FORMAT_VERSION}) + "\n")
+            self.location.write_atomic(
+                _MARKER, (json.dumps({"format": "dlstore", "version": FORMAT_VERSION}) + "\n")
+                .encode())
         except OSError as e:
             raise StoreError(f"cannot create a store at {self.root}: {e}") from None
 
@@ -81,8 +95,8 @@ class Store:
 
     def sql(self, query: str, params: list | None = None) -> pl.DataFrame:
         """Run a SQL query over the store's views (runs, checkpoints, metrics, final, curves,
-        metrics_wide, group_metrics, zoos, fits) and return a polars DataFrame. `params` fill
-        `?` placeholders."""
+        metrics_wide, group_metrics, zoos, fits, masks, tickets, ticket_transfer) and return
+        a polars DataFrame. `params` fill `?` placeholders."""
         con = self.catalog.refresh()
         try:
             statements = con.extract_statements(query)
@@ -147,6 +161,40 @@ class Store:
         """Several members of one shard (rows of `checkpoints` share `blob`), stacked."""
         names = [name for name, _, _ in self.blobs.layout(blob)[0]]
         return self.blobs.read_members(blob, members, names)
+
+    def load_state_dicts(self, keys: list[tuple[str, int | None]]
+                         ) -> list[dict[str, torch.Tensor]]:
+        """`load_state_dict` of many (run_id, step) pairs (step None = the run's last
+        checkpoint) with one query."""
+        rows = self._lookup(
+            "SELECT c.run_id, c.step, c.step = r.final_step AS last, c.blob, c.member "
+            "FROM checkpoints c JOIN runs r ON r.run_id = c.run_id "
+            "WHERE list_contains(?, c.run_id)", [sorted({run_id for run_id, _ in keys})])
+        where = {(r["run_id"], r["step"]): r for r in rows}
+        where |= {(r["run_id"], None): r for r in rows if r["last"]}
+        out = []
+        for run_id, step in keys:
+            if (run_id, step) not in where:
+                self.checkpoint(run_id, step)  # raises the NotFoundError that says why
+            row = where[(run_id, step)]
+            out.append(self.blobs.read_member(row["blob"], row["member"]))
+        return out
+
+    def load_mask(self, mask_id: str) -> dict[str, torch.Tensor]:
+        """A lottery-ticket mask: {prunable tensor name: bool tensor}, True = kept."""
+        return self.load_masks([mask_id])[mask_id]
+
+    def load_masks(self, mask_ids: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+        """`load_mask` of many masks with one query."""
+        rows = self._lookup("SELECT mask_id, blob, member FROM masks "
+                            "WHERE list_contains(?, mask_id)", [sorted(set(mask_ids))])
+        where = {r["mask_id"]: r for r in rows}
+        missing = [m for m in mask_ids if m not in where]
+        if missing:
+            raise NotFoundError(f"no mask {missing[0]!r} in store {self.root} (the masks view "
+                                "lists them; runs.mask_id names each run's)")
+        return {m: self.blobs.read_member(where[m]["blob"], where[m]["member"])
+                for m in mask_ids}
 
     def load_model(self, run_id: str, step: int | None = None) -> nn.Module:
         """The run's network at `step` (None = last checkpoint), in eval mode, on the CPU."""
@@ -329,12 +377,12 @@ class Store:
         return self.blobs.put(tensors, metadata)
 
     def commit(self, checkpoints: list[dict], metrics: list[dict] | dict[str, list],
-               runs: list[dict]) -> str:
-        """Append checkpoint and metric rows, then the runs rows last, all stamped with one
+               runs: list[dict], masks: list[dict] = ()) -> str:
+        """Append checkpoint, metric and mask rows, then the runs rows last, all stamped with one
         commit id, which is returned. `metrics` may be rows or columns."""
         commit_id = uuid.uuid4().hex
         now = dt.datetime.now(dt.timezone.utc)
-        for row in checkpoints:
+        for row in [*checkpoints, *masks]:
             row["commit_id"] = commit_id
         for row in runs:
             row["commit_id"] = commit_id
@@ -346,6 +394,7 @@ class Store:
                 row["commit_id"] = commit_id
         self.tables.append("checkpoints", checkpoints)
         self.tables.append("metrics", metrics)
+        self.tables.append("masks", list(masks))
         self.tables.append("runs", runs)
         return commit_id
 
@@ -449,8 +498,10 @@ def _mixed_layouts(layouts: list[Layout], layout_of_row: list[int], keys: pl.Dat
             "--pad on the command line) or select runs of one shape")
 
 
-def open(path: str | Path) -> Store:  # noqa: A001 - mirrors dlstore.open
-    return Store(path)
+def open(path: str | Path,  # noqa: A001 - mirrors dlstore.open
+         storage_options: dict[str, str] | None = None) -> Store:
+    """Open the store at a local path or object-store URI (StoreError if there is none)."""
+    return Store(path, storage_options=storage_options)
 
 
 def _one_line(error: Exception) -> str:

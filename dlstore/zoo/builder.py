@@ -4,6 +4,11 @@ Runs already in the store are skipped, so rerunning a spec after a crash (or aft
 trains only what is missing and adds nothing when nothing is. Each cohort's shards are written as
 its checkpoints arrive; its rows are committed when it finishes, runs rows last. When the spec
 asks for group metrics, they are computed last, from the committed runs (`groups.py`).
+
+A build is a sequence of phases, each a set of cohorts trained and committed as above. A plain
+zoo is one phase. A zoo with `[tickets]` has one per pruning level (`tickets.py`): level k's
+masks and start weights are read back from what level k-1 committed, so a rebuild after a crash
+continues from the last committed level.
 """
 
 from __future__ import annotations
@@ -11,14 +16,14 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 import dlstore
-from dlstore.errors import SpecError
+from dlstore.errors import SpecError, UsageError
 from dlstore.store.store import Store
 from dlstore.zoo.data import DatasetTensors, run_data
 from dlstore.zoo.groups import compute_group_metrics
@@ -34,6 +39,13 @@ from dlstore.zoo.population import (
 )
 from dlstore.zoo.seeds import derive_seed
 from dlstore.zoo.spec import MetricsOptions, RunConfig, ZooSpec, checkpoint_metric_steps
+from dlstore.zoo.tickets import (
+    TicketPhase,
+    check_transfer_shapes,
+    record_stability,
+    stability_pairs,
+    ticket_phases,
+)
 
 SHARD_FORMAT = "dlstore-cohort/1"
 
@@ -57,7 +69,8 @@ def cohort_key(run: RunConfig, total_steps: int, steps: list[int]) -> str:
     generation = run.dataset.model_dump(mode="json",
                                         exclude={"n_train", "label_noise", "noise_seed"})
     return json.dumps([generation, run.model.family_key(), run.train.optimizer,
-                       run.train.schedule, run.train.batch_size, total_steps, steps])
+                       run.train.schedule, run.train.batch_size, total_steps, run.start_step,
+                       steps])
 
 
 def plan_cohorts(runs: list[RunConfig], cohort_size: int | str = "auto", device: str = "cpu",
@@ -119,7 +132,21 @@ def cohort_plan(runs: list[RunConfig], datas: list[DatasetTensors],
         x_train=datas[largest].x_train, x_test=data.x_test, y_test=data.y_test,
         members=[_member(r, d) for r, d in zip(runs, datas)],
         metrics=metrics if metrics is not None else MetricsOptions(),
+        start_step=first.start_step,
     )
+
+
+@dataclass
+class CohortResult:
+    """A trained cohort whose shards are in the store: the rows that make it visible (committed
+    by `_Committer`, runs rows last) and what the build report counts."""
+
+    checkpoints: list[dict]
+    metrics: dict[str, list]
+    runs: list[dict]
+    n_checkpoints: int
+    train_seconds: float
+    masks: list[dict] = field(default_factory=list)  # lottery-ticket masks found
 
 
 class _Committer:
@@ -135,103 +162,178 @@ class _Committer:
 
     def _clear(self) -> None:
         self.checkpoints: list[dict] = []
-        self.metrics: dict[str, list] = {k: [] for k in ("run_id", "step", "metric", "tensor",
-                                                         "value")}
+        self.metrics: dict[str, list] = _metric_columns()
         self.runs: list[dict] = []
+        self.masks: list[dict] = []
 
-    def add(self, checkpoints: list[dict], metrics: dict[str, list], runs: list[dict]) -> None:
-        self.checkpoints += checkpoints
-        for k, values in metrics.items():
+    def add(self, result: CohortResult) -> None:
+        self.checkpoints += result.checkpoints
+        for k, values in result.metrics.items():
             self.metrics[k] += values
-        self.runs += runs
+        self.runs += result.runs
+        self.masks += result.masks
         if time.perf_counter() - self.last >= self.every:
             self.flush()
 
     def flush(self) -> None:
         if self.runs:
-            self.store.commit(self.checkpoints, self.metrics, self.runs)
+            self.store.commit(self.checkpoints, self.metrics, self.runs, self.masks)
         self._clear()
         self.last = time.perf_counter()
 
 
 def build_zoo(spec: ZooSpec, store: Store, device: str = "auto",
-              progress: Callable[[int, int], None] | None = None) -> BuildReport:
-    """Train every run of `spec` that `store` does not hold yet and commit it.
+              progress: Callable[[int, int], None] | None = None, backend: str = "local",
+              address: str | None = None, shard: tuple[int, int] | None = None) -> BuildReport:
+    """Train every run of `spec` that `store` does not hold yet and commit it, phase by phase.
 
-    `progress(done, total)` is called with optimizer steps done (summed over cohorts)."""
+    `progress(done, total)` is called with optimizer steps done (summed over cohorts).
+    `backend` "ray" trains the cohorts as tasks on the Ray cluster at `address` (`ray_backend`);
+    `shard` (I, N) builds only the I-th of N contiguous blocks of the runs, so that N processes
+    can share a zoo."""
     started = time.perf_counter()
     dev = resolve_device(device)
     store.check_writable()
+    check_backend(spec, backend, shard)
+    if spec.tickets is not None:
+        phases = ticket_phases(spec)
+        zoo_runs = sum(map(len, phases))
+    else:
+        phases = [list(spec.runs if shard is None else shard_runs(spec.runs, *shard))]
+        zoo_runs = len(spec.runs)
+    if spec.transfer is not None:
+        check_transfer_shapes(spec)
     done_ids = store.run_ids()
-    todo = [r for r in spec.runs if r.run_id not in done_ids]
-    cohorts = plan_cohorts(todo, spec.build.cohort_size, device=str(dev), metrics=spec.metrics)
-    steps = [runs[0].train.total_steps(datas[0].x_train.shape[0]) for runs, datas in cohorts]
-    report = BuildReport(spec.name, len(spec.runs), len(spec.runs) - len(todo), 0, 0,
-                         len(cohorts), 0, 0.0, 0.0)
+    todo = [[r for r in phase if r.run_id not in done_ids] for phase in phases]
+    if backend == "ray":
+        from dlstore.zoo import ray_backend
+
+        execute, plan_device = ray_backend.cohort_runner(store, device, address, spec.metrics)
+    else:
+        execute, plan_device = _local_runner(store, dev, spec.metrics), str(dev)
+    planned = [plan_cohorts(runs, spec.build.cohort_size, device=plan_device, metrics=spec.metrics)
+               for runs in todo]
+    steps = [[runs[0].train.total_steps(datas[0].x_train.shape[0]) - runs[0].start_step
+              for runs, datas in cohorts] for cohorts in planned]
+    total = sum(map(sum, steps))
+    n_runs = sum(map(len, phases))
+    report = BuildReport(spec.name, n_runs, n_runs - sum(map(len, todo)), 0, 0,
+                         sum(map(len, planned)), 0, 0.0, 0.0)
     committer = _Committer(store, spec.build.commit_every)
-    # shards are written by a background thread while the next steps train (serialising and
-    # hashing release the GIL); rows are committed once every shard they point to is on disk
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dlstore-writer") as writer:
-        for k, (runs, datas) in enumerate(cohorts):
-            offset = sum(steps[:k])
+    done = 0
+    for cohorts, cohort_steps in zip(planned, steps):
+        phase = TicketPhase(spec, store) if spec.tickets is not None else None
 
-            def on_step(step: int, offset: int = offset) -> None:
-                if progress:
-                    progress(offset + step, sum(steps))
+        def phase_progress(steps_done: int, before: int = done) -> None:
+            if progress:
+                progress(before + steps_done, total)
 
-            plan = cohort_plan(runs, datas, spec.metrics)
-            trainer = CohortTrainer(plan, dev, on_step=on_step)
-            rows = _train_cohort(spec.name, trainer, runs, datas, store, writer, report)
-            committer.add(*rows)
-            report.runs_built += len(runs)
-            report.train_seconds += trainer.train_seconds
+        for result in execute(spec.name, cohorts, cohort_steps, phase, phase_progress):
+            committer.add(result)
+            report.runs_built += len(result.runs)
+            report.runs_diverged += sum(r["status"] == "diverged" for r in result.runs)
+            report.checkpoints += result.n_checkpoints
+            report.train_seconds += result.train_seconds
+        done += sum(cohort_steps)
+        # the next phase reads what this one trained
         committer.flush()
+        if phase is not None:
+            record_stability(store, stability_pairs(phases))
     if spec.metrics.groups is not None:
         report.group_steps = compute_group_metrics(
             store, spec.name, spec.metrics.groups, {r.run_id for r in spec.runs}, device=dev)
     store.record_zoo({"zoo": spec.name, "spec": spec.text, "spec_hash": spec.spec_hash,
-                      "n_runs": len(spec.runs), "dlstore_version": dlstore.__version__})
+                      "n_runs": zoo_runs, "dlstore_version": dlstore.__version__})
     report.seconds = time.perf_counter() - started
     return report
 
 
-def _train_cohort(zoo: str, trainer: CohortTrainer, runs: list[RunConfig],
-                  datas: list[DatasetTensors], store: Store, writer: ThreadPoolExecutor,
-                  report: BuildReport) -> tuple[list[dict], dict[str, list], list[dict]]:
-    """Train one cohort, evaluating each checkpoint here and handing its shards to the writer
-    thread; return its checkpoint, metric and runs rows once every shard is written.
+def check_backend(spec: ZooSpec, backend: str, shard: tuple[int, int] | None) -> None:
+    """Refuse what a backend cannot build, before anything is created."""
+    if spec.tickets is not None and (backend != "local" or shard is not None):
+        raise UsageError("a [tickets] zoo is built level by level from what the previous level "
+                         "committed: build it with the local backend and no --shard")
+
+
+def shard_runs(runs: list[RunConfig], index: int, count: int) -> list[RunConfig]:
+    """The index-th of `count` contiguous blocks of `runs`: the same runs whatever the store
+    holds, and neighbouring grid points (which share cohorts) stay together."""
+    if not 0 <= index < count:
+        raise SpecError(f"shard {index}/{count}: give I/N with 0 <= I < N")
+    return [r for k, r in enumerate(runs) if k * count // len(runs) == index]
+
+
+Cohorts = list[tuple[list[RunConfig], list[DatasetTensors]]]
+# (zoo, cohorts, their step counts, the tickets phase or None, progress(steps done)) -> results
+Runner = Callable[[str, Cohorts, list[int], TicketPhase | None, Callable[[int], None]],
+                  Iterator[CohortResult]]
+
+
+def _local_runner(store: Store, device: torch.device, metrics: MetricsOptions) -> Runner:
+    """Cohorts one after another in this process."""
+
+    def execute(zoo: str, cohorts: Cohorts, steps: list[int], phase: TicketPhase | None,
+                progress: Callable[[int], None]) -> Iterator[CohortResult]:
+        for k, (runs, datas) in enumerate(cohorts):
+            def on_step(step: int, offset: int = sum(steps[:k]) - runs[0].start_step) -> None:
+                progress(offset + step)
+
+            yield build_cohort(zoo, runs, datas, store, device, metrics, on_step, phase)
+
+    return execute
+
+
+def build_cohort(zoo: str, runs: list[RunConfig], datas: list[DatasetTensors], store: Store,
+                 device: torch.device, metrics: MetricsOptions,
+                 on_step: Callable[[int], None] | None = None, phase: TicketPhase | None = None
+                 ) -> CohortResult:
+    """Train one cohort, evaluating each checkpoint here while a background thread writes its
+    shards to the store; return its rows once every shard they point to is stored. Shared by
+    every backend; the caller commits the rows.
 
     Only the writing (serialising and hashing, which release the GIL) goes to the background:
     with any torch work on the writer thread too (evaluation, slicing), a 1,000-run CPU build
     took 74-96 s instead of 45 s, its training steps slowed 2-3x by the second thread."""
-    plan = trainer.plan
+    plan = cohort_plan(runs, datas, metrics)
+    if phase is not None:
+        phase.prepare(plan, runs)
+    trainer = CohortTrainer(plan, device, on_step=on_step)
     groups = shape_groups(plan.members)
     # (shard future, step, epoch, alive, members): never the snapshot, whose weights may be on a GPU
     pending: list[tuple] = []
-    metrics: dict[str, list] = {k: [] for k in ("run_id", "step", "metric", "tensor", "value")}
+    metric_rows = _metric_columns()
     last_step = [-1] * len(runs)
-    for ck in trainer.run():
-        params = {k: v.cpu() for k, v in ck.params.items()}
-        for members in groups:
-            tensors = member_slices(params, plan.members[members[0]].init, members)
-            meta = _shard_metadata(zoo, plan, [runs[i] for i in members], tensors, ck.step)
-            pending.append((writer.submit(store.put_shard, tensors, meta), ck.step, ck.epoch,
-                            ck.alive, members))
-        alive = ck.alive.nonzero().flatten().tolist()
-        for i in alive:
-            last_step[i] = ck.step
-        for k, values in metric_columns(ck.metrics, ck.step, [runs[i].run_id for i in alive],
-                                        alive).items():
-            metrics[k] += values
-        report.checkpoints += 1
-    checkpoints = [row for future, *where in pending
-                   for row in _checkpoint_rows(future.result(), *where, runs, plan)]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dlstore-writer") as writer:
+        for ck in trainer.run():
+            params = {k: v.cpu() for k, v in ck.params.items()}
+            for members in groups:
+                tensors = member_slices(params, plan.members[members[0]].init, members)
+                meta = _shard_metadata(zoo, plan, [runs[i] for i in members], tensors, ck.step)
+                pending.append((writer.submit(store.put_shard, tensors, meta), ck.step,
+                                ck.epoch, ck.alive, members))
+            alive = ck.alive.nonzero().flatten().tolist()
+            for i in alive:
+                last_step[i] = ck.step
+            for k, values in metric_columns(ck.metrics, ck.step,
+                                            [runs[i].run_id for i in alive], alive).items():
+                metric_rows[k] += values
+        checkpoints = [row for future, *where in pending
+                       for row in _checkpoint_rows(future.result(), *where, runs, plan)]
     cohort_id = uuid.uuid4().hex[:16]
     run_rows = [_run_row(run, data, plan, cohort_id, last_step[i], int(trainer.diverged_step[i]),
                          trainer.train_seconds / len(runs), trainer.device)
                 for i, (run, data) in enumerate(zip(runs, datas))]
-    report.runs_diverged += sum(r["status"] == "diverged" for r in run_rows)
-    return checkpoints, metrics, run_rows
+    masks: list[dict] = []
+    if phase is not None:
+        checkpoints, metric_rows, run_rows, masks = phase.finish(
+            (checkpoints, metric_rows, run_rows), runs, zoo)
+    n_checkpoints = len({step for _, step, *_ in pending})
+    return CohortResult(checkpoints, metric_rows, run_rows, n_checkpoints, trainer.train_seconds,
+                        masks)
+
+
+def _metric_columns() -> dict[str, list]:
+    return {k: [] for k in ("run_id", "step", "metric", "tensor", "value")}
 
 
 def metric_columns(values: dict, step: int, ids: list[str], members: list[int]
@@ -240,7 +342,7 @@ def metric_columns(values: dict, step: int, ids: list[str], members: list[int]
     columns, from an evaluator's [P] values; per-tensor metrics carry the state-dict name in
     `tensor`. A NaN value means the metric is undefined for that member (e.g. `alpha`
     of a matrix with fewer than 10 eigenvalues): it gets no row."""
-    metrics: dict[str, list] = {k: [] for k in ("run_id", "step", "metric", "tensor", "value")}
+    metrics = _metric_columns()
     for key, column in values.items():
         name, tensor = key if isinstance(key, tuple) else (key, None)
         picked = column[members]

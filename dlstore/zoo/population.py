@@ -5,7 +5,9 @@ kernel (`kernels.py`: batched matmuls for MLPs, `vmap(grad)` for any other archi
 every member's loss and gradients, and the optimizer update is written out on the stacked tensors
 with per-member hyperparameters (lr, momentum, betas, weight decay) as [P] tensors. Members of
 different widths share a cohort: each is zero-padded to the widest shape and its gradients are
-masked, so padded units stay exactly zero and never influence the member's true units.
+masked, so padded units stay exactly zero and never influence the member's true units. The same
+mask carries a member's pruning mask (lottery tickets): its pruned weights start at zero, get no
+gradient, no optimizer state and no weight decay, so they stay exactly zero.
 
 Each member draws its own batches from its own order seed and sees its own labels (label noise)
 and training-set size, so a member trained here ends where the same run trained alone by
@@ -58,6 +60,7 @@ class MemberPlan:
     momentum: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    mask: dict[str, torch.Tensor] | None = None  # pruning mask (bool, True = kept), by tensor
 
     @property
     def n_train(self) -> int:
@@ -83,6 +86,7 @@ class CohortPlan:
     x_test: torch.Tensor
     y_test: torch.Tensor
     members: list[MemberPlan] = field(default_factory=list)
+    start_step: int = 0  # rewound tickets resume the schedule and data order here
     metrics: MetricsOptions = field(default_factory=MetricsOptions)
 
 
@@ -310,6 +314,11 @@ class CohortTrainer:
         params, masks = {}, {}
         for k in names:
             stacked, mask = pad_stack([m.init[k] for m in members])
+            if any(m.mask is not None and k in m.mask for m in members):
+                # the pruning masks, zero-padded like the weights: one mask for both
+                mask = pad_stack([m.mask[k].to(m.init[k].dtype) if m.mask and k in m.mask
+                                  else torch.ones_like(m.init[k]) for m in members])[0]
+                stacked.mul_(mask)
             params[k] = stacked.to(dev)
             if mask is not None:
                 masks[k] = mask.to(dev)
@@ -323,7 +332,7 @@ class CohortTrainer:
         y_train = y_train.to(dev)
         x_train = plan.x_train[:int(n_train.max())].to(dev)
         x_test, y_test = plan.x_test.to(dev), plan.y_test.to(dev)
-        sampler = CohortSampler(members, plan.batch_size, dev)
+        sampler = CohortSampler(members, plan.batch_size, dev, plan.start_step)
 
         alive = torch.ones(n_members, dtype=torch.bool, device=dev)
         checkpoints = set(plan.checkpoint_steps)
@@ -335,7 +344,7 @@ class CohortTrainer:
             steps={"basic": checkpoints,
                    **checkpoint_metric_steps(plan.metrics, plan.checkpoint_steps)})
 
-        for t in range(plan.total_steps + 1):
+        for t in range(plan.start_step, plan.total_steps + 1):
             if t in checkpoints:
                 # a snapshot: training goes on in place while the checkpoint is evaluated/stored
                 yield Checkpoint(step=t, epoch=sampler.epoch(t),
@@ -399,7 +408,7 @@ class StackedOptimizer:
                 shape = (-1, *([1] * (p.dim() - 1)))
                 if frozen is not None:
                     g.masked_fill_(frozen.view(shape), 0.0)
-                if masks and k in masks:  # padded entries of narrower members get no gradient
+                if masks and k in masks:  # padded and pruned entries get no gradient
                     g.mul_(masks[k])
                 if self.use_weight_decay and self.kind == "adamw":
                     p.mul_(1.0 - lr.view(shape) * self.weight_decay.view(shape))
@@ -435,7 +444,8 @@ class CohortSampler:
     `BatchOrder` (so its batches are those it would draw alone); permutations are made only at a
     member's epoch boundary and stacked, so a step costs one gather, not P Python calls."""
 
-    def __init__(self, members: list[MemberPlan], batch_size: int, device: torch.device):
+    def __init__(self, members: list[MemberPlan], batch_size: int, device: torch.device,
+                 start_step: int = 0):
         self.orders = [BatchOrder(m.order_seed, m.n_train, batch_size) for m in members]
         self.batch_size = batch_size
         self.device = device
@@ -443,6 +453,10 @@ class CohortSampler:
         self.uniform = bool((self.steps_per_epoch == self.steps_per_epoch[0]).all())
         width = max(o.n_train for o in self.orders)
         self.perms = torch.zeros((len(members), width), dtype=torch.long)
+        for i, order in enumerate(self.orders):
+            order.skip_to(start_step)
+            if start_step % order.steps_per_epoch:  # starting within an epoch: its permutation
+                self.perms[i, :order.n_train] = order.current
         self._perms_dev = self.perms.to(device)
         self._offsets = torch.arange(batch_size, device=device)
 

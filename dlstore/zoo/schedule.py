@@ -27,6 +27,17 @@ class BatchOrder:
         self._perm = torch.randperm(self.n_train, generator=self.generator)
         return self._perm
 
+    def skip_to(self, step: int) -> None:
+        """Draw the permutations that steps 0..step-1 would have drawn, so that the next call is
+        `batch(step)` (a run that starts at a rewind step sees the batches it would have)."""
+        for _ in range(-(-step // self.steps_per_epoch)):
+            self.epoch_permutation()
+
+    @property
+    def current(self) -> torch.Tensor:
+        """The permutation of the epoch in progress."""
+        return self._perm
+
     def batch(self, step: int) -> torch.Tensor:
         """Indices of the batch at `step`; steps must be asked for in order."""
         k = step % self.steps_per_epoch

@@ -11,6 +11,8 @@
     [build]    cohort_size = "auto"            # how the zoo is built, not what it contains
     [metrics]  hessian = { subsample = 512, at = "last" }   # what is measured, not what is trained
     [phases]   train_loss = 0.1                # thresholds of the phase taxonomy (analysis)
+    [tickets]  levels = 8, prune_fraction = 0.2, rewind_steps = [0, 100]   # lottery tickets
+    [transfer] levels = [4, 8]; [transfer.targets.adam] train.optimizer = "adam"
 
 The runs are the Cartesian product of the grid times the seeds. Each run has a stable id: a hash
 of its canonical config with defaults left out, plus the zoo name, so adding an option with a
@@ -26,6 +28,7 @@ import hashlib
 import itertools
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,6 +197,91 @@ class PhaseOptions(BaseModel):
                                           "trained")
 
 
+ControlKind = Literal["reinit", "random_mask"]
+
+
+class TicketOptions(BaseModel):
+    """Iterative magnitude pruning with rewinding (Frankle & Carbin 2019; Frankle et al. 2020):
+    each level removes `prune_fraction` of the remaining prunable weights (every tensor of two or
+    more dimensions: weights, not biases) by magnitude of the previous level's trained weights,
+    rewinds the rest to the dense run's weights at a rewind step and trains them again."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    levels: int = Field(ge=1, le=64, description="pruning rounds; level k keeps about (1-p)^k")
+    prune_fraction: float = Field(default=0.2, gt=0, lt=1,
+                                  description="share of the remaining weights removed per level")
+    output_prune_fraction: float | None = Field(
+        default=None, ge=0, lt=1, description="for the output layer; None = half prune_fraction")
+    scope: Literal["global", "layerwise"] = Field(
+        default="global", description="rank magnitudes across the hidden layers together, or "
+        "within each tensor (the output layer is always pruned on its own)")
+    rewind_steps: list[int] = Field(default=[0], min_length=1,
+                                    description="0 = initialisation; k = late rewinding")
+    controls: list[ControlKind] = Field(default=["reinit", "random_mask"])
+    stability: bool = Field(default=False, description="train a copy of every ticket with "
+                            "another data order and record their interpolation barrier")
+
+    @field_validator("rewind_steps", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        return [value] if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("rewind_steps")
+    @classmethod
+    def _distinct_steps(cls, value: list[int]) -> list[int]:
+        if any(s < 0 for s in value) or len(set(value)) != len(value):
+            raise ValueError("give distinct non-negative steps")
+        return sorted(value)
+
+    @field_validator("controls")
+    @classmethod
+    def _distinct_controls(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("repeated control")
+        return value
+
+    @property
+    def output_fraction(self) -> float:
+        return (self.prune_fraction / 2 if self.output_prune_fraction is None
+                else self.output_prune_fraction)
+
+    def pruning_key(self) -> dict[str, Any]:
+        """What decides a mask, defaults left out: part of every ticket's run id."""
+        return self.model_dump(include={"prune_fraction", "output_prune_fraction", "scope"},
+                               exclude_defaults=True)
+
+
+class TransferOptions(BaseModel):
+    """Tickets found on the spec's own runs, trained under other conditions (Morcos et al.
+    2019): each target names overrides of the source runs' dataset / train fields, or a
+    `seed_offset`. The architecture is the ticket's, so model fields cannot change."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    targets: dict[str, dict[str, Any]] = Field(min_length=1)
+    levels: list[int] | None = Field(default=None, description="source levels; None = all")
+    rewind_steps: list[int] | None = Field(default=None, description="None = all")
+    seeds: list[int] | None = Field(default=None, description="source seeds; None = all")
+    controls: list[ControlKind] = Field(
+        default=["reinit", "random_mask"], description="reinit = the mask on a fresh init")
+    find_on_target: bool = Field(default=True, description="also find tickets under each "
+                                 "target condition, to compare transferred tickets with")
+    all_pairs: bool = Field(default=False, description="transfer between every two conditions "
+                            "that have tickets, not only from the spec's own runs")
+
+    @field_validator("targets")
+    @classmethod
+    def _names(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for name, overrides in value.items():
+            if name == "base" or not _NAME.fullmatch(name):
+                raise ValueError(f"target name {name!r}: use letters, digits, _ . - (not 'base')")
+            if not isinstance(overrides, dict) or not overrides:
+                raise ValueError(f"target {name!r}: give a table of overrides")
+        return value
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
 class _SpecFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)
@@ -206,6 +294,8 @@ class _SpecFile(BaseModel):
     build: BuildOptions = BuildOptions()
     metrics: MetricsOptions = MetricsOptions()
     phases: PhaseOptions = PhaseOptions()
+    tickets: TicketOptions | None = None
+    transfer: TransferOptions | None = None
 
 
 @dataclass(frozen=True)
@@ -218,6 +308,13 @@ class RunConfig:
     train: TrainOptions
     checkpoints: str | tuple[int, ...]
     seed: int
+    # steps saved beyond `checkpoints` (a tickets zoo's rewind steps)
+    extra_checkpoints: tuple[int, ...] = ()
+
+    @property
+    def start_step(self) -> int:
+        """The step training starts at (ticket runs start at their rewind step)."""
+        return 0
 
     def canonical(self) -> dict[str, Any]:
         """The config with defaults left out: what the run id hashes."""
@@ -229,6 +326,8 @@ class RunConfig:
         }
         if self.checkpoints != DEFAULT_CHECKPOINTS:
             out["checkpoints"] = self.checkpoints
+        if self.extra_checkpoints:
+            out["extra_checkpoints"] = list(self.extra_checkpoints)
         return out
 
     def full(self) -> dict[str, Any]:
@@ -240,16 +339,27 @@ class RunConfig:
             "checkpoints": list(self.checkpoints)
             if isinstance(self.checkpoints, tuple) else self.checkpoints,
             "seed": self.seed,
+            **({"extra_checkpoints": list(self.extra_checkpoints)}
+               if self.extra_checkpoints else {}),
         }
 
     @functools.cached_property
     def run_id(self) -> str:
-        text = json.dumps({"zoo": self.zoo, **self.canonical()}, sort_keys=True,
-                          separators=(",", ":"))
-        return f"{self.zoo}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+        return hashed_id(self.zoo, self.canonical())
 
     def checkpoint_steps(self, total_steps: int) -> list[int]:
-        return checkpoint_steps(self.checkpoints, total_steps)
+        steps = checkpoint_steps(self.checkpoints, total_steps)
+        late = [s for s in self.extra_checkpoints if s > total_steps]
+        if late:
+            raise SpecError(f"tickets.rewind_steps: step {late[0]} is past the last step "
+                            f"({total_steps}) of run {self.run_id}")
+        return sorted(set(steps) | set(self.extra_checkpoints))
+
+
+def hashed_id(zoo: str, payload: dict[str, Any]) -> str:
+    """`<zoo>-<12 hex>`: a sha256 of the zoo name and a canonical JSON payload."""
+    text = json.dumps({"zoo": zoo, **payload}, sort_keys=True, separators=(",", ":"))
+    return f"{zoo}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
 @dataclass(frozen=True)
@@ -260,6 +370,10 @@ class ZooSpec:
     build: BuildOptions
     metrics: MetricsOptions = MetricsOptions()
     phases: PhaseOptions = PhaseOptions()
+    tickets: TicketOptions | None = None
+    transfer: TransferOptions | None = None
+    # transfer target name -> the spec's runs (same order) under that target's overrides
+    conditions: tuple[tuple[str, tuple[RunConfig, ...]], ...] = ()
 
     @property
     def spec_hash(self) -> str:
@@ -309,6 +423,7 @@ class ZooSpec:
         if n_runs > MAX_RUNS:
             raise SpecError(f"grid x seeds gives {n_runs:,} runs, more than the {MAX_RUNS:,} a "
                             "spec may hold; split the zoo into several specs")
+        extra = tuple(top.tickets.rewind_steps) if top.tickets else ()
         runs = []
         for values in itertools.product(*(vals for _, vals in axes)):
             sections = copy.deepcopy(base)
@@ -318,12 +433,81 @@ class ZooSpec:
             ckpt = sections["checkpoints"]
             for seed in seeds:
                 runs.append(RunConfig(top.name, dataset, model, train,
-                                      ckpt if isinstance(ckpt, str) else tuple(ckpt), seed))
+                                      ckpt if isinstance(ckpt, str) else tuple(ckpt), seed,
+                                      extra))
         ids = [r.run_id for r in runs]
         if len(set(ids)) != len(ids):
             raise SpecError("grid: two grid points describe the same run (repeated value?)")
+        conditions = _transfer_conditions(top, runs, seeds)
         return cls(top.name, text if text is not None else json.dumps(raw), tuple(runs), top.build,
-                   top.metrics, top.phases)
+                   top.metrics, top.phases, top.tickets, top.transfer, conditions)
+
+
+def _transfer_conditions(top: _SpecFile, runs: list[RunConfig], seeds: list[int]
+                         ) -> tuple[tuple[str, tuple[RunConfig, ...]], ...]:
+    """Check [transfer] against [tickets] and the seeds; each target's runs, aligned with `runs`."""
+    transfer, tickets = top.transfer, top.tickets
+    if transfer is None:
+        return ()
+    if tickets is None:
+        raise SpecError("transfer: needs a [tickets] section (it moves the tickets found there)")
+    bad_level = [k for k in transfer.levels or [] if not 1 <= k <= tickets.levels]
+    if bad_level:
+        raise SpecError(f"transfer.levels: level {bad_level[0]} is not one of the tickets' levels "
+                        f"1..{tickets.levels}")
+    bad_step = [s for s in transfer.rewind_steps or [] if s not in tickets.rewind_steps]
+    if bad_step:
+        raise SpecError(f"transfer.rewind_steps: {bad_step[0]} is not one of tickets.rewind_steps "
+                        f"{tickets.rewind_steps}")
+    bad_seed = [s for s in transfer.seeds or [] if s not in seeds]
+    if bad_seed:
+        raise SpecError(f"transfer.seeds: seed {bad_seed[0]} is not one of the zoo's seeds")
+    seen = {r.run_id for r in runs}
+    out = []
+    for name, table in transfer.targets.items():
+        where = f"transfer.targets.{name}"
+        target = tuple(_under_condition(run, _flatten(table), where) for run in runs)
+        ids = {r.run_id for r in target}
+        if ids & seen:
+            raise SpecError(f"{where}: gives runs the zoo already holds (another seed_offset or "
+                            "override is needed for a different condition)")
+        seen |= ids
+        out.append((name, target))
+    return tuple(out)
+
+
+def _under_condition(run: RunConfig, overrides: list[tuple[tuple, Any]], where: str) -> RunConfig:
+    """`run` with a transfer target's overrides: dataset.FIELD, train.FIELD or seed_offset."""
+    sections = {"dataset": run.dataset.model_dump(exclude_unset=True),
+                "train": run.train.model_dump(exclude_unset=True)}
+    seed = run.seed
+    for path, value in overrides:
+        name = f"{where}.{'.'.join(path)}"
+        if path == ("seed_offset",):
+            if not isinstance(value, int) or isinstance(value, bool) or value == 0:
+                raise SpecError(f"{name}: give a non-zero integer added to each source seed")
+            seed = run.seed + value
+        elif len(path) == 2 and path[0] in ("dataset", "train"):
+            sections[path[0]][path[1]] = value
+        else:
+            raise SpecError(f"{name}: not a transfer condition; give dataset.FIELD, train.FIELD "
+                            "or seed_offset (a ticket keeps its architecture)")
+    train = sections["train"]
+    switched = dict(overrides).get(("train", "optimizer"))
+    if switched is not None and switched != run.train.optimizer:
+        # the other optimizer's options came from the source; the target's are its defaults
+        given = {p[1] for p, _ in overrides if p[0] == "train"}
+        for key in ({"momentum"} if switched == "adam" else {"betas", "eps"}) - given:
+            train.pop(key, None)
+    try:
+        dataset = parse_dataset_options(sections["dataset"])
+        train_options = TrainOptions.model_validate(train)
+    except SpecError as e:
+        raise SpecError(f"{where}: {e}") from None
+    except ValidationError as e:
+        raise SpecError(format_validation_error(e, f"{where}.train")) from None
+    return RunConfig(run.zoo, dataset, run.model, train_options, run.checkpoints, seed,
+                     run.extra_checkpoints)
 
 
 def _parse_sections(sections: dict[str, Any]) -> tuple[DatasetOptions, ArchOptions, TrainOptions]:

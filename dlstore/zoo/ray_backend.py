@@ -1,0 +1,72 @@
+"""Cohorts as Ray tasks: the same build as the local one, fanned out over a cluster.
+
+The driver plans the cohorts exactly as a local build does and commits their rows the same way
+(batched, runs rows last, one commit id per batch); each task opens the store itself, trains one
+cohort with the shared `build_cohort` and writes its shards there. A task that dies (its worker
+or node lost) or fails to reach the store is retried; shards are content-addressed, so a retry
+rewrites identical bytes under the same names.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from dlstore.errors import StoreError, UsageError
+from dlstore.store.store import Store
+from dlstore.zoo.builder import CohortResult, Cohorts, Runner, build_cohort
+from dlstore.zoo.spec import MetricsOptions, RunConfig
+
+RETRIES = 3
+
+
+def cohort_runner(store: Store, device: str, address: str | None, metrics: MetricsOptions
+                  ) -> tuple[Runner, str]:
+    """(a runner that yields cohort results as Ray tasks finish, the device the tasks train on).
+    Connects to the cluster at `address`, or starts a local Ray instance unless one is up."""
+    try:
+        import ray
+    except ImportError:
+        raise UsageError("--backend ray needs Ray: pip install 'dlstore[ray]'") from None
+    if not ray.is_initialized():
+        extra = {} if address else {"include_dashboard": False}
+        ray.init(address=address, logging_level=logging.WARNING, **extra)
+    gpus = 1 if device == "cuda" or (
+        device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1) else 0
+    task_device = "cuda" if gpus else "cpu"
+    task = ray.remote(_cohort_task).options(
+        num_gpus=gpus, max_retries=RETRIES, retry_exceptions=[StoreError, OSError])
+    # the store as another process opens it (a local path must be shared by the workers)
+    root = str(store.root)
+    options = store.storage_options
+
+    def execute(zoo: str, cohorts: Cohorts, steps: list[int], phase: None,
+                progress: Callable[[int], None]) -> Iterator[CohortResult]:
+        assert phase is None, "tickets zoos build locally (build_zoo refuses them here)"
+        pending = {task.remote(root, options, zoo, runs, task_device, metrics): k
+                   for k, (runs, _) in enumerate(cohorts)}
+        done = 0
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                k = pending.pop(ready[0])
+                result = ray.get(ready[0])
+                done += steps[k]
+                progress(done)
+                yield result
+        finally:  # a failure (or an interrupted driver) stops the rest of the build
+            for ref in pending:
+                ray.cancel(ref, force=True)
+
+    return execute, task_device
+
+
+def _cohort_task(root: str | Path, storage_options: dict[str, str], zoo: str,
+                 runs: list[RunConfig], device: str, metrics: MetricsOptions) -> CohortResult:
+    from dlstore.zoo.data import run_data
+    from dlstore.zoo.population import resolve_device
+
+    store = Store(root, storage_options=storage_options)
+    datas = [run_data(r.dataset, r.seed) for r in runs]  # regenerated here: nothing large travels
+    return build_cohort(zoo, runs, datas, store, resolve_device(device), metrics)
