@@ -6,6 +6,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from dlstore.analysis.phenomena import (
@@ -22,7 +23,9 @@ from dlstore.analysis.phenomena import (
 from dlstore.cli import app
 from dlstore.errors import NotFoundError
 from dlstore.store.store import Store
+from dlstore.zoo.backfill import backfill_checkpoint_metrics
 from dlstore.zoo.builder import build_zoo
+from dlstore.zoo.data import gaussian_clone
 from dlstore.zoo.spec import ZooSpec
 
 ZOO_DIR = Path(__file__).resolve().parent.parent / "zoo"
@@ -167,6 +170,18 @@ def test_a_zoo_without_the_recipe_metrics_is_told_how_to_add_them(tmp_path):
     build_zoo(ZooSpec.from_text(text), store, device="cpu")
     with pytest.raises(NotFoundError, match="no clone_acc, clone_loss rows.*metrics compute"):
         simplicity_table(store, "tiny-recipe")
+    # ... and `metrics compute` adds them, as the evaluator of a build would have computed them
+    added = backfill_checkpoint_metrics(
+        ZooSpec.from_text(text + "[metrics]\ngaussian_clone = true\n"), store)
+    table = simplicity_table(store, "tiny-recipe")
+    assert added == table.height == 5
+    run = store.runs()["run_id"][0]
+    data = store.load_dataset(run)
+    model = store.load_model(run)
+    clone = gaussian_clone(data["x_test"], data["y_test"], store.run(run)["n_classes"], seed=0)
+    with torch.no_grad():
+        acc = (model(clone).argmax(1) == data["y_test"]).double().mean().item()
+    assert table["clone_acc"][-1] == pytest.approx(acc, abs=1e-9)
 
 
 def test_recipe_specs_parse_and_ask_for_their_metrics():
