@@ -229,16 +229,15 @@ def test_neural_collapse_recipe_collapses_in_the_terminal_phase(tmp_path):
 def test_grokking_recipe_generalises_long_after_fitting_only_with_weight_decay(tmp_path):
     table = grokking_table(_build_recipe("grokking", tmp_path))
     sig = {r["weight_decay"]: r for r in grokking_signature(table).iter_rows(named=True)}
-    # measured: every run fits its training set by step 3,626; test accuracy after 20,000
-    # steps 0.000 / 0.006 / 0.16 / 0.55 for weight decay 0 / 0.1 / 0.3 / 1
+    # measured: fitted by step 1,351-4,215; test accuracy at 60,000 steps 0.001 / 0.37 / 0.98 /
+    # 0.95 for weight decay 0 / 0.1 / 0.3 / 1, first >= 0.9 at the last checkpoint
     assert all(r["final_train_acc"] == 1.0 for r in sig.values())
-    strong = table.filter((pl.col("weight_decay") == 1.0)
-                          & (pl.col("step") <= sig[1.0]["fit_step"]))
-    assert strong["test_acc"].max() < 0.05  # nothing generalised when the training set was fit
-    assert sig[1.0]["final_test_acc"] > 0.4 and sig[0.3]["final_test_acc"] > 0.1
-    assert sig[0.0]["final_test_acc"] < 0.05
-    # not reproduced within this budget: test accuracy > 90% (Power et al.'s full grokking)
-    assert all(r["generalise_step"] is None for r in sig.values())
+    for wd in (0.3, 1.0):
+        fitted = table.filter((pl.col("weight_decay") == wd)
+                              & (pl.col("step") <= sig[wd]["fit_step"]))
+        assert fitted["test_acc"].max() < 0.05  # nothing generalised when the train set was fit
+        assert sig[wd]["final_test_acc"] > 0.9 and sig[wd]["delay"] > 10
+    assert sig[0.0]["final_test_acc"] < 0.05 and sig[0.0]["generalise_step"] is None
 
 
 @pytest.mark.slow
