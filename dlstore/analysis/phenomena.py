@@ -69,19 +69,23 @@ def epochwise_table(store: Store, zoo: str = "double-descent", widths: int = 2) 
 def double_descent_signature(table: pl.DataFrame, fitted: float = 0.01,
                              margin: float = 0.02) -> dict:
     """From a model-wise table: the interpolation threshold (the narrowest width whose train
-    error is at most `fitted`), the width of the test-error peak and its error, the error of the
-    narrowest and widest networks, and `descends_twice`: the peak lies strictly between the ends,
-    more than `margin` above both (seed noise aside), and within a factor 2 of the threshold's
-    width."""
+    error is at most `fitted`), the classical optimum (the lowest test error below the
+    threshold), the peak (the highest test error at a wider width) and the widest network's
+    error. `descends_twice`: the peak lies within a factor 2 of the threshold's width, more
+    than `margin` (seed noise) above the classical optimum, and the widest network is more than
+    `margin` below the peak again."""
     widths, test = table["width"].to_list(), table["test_error"].to_list()
     fits = [w for w, e in zip(widths, table["train_error"].to_list()) if e <= fitted]
-    peak = max(range(len(test)), key=test.__getitem__)
     threshold = fits[0] if fits else None
+    below = [i for i, w in enumerate(widths) if threshold is None or w < threshold] or [0]
+    classical = min(below, key=test.__getitem__)
+    peak = max(range(classical, len(test)), key=test.__getitem__)
     near = threshold is not None and threshold / 2 <= widths[peak] <= threshold * 2
-    return {"threshold_width": threshold, "peak_width": widths[peak], "peak_error": test[peak],
-            "smallest_error": test[0], "largest_error": test[-1],
-            "descends_twice": 0 < peak < len(test) - 1
-            and test[peak] > max(test[0], test[-1]) + margin and near}
+    return {"threshold_width": threshold, "classical_width": widths[classical],
+            "classical_error": test[classical], "peak_width": widths[peak],
+            "peak_error": test[peak], "largest_error": test[-1],
+            "descends_twice": near and peak < len(test) - 1
+            and test[peak] > test[classical] + margin and test[-1] < test[peak] - margin}
 
 
 # -- grokking -------------------------------------------------------------------------------------
