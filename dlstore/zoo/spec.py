@@ -61,7 +61,8 @@ class TrainOptions(BaseModel):
     momentum: float = Field(default=0.9, ge=0, lt=1, description="sgd only")
     betas: tuple[float, float] = Field(default=(0.9, 0.999), description="adam(w) only")
     eps: float = Field(default=1e-8, gt=0, description="adam(w) only")
-    weight_decay: float = Field(default=0.0, ge=0, description="L2 penalty added to the gradient")
+    weight_decay: float = Field(default=0.0, ge=0, description="L2 penalty added to the gradient "
+                                "(sgd, adam) or decoupled decay of the weights (adamw)")
     batch_size: int = Field(default=128, ge=1)
     epochs: int | None = Field(default=None, ge=1)
     steps: int | None = Field(default=None, ge=1)
