@@ -469,6 +469,95 @@ def plot_metric(
     out.print(f"figure -> {out_path}")
 
 
+def _zoo_option(recipe: str):
+    return typer.Option(recipe, help=f"The zoo built from zoo/{recipe}.toml.")
+
+
+def _out_option(recipe: str):
+    return typer.Option(Path(f"{recipe}.png"), "--out", help="Where to write the PNG.")
+
+
+@plot_app.command("double-descent")
+def plot_double_descent(
+    store: str = StoreOption,
+    zoo: str = _zoo_option("double-descent"),
+    out_path: Path = _out_option("double-descent"),
+) -> None:
+    """Test error against width at the last step, and along training for the widest nets."""
+    from dlstore.analysis.phenomena import (
+        double_descent_signature,
+        double_descent_table,
+        epochwise_table,
+    )
+    from dlstore.plots import double_descent_figure
+    from dlstore.store.store import Store
+
+    s = Store(store)
+    table = double_descent_table(s, zoo)
+    _print_frame(table, Format.table)
+    double_descent_figure(table, epochwise_table(s, zoo)).savefig(out_path, dpi=100)
+    _print_signature(double_descent_signature(table), out_path)
+
+
+@plot_app.command("grokking")
+def plot_grokking(
+    store: str = StoreOption,
+    zoo: str = _zoo_option("grokking"),
+    out_path: Path = _out_option("grokking"),
+) -> None:
+    """Train and test accuracy along training, one curve pair per weight decay."""
+    from dlstore.analysis.phenomena import grokking_signature, grokking_table
+    from dlstore.plots import grokking_figure
+    from dlstore.store.store import Store
+
+    table = grokking_table(Store(store), zoo)
+    _print_frame(grokking_signature(table), Format.table)
+    grokking_figure(table).savefig(out_path, dpi=100)
+    out.print(f"figure -> {out_path}")
+
+
+@plot_app.command("neural-collapse")
+def plot_neural_collapse(
+    store: str = StoreOption,
+    zoo: str = _zoo_option("neural-collapse"),
+    out_path: Path = _out_option("neural-collapse"),
+) -> None:
+    """NC1-NC4 and train/test error along training; the terminal phase shaded."""
+    from dlstore.analysis.phenomena import collapse_signature, collapse_table
+    from dlstore.plots import collapse_figure
+    from dlstore.store.store import Store
+
+    table = collapse_table(Store(store), zoo)
+    _print_frame(table, Format.table)
+    collapse_figure(table).savefig(out_path, dpi=100)
+    _print_signature(collapse_signature(table), out_path)
+
+
+@plot_app.command("simplicity-bias")
+def plot_simplicity_bias(
+    store: str = StoreOption,
+    zoo: str = _zoo_option("simplicity-bias"),
+    out_path: Path = _out_option("simplicity-bias"),
+) -> None:
+    """Accuracy on the test split and on its Gaussian clone along training."""
+    from dlstore.analysis.phenomena import simplicity_signature, simplicity_table
+    from dlstore.plots import simplicity_figure
+    from dlstore.store.store import Store
+
+    s = Store(store)
+    table = simplicity_table(s, zoo)
+    _print_frame(table, Format.table)
+    n_classes = s.sql("SELECT any_value(n_classes) AS c FROM runs WHERE zoo = ?", [zoo])["c"][0]
+    simplicity_figure(table).savefig(out_path, dpi=100)
+    _print_signature(simplicity_signature(table, chance=1 / n_classes), out_path)
+
+
+def _print_signature(signature: dict, out_path: Path) -> None:
+    for key, value in signature.items():
+        out.print(f"{key}: {_cell(value)}")
+    out.print(f"figure -> {out_path}")
+
+
 tickets_app = typer.Typer(no_args_is_help=True, help="Lottery tickets found while building zoos.")
 app.add_typer(tickets_app, name="tickets")
 

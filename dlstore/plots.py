@@ -213,6 +213,90 @@ def metric_figure(table, metric: str, x: str, y: str, title: str = "") -> Figure
     return fig
 
 
+def _log_steps(ax, title: str) -> None:
+    """Steps on a log axis (step 0 is left out by the callers), accuracy or error up."""
+    ax.set_xscale("log")
+    ax.set_xlabel("step")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+
+
+def double_descent_figure(modelwise, epochwise) -> Figure:
+    """Left: final test and train error against width (`double_descent_table`); right: test
+    error along training of the widest networks (`epochwise_table`)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    left.plot(modelwise["width"], modelwise["test_error"], "o-", color="C3", label="test error")
+    left.plot(modelwise["width"], modelwise["train_error"], "s--", color="C0",
+              label="train error (noisy labels)")
+    left.set_xscale("log")
+    left.set_xlabel("width (hidden units)")
+    left.set_ylabel("error at the last step")
+    left.set_title("model-wise double descent", fontsize=9)
+    left.legend(fontsize=7)
+    for k, (width, part) in enumerate(epochwise.filter(epochwise["step"] > 0)
+                                      .group_by("width", maintain_order=True)):
+        right.plot(part["step"], part["test_error"], "o-", color=f"C{k}", markersize=3,
+                   label=f"test, width {width[0]}")
+        right.plot(part["step"], part["train_error"], "--", color=f"C{k}", alpha=0.6,
+                   label=f"train, width {width[0]}")
+    right.set_ylabel("error")
+    _log_steps(right, "epoch-wise: the widest networks along training")
+    fig.tight_layout()
+    return fig
+
+
+def grokking_figure(table) -> Figure:
+    """Train (dashed) and test (solid) accuracy along training, one colour per weight decay."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    table = table.filter(table["step"] > 0)
+    for k, (wd, part) in enumerate(table.group_by("weight_decay", maintain_order=True)):
+        ax.plot(part["step"], part["train_acc"], "--", color=f"C{k}", alpha=0.7)
+        ax.plot(part["step"], part["test_acc"], "-", color=f"C{k}", label=f"wd {wd[0]:g}")
+    ax.set_ylabel("accuracy (dashed: train, solid: test)")
+    _log_steps(ax, "grokking: modular addition")
+    fig.tight_layout()
+    return fig
+
+
+def collapse_figure(table) -> Figure:
+    """NC1-NC4 (log scale) along training, with train error; the terminal phase (train error
+    zero) shaded."""
+    from dlstore.analysis.phenomena import COLLAPSE_COLUMNS, FIT
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    table = table.filter(table["step"] > 0)
+    steps = table["step"].to_numpy()
+    for k, name in enumerate(COLLAPSE_COLUMNS):
+        top.plot(steps, table[name], "o-", markersize=3, color=f"C{k}", label=name)
+    top.set_yscale("log")
+    top.set_ylabel("collapse metric")
+    bottom.plot(steps, 1 - table["train_acc"], "o-", markersize=3, label="train error")
+    bottom.plot(steps, 1 - table["test_acc"], "s-", markersize=3, label="test error")
+    bottom.set_ylabel("error")
+    terminal = steps[table["train_acc"].to_numpy() >= FIT]
+    for ax in (top, bottom):
+        if terminal.size:
+            ax.axvspan(terminal[0], steps[-1], color="grey", alpha=0.12)
+    top.set_title("neural collapse (shaded: terminal phase, train error 0)", fontsize=9)
+    top.legend(fontsize=7)
+    _log_steps(bottom, "")
+    fig.tight_layout()
+    return fig
+
+
+def simplicity_figure(table) -> Figure:
+    """Accuracy on the real test split and on its Gaussian clone along training."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    table = table.filter(table["step"] > 0)
+    ax.plot(table["step"], table["test_acc"], "o-", markersize=3, label="real test split")
+    ax.plot(table["step"], table["clone_acc"], "s-", markersize=3,
+            label="Gaussian clone (class means + covariances)")
+    ax.set_ylabel("accuracy")
+    _log_steps(ax, "distributional simplicity bias")
+    fig.tight_layout()
+    return fig
+
+
 def transfer_heatmap(matrices: list[tuple[str, list[str], list[str], list[list]]]) -> Figure:
     """One heatmap per (title, sources, targets, values) of
     `dlstore.analysis.tickets.transfer_matrix`: rows the source condition, columns the target;

@@ -12,6 +12,7 @@ from dlstore.zoo.data import (
     DatasetTensors,
     apply_label_noise,
     clean_split,
+    gaussian_clone,
     parse_dataset_options,
     run_data,
 )
@@ -242,3 +243,36 @@ def test_options_are_immutable_and_default_sensibly():
 def test_a_split_with_an_empty_side_is_a_spec_error():
     with pytest.raises(SpecError, match="train and 0 test"):
         clean_split(opts("gaussian_mixture", n_samples=4, test_fraction=0.1))
+
+
+def test_gaussian_clone_has_each_class_mean_and_covariance():
+    rng = np.random.default_rng(0)
+    n_classes, dim, per_class = 3, 5, 20000
+    y = torch.arange(n_classes).repeat_interleave(per_class)
+    mixing = torch.as_tensor(rng.standard_normal((n_classes, dim, dim)))
+    # skewed, correlated classes (exponential noise): the clone keeps only two moments
+    noise = torch.as_tensor(rng.exponential(size=(len(y), dim)))
+    x = (torch.einsum("nd,nde->ne", noise, mixing[y]) + 3.0 * y[:, None]).to(torch.float32)
+    clone = gaussian_clone(x, y, n_classes, seed=1)
+    assert clone.shape == x.shape and clone.dtype == x.dtype
+    assert not torch.allclose(clone, x)
+    for c in range(n_classes):
+        real, fake = x[y == c].double(), clone[y == c].double()
+        scale = real.std(0).max().item()
+        assert torch.allclose(fake.mean(0), real.mean(0), atol=0.03 * scale)
+        assert torch.allclose(torch.cov(fake.T), torch.cov(real.T), atol=0.05 * scale**2)
+        # the real classes are skewed, the clone's are not: only the first two moments copied
+        skew = ((fake - fake.mean(0)) ** 3).mean(0) / fake.std(0) ** 3
+        assert skew.abs().max() < 0.1
+    assert torch.equal(gaussian_clone(x, y, n_classes, seed=1), clone)
+    assert not torch.equal(gaussian_clone(x, y, n_classes, seed=2), clone)
+
+
+def test_gaussian_clone_of_a_rank_deficient_class_stays_in_its_span():
+    # digits-like: more dimensions than examples per class, images of shape [1, 4, 4]
+    x = torch.zeros((12, 1, 4, 4))
+    x[:, 0, 0, :2] = torch.randn(12, 2)
+    y = torch.tensor([0, 1] * 6)
+    clone = gaussian_clone(x, y, 2, seed=0)
+    assert clone.shape == x.shape and torch.isfinite(clone).all()
+    assert clone[:, 0, 1:].abs().max() < 1e-6 and clone[:, 0, 0, 2:].abs().max() < 1e-6

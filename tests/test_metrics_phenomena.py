@@ -15,6 +15,7 @@ from dlstore.metrics.hessian import hessian_spectrum, hessian_vector_product
 from dlstore.metrics.similarity import disagreement, linear_cka
 from dlstore.metrics.spectra import SPECTRA, powerlaw_alpha, spectral_metrics
 from dlstore.zoo.builder import cohort_plan, plan_cohorts
+from dlstore.zoo.data import gaussian_clone
 from dlstore.zoo.population import CohortTrainer, member_slices
 from dlstore.zoo.spec import ZooSpec
 
@@ -326,6 +327,25 @@ def test_cohort_collapse_equals_each_member_alone_at_its_true_shape():
                                                                abs=1e-9), name
 
 
+def test_cohort_clone_metrics_equal_each_member_alone_on_the_clone():
+    plan, cks = _tiny_cohort("gaussian_clone = { seed = 3 }", activation="relu")
+    clone = gaussian_clone(plan.x_test, plan.y_test, plan.n_classes, seed=3)
+    for ck in cks:  # at = "all" by default
+        for i, member in enumerate(plan.members):
+            true = member_slices(ck.params, member.init, [i])
+            hidden = torch.relu(clone @ true["layers.0.weight"][0].T + true["layers.0.bias"][0])
+            logits = hidden @ true["layers.1.weight"][0].T + true["layers.1.bias"][0]
+            acc = (logits.argmax(1) == plan.y_test).double().mean().item()
+            loss = F.cross_entropy(logits, plan.y_test).item()
+            assert ck.metrics["clone_acc"][i].item() == pytest.approx(acc, abs=1e-12)
+            assert ck.metrics["clone_loss"][i].item() == pytest.approx(loss, rel=1e-5)
+    # the mixture's classes are Gaussian: its clone is the same distribution, so a trained
+    # network scores on it as on the real test split (sampling noise of 60 examples aside)
+    final = cks[-1].metrics
+    assert (final["clone_acc"] - final["test_acc"]).abs().max() < 0.1
+    assert final["test_acc"].min() > 0.6
+
+
 # -- spec -----------------------------------------------------------------------------------------
 
 SPEC = """
@@ -347,6 +367,7 @@ epochs = 2
     ("hessian = { at = [-1] }", "metrics.hessian.at"),
     ("neural_collapse = { probes = 3 }", "metrics.neural_collapse.probes"),
     ("groups = { points = 1 }", "metrics.groups.points"),
+    ("gaussian_clone = { seed = 'x' }", "metrics.gaussian_clone.seed"),
     ("hessian = 3", "metrics.hessian"),
 ])
 def test_bad_metrics_fields_are_named(metrics, field):
@@ -369,10 +390,12 @@ def test_a_selected_step_that_is_no_checkpoint_is_an_error_before_training():
 def test_metric_choices_leave_run_ids_alone():
     plain = ZooSpec.from_text(SPEC)
     measured = ZooSpec.from_text(SPEC + "[metrics]\nstatistics = false\nhessian = true\n"
-                                 "groups = { pairs = 3 }\n[phases]\ntrain_loss = 0.5")
+                                 "groups = { pairs = 3 }\ngaussian_clone = true\n"
+                                 "[phases]\ntrain_loss = 0.5")
     assert [r.run_id for r in measured.runs] == [r.run_id for r in plain.runs]
     assert measured.metrics.hessian.subsample == 512 and measured.metrics.statistics is None
     assert plain.metrics.hessian is None and plain.metrics.statistics == "all"
+    assert measured.metrics.gaussian_clone.at == "all" and plain.metrics.gaussian_clone is None
 
 
 def test_a_diverged_member_gets_nan_and_leaves_the_others_exact():

@@ -74,9 +74,11 @@ def test_sgd_momentum_weight_decay_cosine_matches_reference():
     assert_matches_reference(spec)
 
 
-def test_adam_matches_reference():
-    spec = make_spec("optimizer = 'adam'\nbatch_size = 32\nsteps = 30",
-                     "train.lr = [0.001, 0.01]\ntrain.weight_decay = [0.0, 0.001]")
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_adam_matches_reference(optimizer):
+    # adamw's decoupled decay at 0.5 moves weights as much as the gradient step does
+    spec = make_spec(f"optimizer = '{optimizer}'\nbatch_size = 32\nsteps = 30",
+                     "train.lr = [0.001, 0.01]\ntrain.weight_decay = [0.0, 0.5]")
     assert_matches_reference(spec)
 
 

@@ -25,7 +25,7 @@ from dlstore.zoo.spec import CHECKPOINT_FAMILIES, ZooSpec, checkpoint_metric_ste
 
 # a metric whose row marks a family as recorded at a (run, step)
 MARKERS = {"statistics": "mean", "spectra": "spectral_norm", "hessian": "hessian_top_eig",
-           "neural_collapse": "nc1"}
+           "neural_collapse": "nc1", "gaussian_clone": "clone_acc"}
 
 
 def missing_checkpoint_metrics(spec: ZooSpec, store: Store) -> dict[tuple[str, int], set[str]]:
@@ -100,7 +100,8 @@ def _family_values(values: dict, family: str) -> dict:
     from dlstore.metrics.weights import STATISTICS
 
     names = {"statistics": STATISTICS, "spectra": SPECTRA, "neural_collapse": COLLAPSE,
-             "hessian": ("hessian_top_eig", "hessian_trace")}[family]
+             "hessian": ("hessian_top_eig", "hessian_trace"),
+             "gaussian_clone": ("clone_loss", "clone_acc")}[family]
     per_tensor = family in ("statistics", "spectra")
     return {k: v for k, v in values.items()
             if (isinstance(k, tuple) and per_tensor and k[0] in names)

@@ -272,6 +272,30 @@ def apply_label_noise(y: torch.Tensor, n_classes: int, fraction: float,
     return y
 
 
+def gaussian_clone(x: torch.Tensor, y: torch.Tensor, n_classes: int, seed: int) -> torch.Tensor:
+    """Inputs shaped like `x` where each example of class c is drawn afresh from the Gaussian
+    with the mean and covariance (ddof 0) of the class-c examples of `x`: what a network can
+    classify from the first two moments of each class alone (Refinetti et al. 2023). The labels
+    stay `y`. Drawn on the CPU from `seed`, so the same inputs and seed give the same clone on
+    any device; a rank-deficient class covariance is sampled within its span."""
+    flat = x.detach().cpu().reshape(x.shape[0], -1).to(torch.float64)
+    labels = y.detach().cpu()
+    generator = torch.Generator().manual_seed(seed)
+    out = torch.empty_like(flat)
+    for c in range(n_classes):
+        index = (labels == c).nonzero().flatten()
+        if index.numel() == 0:
+            continue
+        members = flat[index]
+        mean = members.mean(0)
+        centred = members - mean
+        eigenvalues, eigenvectors = torch.linalg.eigh(centred.T @ centred / index.numel())
+        root = eigenvectors * eigenvalues.clamp_min(0.0).sqrt()  # root @ root.T = covariance
+        z = torch.randn((index.numel(), flat.shape[1]), generator=generator, dtype=torch.float64)
+        out[index] = mean + z @ root.T
+    return out.to(x.dtype).reshape(x.shape).to(x.device)
+
+
 def run_data(options: DatasetOptions, run_seed: int) -> DatasetTensors:
     """Exactly what one run trains and is evaluated on: its train subset with its label noise.
 

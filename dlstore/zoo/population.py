@@ -38,6 +38,7 @@ from dlstore.metrics.collapse import neural_collapse
 from dlstore.metrics.hessian import hessian_spectrum
 from dlstore.metrics.spectra import is_weight_matrix, spectral_metrics
 from dlstore.metrics.weights import tensor_statistics
+from dlstore.zoo.data import gaussian_clone
 from dlstore.zoo.kernels import kernel_for
 from dlstore.zoo.models import ArchOptions
 from dlstore.zoo.schedule import BatchOrder, lr_factor
@@ -76,7 +77,7 @@ class CohortPlan:
     arch: ArchOptions
     input_shape: tuple[int, ...]
     n_classes: int
-    optimizer: str  # "sgd" | "adam"
+    optimizer: str  # "sgd" | "adam" | "adamw"
     schedule: str
     batch_size: int
     total_steps: int
@@ -141,6 +142,11 @@ class CheckpointEvaluator:
             metrics.update(self._per_tensor(params, step))
             if step in self.steps.get("neural_collapse", ()):
                 metrics.update(self._chunked(self._collapse, params))
+            if step in self.steps.get("gaussian_clone", ()):
+                clone_loss, clone_acc = loss_and_accuracy(
+                    self.kernel.forward_shared, params, self._clone, self.y_test,
+                    chunk=self.chunk)
+                metrics.update({"clone_loss": clone_loss, "clone_acc": clone_acc})
         if step in self.steps.get("hessian", ()):
             metrics.update(self._chunked(functools.partial(self._hessian, seed=step), params))
         return {k: v.cpu() for k, v in metrics.items()}
@@ -155,6 +161,12 @@ class CheckpointEvaluator:
                 "test_loss": test_loss, "test_acc": test_acc,
                 "weight_norm": weight_norm(params),
                 "dist_from_init": dist_from_init(params, self.init)}
+
+    @functools.cached_property
+    def _clone(self) -> torch.Tensor:
+        """The Gaussian clone of the test inputs (labels: `y_test`), drawn once per cohort."""
+        return gaussian_clone(self.x_test, self.y_test, self.n_classes,
+                              self.options.gaussian_clone.seed)
 
     def _per_tensor(self, params: Params, step: int) -> dict[MetricKey, torch.Tensor]:
         statistics = step in self.steps.get("statistics", ())
@@ -359,7 +371,8 @@ class CohortTrainer:
 
 
 class StackedOptimizer:
-    """torch.optim.SGD (momentum, L2 weight decay) and torch.optim.Adam, written in place on
+    """torch.optim.SGD (momentum, L2 weight decay), torch.optim.Adam and torch.optim.AdamW
+    (decoupled weight decay), written in place on
     stacked parameters with per-member hyperparameters as [P] columns.
 
     In place, because at zoo sizes the update is bound by memory traffic, not arithmetic. Frozen
@@ -397,7 +410,9 @@ class StackedOptimizer:
                     g.masked_fill_(frozen.view(shape), 0.0)
                 if masks and k in masks:  # padded and pruned entries get no gradient
                     g.mul_(masks[k])
-                if self.use_weight_decay:
+                if self.use_weight_decay and self.kind == "adamw":
+                    p.mul_(1.0 - lr.view(shape) * self.weight_decay.view(shape))
+                elif self.use_weight_decay:
                     g.addcmul_(p, self.weight_decay.view(shape))
                 if self.kind == "sgd":
                     if self.use_momentum:

@@ -43,8 +43,9 @@ def train_reference(run: RunConfig, data: DatasetTensors, device: str | torch.de
         opt = torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum,
                               weight_decay=train.weight_decay)
     else:
-        opt = torch.optim.Adam(model.parameters(), lr=train.lr, betas=train.betas, eps=train.eps,
-                               weight_decay=train.weight_decay)
+        adam = torch.optim.AdamW if train.optimizer == "adamw" else torch.optim.Adam
+        opt = adam(model.parameters(), lr=train.lr, betas=train.betas, eps=train.eps,
+                   weight_decay=train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda t: lr_factor(train.schedule, start + t, total))
     order_seed = train.order_seed if train.order_seed is not None else derive_seed(run.seed,

@@ -54,12 +54,15 @@ MAX_RUNS = 1_000_000
 
 class TrainOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    optimizer: Literal["sgd", "adam"] = "sgd"
+    optimizer: Literal["sgd", "adam", "adamw"] = Field(
+        default="sgd", description="adam adds weight decay to the gradient (L2, as "
+        "torch.optim.Adam); adamw decays the weights directly (decoupled, torch.optim.AdamW)")
     lr: float = Field(default=0.1, gt=0)
     momentum: float = Field(default=0.9, ge=0, lt=1, description="sgd only")
-    betas: tuple[float, float] = Field(default=(0.9, 0.999), description="adam only")
-    eps: float = Field(default=1e-8, gt=0, description="adam only")
-    weight_decay: float = Field(default=0.0, ge=0, description="L2 penalty added to the gradient")
+    betas: tuple[float, float] = Field(default=(0.9, 0.999), description="adam(w) only")
+    eps: float = Field(default=1e-8, gt=0, description="adam(w) only")
+    weight_decay: float = Field(default=0.0, ge=0, description="L2 penalty added to the gradient "
+                                "(sgd, adam) or decoupled decay of the weights (adamw)")
     batch_size: int = Field(default=128, ge=1)
     epochs: int | None = Field(default=None, ge=1)
     steps: int | None = Field(default=None, ge=1)
@@ -70,8 +73,8 @@ class TrainOptions(BaseModel):
     def _one_length(self) -> TrainOptions:
         if (self.epochs is None) == (self.steps is None):
             raise ValueError("give exactly one of epochs or steps")
-        if self.optimizer == "adam" and "momentum" in self.model_fields_set:
-            raise ValueError("momentum is an sgd option; adam uses betas")
+        if self.optimizer != "sgd" and "momentum" in self.model_fields_set:
+            raise ValueError(f"momentum is an sgd option; {self.optimizer} uses betas")
         if self.optimizer == "sgd" and self.model_fields_set & {"betas", "eps"}:
             raise ValueError("betas and eps are adam options")
         return self
@@ -127,6 +130,14 @@ class CollapseOptions(_Selected):
                            "member (its own labels)")
 
 
+class CloneOptions(_Selected):
+    at: CheckpointSelection = Field(
+        default="all", description="checkpoints to compute at (cheap: one pass over a "
+        "test-sized set)")
+    seed: int = Field(default=0, description="draws the clone; the same for every run of a "
+                      "dataset, so runs are compared on one clone")
+
+
 class GroupOptions(_Selected):
     points: int = Field(default=11, ge=2, description="points on the line between two members")
     pairs: int = Field(default=10, ge=1, description="most pairs of seeds per group")
@@ -140,7 +151,8 @@ class MetricsOptions(BaseModel):
     they were built with until `dlstore metrics compute SPEC` adds the missing ones.
 
     Cheap metrics (`statistics`, `spectra`) take a checkpoint selection or false; costly ones
-    (`hessian`, `neural_collapse`, `groups`) are off unless given, as true (defaults) or a table."""
+    (`hessian`, `neural_collapse`, `gaussian_clone`, `groups`) are off unless given, as true
+    (defaults) or a table."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     statistics: CheckpointSelection | None = Field(
@@ -149,6 +161,9 @@ class MetricsOptions(BaseModel):
         default="all", description="per weight matrix norms, ranks and power-law alpha")
     hessian: HessianOptions | None = None
     neural_collapse: CollapseOptions | None = None
+    gaussian_clone: CloneOptions | None = Field(
+        default=None, description="loss and accuracy on a Gaussian clone of the test split "
+        "(each class resampled from its mean and covariance)")
     groups: GroupOptions | None = Field(
         default=None, description="over the seeds of each config: barriers, mode connectivity, "
         "CKA, disagreement")
@@ -160,7 +175,7 @@ class MetricsOptions(BaseModel):
             return "all"
         return None if value is False else value
 
-    @field_validator("hessian", "neural_collapse", "groups", mode="before")
+    @field_validator("hessian", "neural_collapse", "gaussian_clone", "groups", mode="before")
     @classmethod
     def _costly_switch(cls, value):
         if value is True:
@@ -604,7 +619,7 @@ def selected_steps(selection: CheckpointSelection | None, steps: list[int], fiel
     return set(selection)
 
 
-CHECKPOINT_FAMILIES = ("statistics", "spectra", "hessian", "neural_collapse")
+CHECKPOINT_FAMILIES = ("statistics", "spectra", "hessian", "neural_collapse", "gaussian_clone")
 
 
 def checkpoint_metric_steps(options: MetricsOptions, steps: list[int]) -> dict[str, set[int]]:
