@@ -296,11 +296,13 @@ class CohortTrainer:
     """Trains a `CohortPlan`; `run()` yields a `Checkpoint` at each checkpoint step."""
 
     def __init__(self, plan: CohortPlan, device: str | torch.device = "cpu",
-                 on_step: Callable[[int], None] | None = None, eval_chunk: int = 1024):
+                 on_step: Callable[[int], None] | None = None, eval_chunk: int = 256):
         self.plan = plan
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.kernel = kernel_for(plan.arch, plan.input_shape, plan.n_classes)
         self.on_step = on_step
+        # examples per evaluation forward: 256 keeps a cohort's activations in a CPU's cache
+        # (one train-split evaluation of 33 MLPs: 15 ms at 256, 23 ms at 1,024)
         self.eval_chunk = eval_chunk
         self.diverged_step = torch.full((len(plan.members),), -1, dtype=torch.long)
         self.train_seconds = 0.0
