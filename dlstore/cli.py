@@ -243,7 +243,7 @@ def fit_scaling(
     if result.kind == "chinchilla":
         a, b = result.compute_optimal_exponents
         out.print(f"compute-optimal: N_opt ~ C^{a:.3f}, D_opt ~ C^{b:.3f}")
-    figure.savefig(plot, dpi=120)
+    _save(figure, plot, 120)
     out.print(f"figure -> {plot}")
 
 
@@ -312,7 +312,7 @@ def wsl_fit(
               f"fitted on {result.n_train} checkpoints of {result.n_train_runs} runs, scored on "
               f"{result.n_test} checkpoints of {result.n_test_runs} held-out runs; saved as fit "
               f"{fit_id} (SELECT * FROM fits)", highlight=False, soft_wrap=True)
-    wsl_figure(result).savefig(plot, dpi=120)
+    _save(wsl_figure(result), plot, 120)
     out.print(f"figure -> {plot}")
 
 
@@ -441,7 +441,7 @@ def plot_phases(
     table = phase_table(_open(store, storage_option), x, y, zoo)
     _print_frame(table, Format.table)
     counts = ", ".join(f"{p}: {n}" for p, n in phase_counts(table).items())
-    phase_figure(table, x, y).savefig(out_path, dpi=120)
+    _save(phase_figure(table, x, y), out_path, 120)
     out.print(f"phases ({counts}) -> {out_path}")
 
 
@@ -465,7 +465,7 @@ def plot_metric(
     table = metric_table(_open(store, storage_option), metric, x, y, zoo, tensor)
     _print_frame(table, Format.table)
     out_path = out_path or Path(f"{metric}.png")
-    metric_figure(table, metric, x, y).savefig(out_path, dpi=120)
+    _save(metric_figure(table, metric, x, y), out_path, 120)
     out.print(f"figure -> {out_path}")
 
 
@@ -480,6 +480,7 @@ def _out_option(recipe: str):
 @plot_app.command("double-descent")
 def plot_double_descent(
     store: str = StoreOption,
+    storage_option: list[str] = StorageOptions,
     zoo: str = _zoo_option("double-descent"),
     out_path: Path = _out_option("double-descent"),
 ) -> None:
@@ -490,66 +491,73 @@ def plot_double_descent(
         epochwise_table,
     )
     from dlstore.plots import double_descent_figure
-    from dlstore.store.store import Store
 
-    s = Store(store)
+    s = _open(store, storage_option)
     table = double_descent_table(s, zoo)
     _print_frame(table, Format.table)
-    double_descent_figure(table, epochwise_table(s, zoo)).savefig(out_path, dpi=100)
+    _save(double_descent_figure(table, epochwise_table(s, zoo)), out_path, 100)
     _print_signature(double_descent_signature(table), out_path)
 
 
 @plot_app.command("grokking")
 def plot_grokking(
     store: str = StoreOption,
+    storage_option: list[str] = StorageOptions,
     zoo: str = _zoo_option("grokking"),
     out_path: Path = _out_option("grokking"),
 ) -> None:
     """Train and test accuracy along training, one curve pair per weight decay."""
     from dlstore.analysis.phenomena import grokking_signature, grokking_table
     from dlstore.plots import grokking_figure
-    from dlstore.store.store import Store
 
-    table = grokking_table(Store(store), zoo)
+    table = grokking_table(_open(store, storage_option), zoo)
     _print_frame(grokking_signature(table), Format.table)
-    grokking_figure(table).savefig(out_path, dpi=100)
+    _save(grokking_figure(table), out_path, 100)
     out.print(f"figure -> {out_path}")
 
 
 @plot_app.command("neural-collapse")
 def plot_neural_collapse(
     store: str = StoreOption,
+    storage_option: list[str] = StorageOptions,
     zoo: str = _zoo_option("neural-collapse"),
     out_path: Path = _out_option("neural-collapse"),
 ) -> None:
     """NC1-NC4 and train/test error along training; the terminal phase shaded."""
     from dlstore.analysis.phenomena import collapse_signature, collapse_table
     from dlstore.plots import collapse_figure
-    from dlstore.store.store import Store
 
-    table = collapse_table(Store(store), zoo)
+    table = collapse_table(_open(store, storage_option), zoo)
     _print_frame(table, Format.table)
-    collapse_figure(table).savefig(out_path, dpi=100)
+    _save(collapse_figure(table), out_path, 100)
     _print_signature(collapse_signature(table), out_path)
 
 
 @plot_app.command("simplicity-bias")
 def plot_simplicity_bias(
     store: str = StoreOption,
+    storage_option: list[str] = StorageOptions,
     zoo: str = _zoo_option("simplicity-bias"),
     out_path: Path = _out_option("simplicity-bias"),
 ) -> None:
     """Accuracy on the test split and on its Gaussian clone along training."""
     from dlstore.analysis.phenomena import simplicity_signature, simplicity_table
     from dlstore.plots import simplicity_figure
-    from dlstore.store.store import Store
 
-    s = Store(store)
+    s = _open(store, storage_option)
     table = simplicity_table(s, zoo)
     _print_frame(table, Format.table)
     n_classes = s.sql("SELECT any_value(n_classes) AS c FROM runs WHERE zoo = ?", [zoo])["c"][0]
-    simplicity_figure(table).savefig(out_path, dpi=100)
+    _save(simplicity_figure(table), out_path, 100)
     _print_signature(simplicity_signature(table, chance=1 / n_classes), out_path)
+
+
+def _save(figure, path: Path, dpi: int) -> None:
+    """Write a figure where the user asked; an unwritable path is a one-line error."""
+    try:
+        figure.savefig(path, dpi=dpi)
+    except OSError as e:
+        raise UsageError(f"cannot write the figure to {path}: {e.strerror or e}") from None
 
 
 def _print_signature(signature: dict, out_path: Path) -> None:
@@ -591,7 +599,10 @@ def tickets_report(
     if len(zoos) > 1:
         raise QueryError(f"the store holds tickets of zoos {', '.join(zoos)}; pick one with --zoo")
     zoo = zoos[0]
-    plots.mkdir(parents=True, exist_ok=True)
+    try:
+        plots.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--plots {plots}: {e.strerror or e}") from None
     console.print(f"[bold]{zoo}: final test accuracy by density[/] (mean over seeds; n seeds)")
     _print_frame(_round(frame.drop("zoo", *(c for c in frame.columns if c.endswith("_std")))),
                  Format.table, console)
@@ -611,7 +622,7 @@ def tickets_report(
         console.print("[bold]instability[/]: error barrier between copies trained from the same "
                   "weights with another data order")
         _print_frame(_round(barriers.drop("zoo")), Format.table, console)
-    ticket_density_figure(frame).savefig(plots / "tickets_density.png", dpi=120)
+    _save(ticket_density_figure(frame), plots / "tickets_density.png", 120)
     written = [plots / "tickets_density.png"]
     transfer = transfer_table(s, zoo)
     if transfer.height:
@@ -635,7 +646,7 @@ def tickets_report(
             for source, row in zip(sources, values):
                 table.add_row(source, *(_rounded(v) for v in row))
             console.print(table)
-        transfer_heatmap(matrices).savefig(plots / "tickets_transfer.png", dpi=120)
+        _save(transfer_heatmap(matrices), plots / "tickets_transfer.png", 120)
         written.append(plots / "tickets_transfer.png")
     console.print("figures -> " + ", ".join(map(str, written)))
 

@@ -62,6 +62,8 @@ def test_runs_and_show(cli_store):
     (["sql", "SELEC 1"], "syntax"),
     (["show", "no-such-run"], "no run 'no-such-run'"),
     (["sql", "SELECT 1", "--store", "/nonexistent/store"], "does not exist"),
+    (["plot", "metric", "--metric", "test_acc", "--x", "lr", "--y", "width", "--out",
+      "/nonexistent/dir/m.png"], "cannot write the figure to /nonexistent/dir/m.png"),
 ])
 def test_errors_are_one_line_without_traceback(cli_store, args, message):
     _, store = cli_store
