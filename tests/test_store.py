@@ -72,6 +72,25 @@ def test_curves_and_wide_views(built_store):
     assert wide.height == 40 and "test_acc" in wide.columns
 
 
+def test_a_query_creates_the_views_it_names_and_they_follow_new_commits(tmp_path, built_store):
+    shutil.copytree(built_store.root, tmp_path / "s")  # it gains a commit below
+    store = dlstore.open(tmp_path / "s")
+    views = ("SELECT view_name FROM duckdb_views() WHERE NOT internal "
+             "AND NOT starts_with(view_name, '_')")
+    assert store.sql("SELECT count(*) AS n FROM final")["n"][0] > 0
+    made = set(store.catalog.con.sql(views).pl()["view_name"])
+    assert made == {"final", "metrics", "runs"}  # final reads metrics and runs
+    # a query that names no view of ours (a listing of the catalog) sees every one
+    listed = set(store.sql(views)["view_name"])
+    assert {"tickets", "ticket_transfer", "metrics_wide", "curves", "zoos"} <= listed
+    # a commit after the views were made: a view named again reads the new snapshot
+    before = store.sql("SELECT count(*) AS n FROM runs")["n"][0]
+    store.commit([], [], [{"run_id": "added-later", "zoo": "extra"}])
+    assert store.sql("SELECT count(*) AS n FROM runs")["n"][0] == before + 1
+    assert store.sql("SELECT count(*) AS n FROM metrics_wide WHERE run_id = 'added-later'"
+                     )["n"][0] == 0
+
+
 def test_loaded_model_reproduces_stored_test_accuracy(built_store):
     row = built_store.sql("SELECT run_id, final_step FROM runs ORDER BY run_id LIMIT 1").row(0)
     run_id, step = row

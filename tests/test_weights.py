@@ -155,9 +155,7 @@ def test_weights_verify_shards(tmp_path, built_store):
         next(store.iter_weights(WIDE, batch_size=100))
 
 
-@pytest.mark.parametrize("gap", [8, 0])  # 0: every gap between wanted members is a new slice
-def test_read_members_any_order_gaps_and_repeats(built_store, monkeypatch, gap):
-    monkeypatch.setattr("dlstore.store.blobs._GAP", gap)
+def test_read_members_any_order_gaps_and_repeats(built_store):
     blob = built_store.checkpoint(built_store.sql(WIDE)["run_id"][0], 0)["blob"]
     n = built_store.blobs.layout(blob)[1]
     assert n == 4
@@ -165,3 +163,30 @@ def test_read_members_any_order_gaps_and_repeats(built_store, monkeypatch, gap):
     for members in ([3, 0], [2, 2, 0, 3], [1], [0, 3], [3, 2, 1, 0]):
         got = built_store.blobs.read_members(blob, members, ["layers.0.weight"])
         assert torch.equal(got["layers.0.weight"], whole["layers.0.weight"][members])
+    with pytest.raises(CorruptBlobError, match="holds no tensor"):
+        built_store.blobs.read_members(blob, [0], ["no.such.tensor"])
+
+
+def test_shards_of_every_dtype_read_back_and_pull_into_the_layout_dtype(tmp_path):
+    """bfloat16 (which numpy lacks), float16, int64 and bool tensors come back bit for bit, and
+    a pull converts them to the layout's dtype."""
+    store = dlstore.Store(tmp_path / "s", create=True)
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(3, 4, 2, generator=g).to(torch.bfloat16),
+               "b": torch.randn(3, 5, generator=g).to(torch.float16),
+               "c": torch.arange(6).reshape(3, 2),
+               "d": torch.rand(3, 3, generator=g) > 0.5}
+    blob = store.put_shard(tensors, {})
+    got = store.blobs.read_members(blob, [2, 0, 2], list(tensors))
+    for name, value in tensors.items():
+        assert got[name].dtype == value.dtype and torch.equal(got[name], value[[2, 0, 2]])
+    one = store.blobs.read_member(blob, 1)
+    assert all(torch.equal(one[k], v[1]) for k, v in tensors.items())
+    layout = Layout.from_shapes([(k, v.shape[1:]) for k, v in tensors.items()], "bfloat16")
+    store.commit([{"run_id": f"r{m}", "step": 0, "blob": blob, "member": m} for m in range(3)],
+                 [], [{"run_id": f"r{m}"} for m in range(3)])
+    pulled, _ = store.weights("SELECT run_id, step FROM checkpoints ORDER BY run_id DESC",
+                              layout=layout)
+    assert pulled.dtype == torch.bfloat16
+    expected = layout.flatten({k: v.flip(0).to(torch.bfloat16) for k, v in tensors.items()})
+    assert torch.equal(pulled, expected)

@@ -7,26 +7,30 @@ then renamed (fsynced first on a local disk, copied on an object store), so a sh
 complete under its hash or absent.
 
 On an object store, a shard that is read is fetched whole into a local cache (`$DLSTORE_CACHE`,
-default `~/.cache/dlstore`), hashed on the way, and read from there with `safe_open` like a local
-shard. Shards never change under their name, so a cached copy is always valid; the whole shard
-is read anyway to verify it, and the next member read from the same shard is local.
+default `~/.cache/dlstore`), hashed on the way, and read from there like a local shard. Shards
+never change under their name, so a cached copy is always valid.
+
+Reading maps a shard's file into memory and copies the wanted members' rows out of the mapping:
+hashing (once per process) and copying read the same pages, and a read of a few members of a
+large shard touches only their pages.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
+import math
+import mmap
 import os
 import struct
 import uuid
-from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from safetensors import SafetensorError, safe_open
+import numpy as np
 
 from dlstore.errors import CorruptBlobError, NotFoundError, StoreError
 from dlstore.store.location import FileInfo, Location, cache_dir
@@ -35,13 +39,15 @@ if TYPE_CHECKING:
     import torch
 
 _CHUNK = 1 << 22
-# read_members slices a shard's member axis in one piece unless this many unwanted members lie
-# between two wanted ones: small gaps cost less to copy than another slice costs to make
-_GAP = 8
-# safetensors' header dtype codes -> torch dtype names
-_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-           "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-           "BOOL": "bool"}
+# a header longer than this is damage, not a shard (ours are a few kB per tensor)
+_MAX_HEADER = 100 << 20
+_HEAD = 1 << 16  # bytes read at first for a header
+# safetensors' dtype codes -> (torch dtype name, numpy dtype of the stored bytes); bfloat16,
+# which numpy lacks, is handled as its raw 16-bit words
+_DTYPES = {"F64": ("float64", np.float64), "F32": ("float32", np.float32),
+           "F16": ("float16", np.float16), "BF16": ("bfloat16", np.uint16),
+           "I64": ("int64", np.int64), "I32": ("int32", np.int32), "I16": ("int16", np.int16),
+           "I8": ("int8", np.int8), "U8": ("uint8", np.uint8), "BOOL": ("bool", np.bool_)}
 _SUFFIX = ".safetensors"
 
 
@@ -52,6 +58,8 @@ class BlobStore:
         self.root = location.local_path(prefix) or location.display(prefix)
         self._verified: set[str] = set()
         self._layouts: dict[str, tuple] = {}
+        # blob -> (file size, {tensor name: (dtype code, shape, byte offset)}), from its header
+        self._tensors: dict[str, tuple[int, dict[str, tuple[str, tuple[int, ...], int]]]] = {}
 
     def key(self, blob: str) -> str:
         return f"{self.prefix}/{blob[:2]}/{blob[2:]}{_SUFFIX}"
@@ -100,73 +108,72 @@ class BlobStore:
         self._check(blob, digest)
 
     def read_member(self, blob: str, member: int, verify: bool = True) -> dict[str, torch.Tensor]:
-        """The tensors of one member, read as slices without loading the rest of the shard."""
-        path = self._file(blob, verify)
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return {name: f.get_slice(name)[member] for name in f.keys()}
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CorruptBlobError(f"shard {blob} cannot be read ({path}): {e}") from None
+        """The tensors of one member (copies: nothing keeps the shard open)."""
+        names = [name for name, _, _ in self.layout(blob)[0]]
+        return {k: v[0] for k, v in self.read_members(blob, [member], names, verify).items()}
 
     def read_members(self, blob: str, members: Sequence[int], names: Sequence[str],
                      verify: bool = True) -> dict[str, torch.Tensor]:
-        """Tensors `names` of several members, each [len(members), ...] in the order given.
+        """Tensors `names` of several members, each [len(members), ...] in the order given
+        (repeats allowed): copied out of the mapped shard, touching only the members' pages."""
+        with self.mapped(blob, verify) as shard:
+            index = np.asarray(members, dtype=np.intp)
+            return {name: shard.tensor(name, index) for name in names}
 
-        Each tensor is read in as few slices as cover the members (one slice over their range,
-        split where _GAP or more unwanted members lie between two wanted ones), then indexed:
-        a bulk read of many members costs one pass over the shard, not one file access per
-        member, and a read of a few scattered members does not copy the whole shard."""
-        import numpy as np
-        import torch
-
-        path = self._file(blob, verify)
-        wanted, inverse = np.unique(np.asarray(members, dtype=np.int64), return_inverse=True)
-        cuts = np.flatnonzero(np.diff(wanted) > _GAP) + 1
-        segments = [(int(part[0]), int(part[-1]) + 1) for part in np.split(wanted, cuts)]
-        # row of each wanted member in the concatenated segments
-        offsets = np.cumsum([0] + [b - a for a, b in segments[:-1]])
-        segment_of = np.repeat(np.arange(len(segments)), [len(p) for p in np.split(wanted, cuts)])
-        rows = offsets[segment_of] + wanted - np.array([a for a, _ in segments])[segment_of]
-        rows = rows[inverse.reshape(-1)]
-        total = sum(b - a for a, b in segments)
-        index = None if np.array_equal(rows, np.arange(total)) else torch.as_tensor(rows)
+    @contextmanager
+    def mapped(self, blob: str, verify: bool = True) -> Iterator[MappedShard]:
+        """The shard's tensors as numpy arrays [members, ...] over a read-only memory map of
+        its file, verified first (once per process, unless not `verify`) by hashing the same
+        mapping. Valid inside the `with` only: copy what must outlive it."""
+        # an object-store shard is verified as it is cached (a bad cached copy is fetched
+        # again); a local one by hashing the mapping below
+        path = self._file(blob, verify=verify and not self.location.local)
         try:
-            with safe_open(str(path), framework="pt") as f:
-                present = set(f.keys())
-                out = {}
-                for name in names:
-                    if name not in present:
-                        raise CorruptBlobError(f"shard {blob} holds no tensor {name!r} "
-                                               f"({path})")
-                    tensor = f.get_slice(name)
-                    parts = [tensor[a:b] for a, b in segments]
-                    block = parts[0] if len(parts) == 1 else torch.cat(parts)
-                    out[name] = block if index is None else block.index_select(0, index)
-                return out
-        except (SafetensorError, OSError, ValueError, IndexError) as e:
+            with open(path, "rb") as f:
+                buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            if verify and blob not in self._verified:
+                self._check(blob, hashlib.sha256(buffer))
+            size, tensors = self._tensors.get(blob, (None, None))
+            if size != len(buffer):
+                tensors = self._remember(blob, _parse_header(buffer, len(buffer)), len(buffer))
+        except FileNotFoundError:
+            self._exists(blob)  # raises NotFoundError, naming the shard
+            raise
+        except (OSError, ValueError) as e:  # _BadHeader, or an empty file, which cannot be mapped
             raise CorruptBlobError(f"shard {blob} cannot be read ({path}): {e}") from None
+        try:
+            yield MappedShard(blob, buffer, tensors)
+        finally:
+            try:
+                buffer.close()
+            except BufferError:  # a view outlived the `with` (in a traceback): unmapped with it
+                pass
 
-    def read_many(self, requests: Sequence[tuple[str, Sequence[int]]], names: Sequence[str],
-                  threads: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
-        """`read_members` of every (blob, members) request, in order, verified and read by a few
-        threads ahead of the consumer: hashing and slicing release the GIL, and a first read of
-        many shards is bound by hashing their bytes. At most `threads` (default: the CPU count,
-        up to 8) reads are in flight, so memory holds that many shards' slices."""
-        threads = threads or min(8, os.cpu_count() or 1)
-        if threads == 1 or len(requests) <= 1:
-            for blob, members in requests:
-                yield self.read_members(blob, members, names)
+    def map_each(self, blobs: Sequence[str], fn: Callable[[int, MappedShard], None],
+                 threads: int | None = None) -> None:
+        """`fn(i, shard)` for the mapped, verified shard of every `blobs[i]`, in order, in the
+        calling thread. Shards this process has not verified yet are hashed ahead of it by a
+        few threads (default: the CPU count, up to 8): hashing releases the GIL and is most of
+        a first read's work, while the copies `fn` makes run fastest in one thread (measured
+        on 2 cores: 0.18 s in one thread, 0.21 s in two, for 300 MB in 500 shards)."""
+        pending = [blob for blob in dict.fromkeys(blobs) if blob not in self._verified]
+        threads = min(threads or min(8, os.cpu_count() or 1), len(pending))
+        if threads <= 1:
+            for i, blob in enumerate(blobs):
+                with self.mapped(blob) as shard:
+                    fn(i, shard)
             return
-        with ThreadPoolExecutor(threads, thread_name_prefix="dlstore-read") as pool:
-            pending = deque()
-            todo = iter(requests)
-            for blob, members in itertools.islice(todo, threads):
-                pending.append(pool.submit(self.read_members, blob, members, names))
-            while pending:
-                result = pending.popleft().result()
-                for blob, members in itertools.islice(todo, 1):
-                    pending.append(pool.submit(self.read_members, blob, members, names))
-                yield result
+        with ThreadPoolExecutor(threads, thread_name_prefix="dlstore-hash") as pool:
+            hashed = {blob: pool.submit(self.verify, blob) for blob in pending}
+            try:
+                for i, blob in enumerate(blobs):
+                    if blob in hashed:
+                        hashed[blob].result()
+                    with self.mapped(blob) as shard:
+                        fn(i, shard)
+            finally:
+                for future in hashed.values():
+                    future.cancel()
 
     def layout(self, blob: str) -> tuple[tuple[tuple[str, tuple[int, ...], str], ...], int]:
         """((name, shape of one member, dtype) of every tensor, number of members), in the
@@ -178,26 +185,21 @@ class BlobStore:
         return self._layouts[blob]
 
     def _read_layout(self, blob: str) -> tuple[tuple[tuple[str, tuple[int, ...], str], ...], int]:
-        # the header of a local shard; an object-store shard is cached whole (unverified here:
-        # its members are verified when they are read)
-        path = self._file(blob, verify=False)
+        header = self._header(blob)
+        tensors = {name: info for name, info in header.items() if name != "__metadata__"}
         try:
-            with safe_open(str(path), framework="pt") as f:
-                header = {name: f.get_slice(name) for name in f.keys()}
-                recorded = json.loads((f.metadata() or {}).get("layout", "[]"))
-                order = [t["name"] for t in recorded]
-                if sorted(order) != sorted(header):
-                    order = list(header)
-                tensors = [(name, list(header[name].get_shape())) for name in order]
-                dtypes = [_DTYPES.get(header[name].get_dtype(), header[name].get_dtype())
-                          for name in order]
-        except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
-            raise CorruptBlobError(f"shard {blob} cannot be read ({path}): {e}") from None
-        members = {shape[0] for _, shape in tensors if shape}
-        if len(members) != 1 or any(not shape for _, shape in tensors):
-            raise CorruptBlobError(f"shard {blob} has no common member axis ({path})")
-        return (tuple((name, tuple(shape[1:]), dtype)
-                      for (name, shape), dtype in zip(tensors, dtypes)), members.pop())
+            recorded = json.loads((header.get("__metadata__") or {}).get("layout", "[]"))
+            order = [t["name"] for t in recorded]
+        except (ValueError, TypeError, KeyError):
+            order = []
+        if sorted(order) != sorted(tensors):
+            order = list(tensors)
+        shapes = [tensors[name]["shape"] for name in order]
+        members = {shape[0] for shape in shapes if shape}
+        if len(members) != 1 or any(not shape for shape in shapes):
+            raise CorruptBlobError(f"shard {blob} has no common member axis ({self.path(blob)})")
+        return (tuple((name, tuple(shape[1:]), _DTYPES[tensors[name]["dtype"]][0])
+                      for name, shape in zip(order, shapes)), members.pop())
 
     def metadata(self, blob: str) -> dict[str, str]:
         return dict(self._header(blob).get("__metadata__") or {})
@@ -236,8 +238,10 @@ class BlobStore:
         `verify`): the shard itself on a local store, a cached copy of an object-store shard."""
         local = self.location.local_path(self.key(blob))
         if local is not None:
+            if not verify:  # a missing file fails to open: no stat first
+                return local
             self._exists(blob)
-            if verify and blob not in self._verified:
+            if blob not in self._verified:
                 with open(local, "rb") as f:
                     self._check(blob, _digest(f))
             return local
@@ -269,29 +273,39 @@ class BlobStore:
             tmp.unlink(missing_ok=True)
 
     def _header(self, blob: str) -> dict:
-        """The shard's safetensors header (tensor names, dtypes, shapes, offsets, metadata), read
-        without the tensors: a local file through safetensors, an object through two reads."""
+        """The shard's safetensors header (tensor names, dtypes, shapes, offsets, metadata),
+        checked against the file's size, read without the tensors (one read of its first 64 kB
+        as a rule)."""
         local = self.location.local_path(self.key(blob))
-        if local is not None:
-            self._exists(blob)
-            try:
-                with safe_open(str(local), framework="pt") as f:
-                    header = {name: {"shape": f.get_slice(name).get_shape()} for name in f.keys()}
-                    header["__metadata__"] = f.metadata()
-                    return header
-            except (SafetensorError, OSError, ValueError) as e:
-                raise CorruptBlobError(f"shard {blob} cannot be read ({local}): {e}") from None
-        self._exists(blob)
-        with self.location.open_read(self.key(blob)) as f:
-            try:
-                (size,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(size))
-                if not isinstance(header, dict):
-                    raise ValueError("the header is not a JSON object")
-                return header
-            except (struct.error, ValueError, MemoryError) as e:
-                raise CorruptBlobError(f"shard {blob} cannot be read ({self.path(blob)}): "
-                                       f"{e}") from None
+        try:
+            if local is None:
+                self._exists(blob)
+            with self.location.open_read(self.key(blob)) as f:
+                head = f.read(_HEAD)
+                if len(head) >= 8:
+                    (n,) = struct.unpack_from("<Q", head)
+                    if 8 + n > len(head):
+                        head += f.read(min(8 + n, _MAX_HEADER) - len(head))
+                size = (os.fstat(f.fileno()).st_size if local is not None
+                        else self.location.info(self.key(blob)).size)
+            header = _parse_header(head, size)
+        except FileNotFoundError:
+            self._exists(blob)  # raises NotFoundError, naming the shard
+            raise
+        except (_BadHeader, OSError) as e:
+            raise CorruptBlobError(f"shard {blob} cannot be read ({self.path(blob)}): "
+                                   f"{e}") from None
+        self._remember(blob, header, size)
+        return header
+
+    def _remember(self, blob: str, header: dict, size: int) -> dict:
+        """Keep where each tensor of a (parsed, checked) header lies, for the next mapping of
+        the same file: a shard's bytes never change under its hash, and a file of another size
+        is parsed again."""
+        tensors = {name: (info["dtype"], tuple(info["shape"]), info["start"])
+                   for name, info in header.items() if name != "__metadata__"}
+        self._tensors[blob] = (size, tensors)
+        return tensors
 
     def _check(self, blob: str, digest) -> None:
         if digest.hexdigest() != blob:
@@ -313,3 +327,82 @@ def _digest(source: IO[bytes], sink: IO[bytes] | None = None):
             sink.write(chunk)
     return digest
 
+
+class _BadHeader(ValueError):
+    """The bytes are not a safetensors file of consistent shapes and offsets."""
+
+
+def _parse_header(buf, size: int) -> dict:
+    """The safetensors header at the start of `buf` (bytes or a mapping; at least the header)
+    of a `size`-byte file, every tensor checked to lie inside the file with as many bytes as
+    its dtype and shape need; each tensor's entry gains `start`, its absolute byte offset."""
+    if size < 8 or len(buf) < 8:
+        raise _BadHeader(f"{size} bytes is too short for a safetensors file")
+    (n,) = struct.unpack_from("<Q", buf, 0)
+    if n > min(size - 8, _MAX_HEADER) or len(buf) < 8 + n:
+        raise _BadHeader(f"its header length {n} overruns the file ({size} bytes)")
+    try:
+        header = json.loads(bytes(buf[8:8 + n]))
+    except (ValueError, RecursionError) as e:
+        raise _BadHeader(f"its header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise _BadHeader("its header is not a JSON object")
+    data = size - 8 - n
+    for name, info in header.items():
+        if name == "__metadata__":
+            if info is not None and not (isinstance(info, dict) and
+                                         all(isinstance(v, str) for v in info.values())):
+                raise _BadHeader("its __metadata__ is not a map of strings")
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise _BadHeader(f"tensor {name!r} lacks a dtype, shape or data_offsets") from None
+        if dtype not in _DTYPES:
+            raise _BadHeader(f"tensor {name!r} has dtype {dtype!r}, which dlstore does not read")
+        if not (isinstance(shape, list) and all(type(k) is int and k >= 0 for k in shape)
+                and type(begin) is int and type(end) is int and 0 <= begin <= end <= data):
+            raise _BadHeader(f"tensor {name!r} has a bad shape or offsets")
+        if end - begin != math.prod(shape) * np.dtype(_DTYPES[dtype][1]).itemsize:
+            raise _BadHeader(f"tensor {name!r} has {end - begin} bytes for shape {shape}")
+        info["start"] = 8 + n + begin
+    return header
+
+
+class MappedShard:
+    """A shard's tensors over its memory map (from `BlobStore.mapped`)."""
+
+    def __init__(self, blob: str, buffer: mmap.mmap,
+                 tensors: dict[str, tuple[str, tuple[int, ...], int]]):
+        self.blob = blob
+        self._buffer = buffer
+        self._tensors = tensors
+
+    def dtype(self, name: str) -> str:
+        """The torch dtype name of tensor `name`."""
+        return _DTYPES[self._info(name)[0]][0]
+
+    def array(self, name: str) -> np.ndarray:
+        """Tensor `name` [members, ...] as a read-only view of the mapping (bfloat16 as its
+        raw uint16 words)."""
+        code, shape, start = self._info(name)
+        return np.frombuffer(self._buffer, dtype=_DTYPES[code][1], count=math.prod(shape),
+                             offset=start).reshape(shape)
+
+    def tensor(self, name: str, members: np.ndarray) -> torch.Tensor:
+        """Rows `members` of tensor `name`, copied into a torch tensor of its dtype."""
+        return as_torch(self.array(name)[members], self.dtype(name))
+
+    def _info(self, name: str) -> tuple[str, tuple[int, ...], int]:
+        if name not in self._tensors:
+            raise CorruptBlobError(f"shard {self.blob} holds no tensor {name!r}")
+        return self._tensors[name]
+
+
+def as_torch(array: np.ndarray, dtype: str) -> torch.Tensor:
+    """A numpy array of stored bytes (as `MappedShard.array` gives) as a torch tensor of the
+    torch dtype `dtype`, sharing memory."""
+    import torch
+
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    return tensor.view(torch.bfloat16) if dtype == "bfloat16" else tensor

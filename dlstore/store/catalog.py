@@ -9,6 +9,8 @@ is downloaded.
 
 from __future__ import annotations
 
+import re
+
 import duckdb
 
 from dlstore.schemas import HYPERPARAMETER_COLUMNS, TABLES
@@ -117,14 +119,24 @@ _WIDE = """
     ON metric IN ({names}) USING first(value) GROUP BY run_id, step"""
 
 
+# the views each view reads, found in its SQL: creating a view binds it (DuckDB reads the
+# footers of every Parquet file under it), so a query creates only the views it names
+_DEPENDS = {name: {other for other in VIEWS if other != name
+                   and re.search(rf"\b{other}\b", body)} for name, body in VIEWS.items()}
+_DEPENDS["metrics_wide"] = {"metrics"}
+
+
 class Catalog:
     def __init__(self, tables: Tables):
         self.tables = tables
         self.con = duckdb.connect(":memory:")
         self._versions: dict[str, int] = {}
+        self._views: set[str] = set()  # views created over the current snapshots
 
-    def refresh(self) -> duckdb.DuckDBPyConnection:
-        """Point the views at the tables' current snapshots (only those that changed)."""
+    def refresh(self, query: str | None = None) -> duckdb.DuckDBPyConnection:
+        """Point the views at the tables' current snapshots (only those that changed) and make
+        sure the views `query` names exist (every view when it names none, as a listing of
+        the catalog does, or when no query is given)."""
         changed = False
         for name, schema in TABLES.items():
             version, files = self.tables.snapshot(name)
@@ -142,15 +154,27 @@ class Catalog:
             self.con.execute(f"CREATE OR REPLACE VIEW _{name} AS {source}")
             self._versions[name] = version
             changed = True
-        if changed:
-            for name, body in VIEWS.items():
-                self.con.execute(f"CREATE OR REPLACE VIEW {name} AS {body}")
+        if changed:  # views made over the old snapshots are made again when next named
+            self._views.clear()
+        named = {name for name in _DEPENDS if query is not None
+                 and re.search(rf"\b{name}\b", query, re.IGNORECASE)}
+        for name in (named or set(_DEPENDS)) - self._views:
+            self._create(name)
+        return self.con
+
+    def _create(self, name: str) -> None:
+        for other in _DEPENDS[name] - self._views:  # what it reads first: DuckDB binds it now
+            self._create(other)
+        if name == "metrics_wide":
+            # DuckDB views need the pivot columns spelled out: read from the data
             names = [r[0] for r in self.con.execute(
                 "SELECT DISTINCT metric FROM _metrics WHERE tensor IS NULL ORDER BY 1").fetchall()]
-            wide = (_WIDE.format(names=", ".join(_sql_string(n) for n in names)) if names
+            body = (_WIDE.format(names=", ".join(_sql_string(n) for n in names)) if names
                     else "SELECT run_id, step FROM metrics WHERE false")
-            self.con.execute(f"CREATE OR REPLACE VIEW metrics_wide AS {wide}")
-        return self.con
+        else:
+            body = VIEWS[name]
+        self.con.execute(f"CREATE OR REPLACE VIEW {name} AS {body}")
+        self._views.add(name)
 
 
 def _sql_string(text: str) -> str:
