@@ -319,8 +319,8 @@ class Store:
                 raise LayoutError(_mixed_layouts(layouts, layout_of_row, keys))
             layout = layouts[0]
         padded = any(lay != layout for lay in layouts)
-        return _WeightRows(frame, names.tolist(), codes, members, layout, layouts, layout_of_row,
-                           padded)
+        return _WeightRows(frame, names.tolist(), codes, members, capacity, layout, layouts,
+                           layout_of_row, padded)
 
     def _checkpoint_rows(self, keys: pl.DataFrame, refresh: bool = True) -> pl.DataFrame:
         """run_id, step, blob, member for every key row, in order (blob null where absent)."""
@@ -352,20 +352,25 @@ class Store:
         # row): shard tensors are copied straight in
         views = {e.name: stored[:, e.slice].reshape(n, *e.shape) for e in layout.entries}
         codes, members = rows.codes[start:stop], rows.members[start:stop]
-        order = np.argsort(codes, kind="stable")
+        # rows grouped by shard, in member order within a shard
+        order = np.lexsort((members, codes))
         groups = np.split(order, np.flatnonzero(np.diff(codes[order])) + 1) if n else []
         blobs = [rows.blob_names[codes[where[0]]] for where in groups]
 
         def fill(i: int, shard: MappedShard) -> None:
             where = groups[i]
+            wanted = members[where]
+            # every member once, in order: the shard's tensors are copied as they are
+            whole = np.array_equal(wanted, np.arange(rows.capacity[codes[where[0]]]))
             for name, view in views.items():
                 source = shard.array(name)
                 if source.shape[1:] != view.shape[1:]:  # a narrower run, in the corner
                     view = view[(slice(None), *(slice(0, k) for k in source.shape[1:]))]
-                picked = source[members[where]]
                 if shard.dtype(name) != layout.dtype:
-                    picked = _stored_bytes(as_torch(picked, shard.dtype(name))
+                    picked = _stored_bytes(as_torch(source[wanted], shard.dtype(name))
                                            .to(layout.torch_dtype))
+                else:
+                    picked = source if whole else source[wanted]
                 view[where] = picked
 
         self.blobs.map_each(blobs, fill)
@@ -449,6 +454,7 @@ class _WeightRows:
     blob_names: list[str]
     codes: np.ndarray  # [n] index into blob_names
     members: np.ndarray  # [n] position along the shard's member axis
+    capacity: np.ndarray  # [shards] members each shard holds
     layout: Layout | None
     layouts: list[Layout]
     layout_of_row: list[int]
