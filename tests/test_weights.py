@@ -190,3 +190,15 @@ def test_shards_of_every_dtype_read_back_and_pull_into_the_layout_dtype(tmp_path
     assert pulled.dtype == torch.bfloat16
     expected = layout.flatten({k: v.flip(0).to(torch.bfloat16) for k, v in tensors.items()})
     assert torch.equal(pulled, expected)
+
+
+def test_a_pull_by_a_query_over_other_views_finds_the_checkpoints(built_store):
+    """A fresh store whose first query names only `final` still resolves the checkpoints."""
+    store = dlstore.open(built_store.root)
+    query = ("SELECT run_id, step FROM final WHERE metric = 'test_acc' AND run_id IN "
+             "(SELECT run_id FROM runs WHERE width = 16) ORDER BY run_id")
+    weights, layout = store.weights(query)
+    keys = store.sql(query).rows()
+    assert weights.shape == (len(keys), layout.size) and len(keys) > 0
+    for row, (run_id, step) in zip(weights, keys):
+        assert torch.equal(row, layout.flatten(store.load_state_dict(run_id, step)))

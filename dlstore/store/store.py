@@ -142,16 +142,18 @@ class Store:
 
     def checkpoint(self, run_id: str, step: int | None = None) -> dict:
         """The checkpoints row of (run_id, step); step None = the run's last checkpoint."""
-        run = self.run(run_id)
-        step = run["final_step"] if step is None else step
-        rows = self._lookup("SELECT * FROM checkpoints WHERE run_id = ? AND step = ?",
-                            [run_id, step])
-        if not rows:
-            steps = [r["step"] for r in self._lookup(
-                "SELECT step FROM checkpoints WHERE run_id = ? ORDER BY step", [run_id])]
-            raise NotFoundError(f"run {run_id} has no checkpoint at step {step}; "
-                                f"its checkpoints are at steps {steps}")
-        return rows[0]
+        # one query when the checkpoint exists; the run is looked up only to say why not
+        rows = self._lookup(
+            "SELECT c.* FROM checkpoints c JOIN runs r USING (run_id) WHERE c.run_id = ? "
+            "AND c.step = coalesce(?, r.final_step)", [run_id, step])
+        if rows:
+            return rows[0]
+        run = self.run(run_id)  # NotFoundError for an unknown run
+        steps = [r["step"] for r in self._lookup(
+            "SELECT step FROM checkpoints WHERE run_id = ? ORDER BY step", [run_id])]
+        raise NotFoundError(f"run {run_id} has no checkpoint at step "
+                            f"{run['final_step'] if step is None else step}; "
+                            f"its checkpoints are at steps {steps}")
 
     def load_state_dict(self, run_id: str, step: int | None = None) -> dict[str, torch.Tensor]:
         row = self.checkpoint(run_id, step)
@@ -275,8 +277,7 @@ class Store:
         except pl.exceptions.PolarsError:
             raise QueryError(f"run_id must be text and step an integer; the query returned "
                              f"{frame['run_id'].dtype} and {frame['step'].dtype}") from None
-        # a SQL query has just refreshed the catalog: the lookup joins the same snapshot
-        found = self._checkpoint_rows(keys, refresh=not isinstance(query, str))
+        found = self._checkpoint_rows(keys)
         absent = found.filter(pl.col("blob").is_null())
         if absent.height:
             example = ", ".join(f"({r}, {s})" for r, s in absent.select("run_id", "step")
@@ -322,9 +323,9 @@ class Store:
         return _WeightRows(frame, names.tolist(), codes, members, capacity, layout, layouts,
                            layout_of_row, padded)
 
-    def _checkpoint_rows(self, keys: pl.DataFrame, refresh: bool = True) -> pl.DataFrame:
+    def _checkpoint_rows(self, keys: pl.DataFrame) -> pl.DataFrame:
         """run_id, step, blob, member for every key row, in order (blob null where absent)."""
-        con = self.catalog.refresh("checkpoints") if refresh else self.catalog.con
+        con = self.catalog.refresh("checkpoints")
         name = f"_wanted_{uuid.uuid4().hex}"
         con.register(name, keys.with_row_index("_i").to_arrow())
         try:
