@@ -286,8 +286,10 @@ class BlobStore:
                     (n,) = struct.unpack_from("<Q", head)
                     if 8 + n > len(head):
                         head += f.read(min(8 + n, _MAX_HEADER) - len(head))
-                size = (os.fstat(f.fileno()).st_size if local is not None
-                        else self.location.info(self.key(blob)).size)
+                if local is not None:
+                    size = os.fstat(f.fileno()).st_size
+                else:  # removed since it was opened: NotFoundError
+                    size = (self.location.info(self.key(blob)) or self._exists(blob)).size
             header = _parse_header(head, size)
         except FileNotFoundError:
             self._exists(blob)  # raises NotFoundError, naming the shard
