@@ -101,6 +101,11 @@ class Location(ABC):
         """Paths on this machine from which DuckDB reads these table files (URIs as deltalake
         lists them)."""
 
+    @abstractmethod
+    def readable_directory(self, prefix: str) -> str:
+        """The directory on this machine under which `readable_files` of the tables under
+        `prefix` lie: all that the SQL sandbox lets DuckDB read."""
+
 
 class LocalLocation(Location):
     local = True
@@ -170,6 +175,9 @@ class LocalLocation(Location):
 
     def readable_files(self, uris: list[str]) -> list[str]:
         return uris
+
+    def readable_directory(self, prefix: str) -> str:
+        return str(self.root / prefix)
 
 
 class ObjectLocation(Location):
@@ -266,6 +274,9 @@ class ObjectLocation(Location):
             paths.append(str(cached))
         return paths
 
+    def readable_directory(self, prefix: str) -> str:
+        return str(cache_dir() / "tables")
+
     def _call(self, key, action):
         try:
             return action()
@@ -285,7 +296,8 @@ def open_location(root: str | Path, storage_options: dict[str, str] | None = Non
         if options:
             raise StoreError(f"storage options {sorted(options)} apply to object-store URIs "
                              f"(s3://...), not to the local store {text}")
-        return LocalLocation(Path(text.removeprefix("file://")).absolute())
+        # normalised (no '..'): DuckDB's sandbox refuses paths that climb
+        return LocalLocation(Path(os.path.abspath(text.removeprefix("file://"))))
     scheme = text.split("://", 1)[0].lower()
     settings = {**{k: v for k, v in os.environ.items() if k.startswith("AWS_")},
                 **{k.upper(): v for k, v in options.items()}}

@@ -32,6 +32,7 @@ from dlstore.errors import (
 from dlstore.store.blobs import BlobStore, MappedShard, as_torch
 from dlstore.store.catalog import Catalog
 from dlstore.store.location import open_location
+from dlstore.store.sandbox import check_read_only, one_line
 from dlstore.store.tables import Tables
 
 if TYPE_CHECKING:  # torch is imported where weights are touched, so that SQL starts fast
@@ -41,9 +42,6 @@ if TYPE_CHECKING:  # torch is imported where weights are touched, so that SQL st
     from dlstore.layout import Layout
 
 _MARKER = "dlstore.json"
-# MULTI is what DuckDB makes of a PIVOT (an enum type in the in-memory catalog, then a select)
-_READ_ONLY = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN,
-              duckdb.StatementType.MULTI}
 FORMAT_VERSION = 1
 
 
@@ -98,26 +96,17 @@ class Store:
         metrics_wide, group_metrics, zoos, fits, masks, tickets, ticket_transfer) and return
         a polars DataFrame. `params` fill `?` placeholders."""
         con = self.catalog.refresh(query)
-        try:
-            statements = con.extract_statements(query)
-        except duckdb.Error as e:
-            raise QueryError(_one_line(e)) from None
-        if len(statements) != 1:
-            raise QueryError(f"give one query at a time, not {len(statements)} statements")
-        kind = statements[0].type
-        if kind not in _READ_ONLY:
-            raise QueryError(f"{kind.name} statements are refused: SQL over a store only reads "
-                             "(SELECT, WITH, PIVOT, DESCRIBE, SUMMARIZE, EXPLAIN)")
+        check_read_only(con, query)
         try:
             relation = con.sql(query, params=params)
         except duckdb.Error as e:
-            raise QueryError(_one_line(e)) from None
+            raise QueryError(one_line(e)) from None
         if relation is None:
             raise QueryError("the statement returned no rows; dlstore sql answers queries only")
         try:
             return relation.pl()
         except duckdb.Error as e:
-            raise QueryError(_one_line(e)) from None
+            raise QueryError(one_line(e)) from None
 
     def runs(self, zoo: str | None = None) -> pl.DataFrame:
         if zoo is None:
@@ -502,8 +491,3 @@ def open(path: str | Path,  # noqa: A001 - mirrors dlstore.open
          storage_options: dict[str, str] | None = None) -> Store:
     """Open the store at a local path or object-store URI (StoreError if there is none)."""
     return Store(path, storage_options=storage_options)
-
-
-def _one_line(error: Exception) -> str:
-    lines = [ln.strip() for ln in str(error).strip().splitlines() if ln.strip()]
-    return " ".join(lines[:3])
