@@ -13,6 +13,7 @@ import re
 
 import duckdb
 
+from dlstore.errors import StoreError
 from dlstore.schemas import HYPERPARAMETER_COLUMNS, TABLES
 from dlstore.store.sandbox import sandboxed_connection
 from dlstore.store.tables import Tables
@@ -146,6 +147,14 @@ class Catalog:
         self._views: set[str] = set()  # views created over the current snapshots
 
     def refresh(self, query: str | None = None) -> duckdb.DuckDBPyConnection:
+        try:
+            return self._refresh(query)
+        except duckdb.Error as e:  # a table file missing or damaged under the snapshot
+            detail = " ".join(str(e).split())[:300]
+            raise StoreError(f"the store's tables cannot be read ({detail}); run `dlstore "
+                             "verify`") from None
+
+    def _refresh(self, query: str | None) -> duckdb.DuckDBPyConnection:
         """Point the views `query` names at their tables' current snapshots and make sure
         they exist (every table and view when it names none, as a listing of the catalog
         does, or when no query is given). Only the tables it reads are checked for commits:

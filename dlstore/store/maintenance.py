@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import pyarrow.parquet as pq
+
 from dlstore.errors import DlstoreError
 from dlstore.schemas import TABLES
 from dlstore.store.store import Store
@@ -30,10 +32,16 @@ class VerifyReport:
 
 
 def verify(store: Store) -> VerifyReport:
-    """Every Delta table reads; every shard's bytes hash to its name and its header parses; every
-    checkpoint (and mask) row points to a shard that exists, verifies and holds its member."""
+    """Every Delta table's log runs without gaps and every entry parses; every data file of
+    every table's snapshot exists and holds the rows its log records; every shard's bytes hash
+    to its name and its header parses; every checkpoint (and mask) row points to a shard that
+    exists, verifies and holds its member. Each problem is listed; checking goes on past it."""
     report = VerifyReport()
     for name in TABLES:
+        problems = [f"table {name}: {p}" for p in _table_problems(store, name)]
+        report.problems += problems
+        if problems:
+            continue
         try:
             count = store.sql(f"SELECT count(*) AS n FROM _{name}")["n"][0]
             report.table_rows[name] = int(count)
@@ -56,9 +64,13 @@ def verify(store: Store) -> VerifyReport:
                                  "member FROM checkpoints",
                   "masks": "SELECT 'mask ' || mask_id, blob, member FROM masks"}
     for table, query in references.items():
-        if table not in report.table_rows:
+        if table not in report.table_rows or "runs" not in report.table_rows:
             continue
-        rows = store.sql(query)
+        try:
+            rows = store.sql(query)
+        except DlstoreError as e:
+            report.problems.append(f"table {table}: {e}")
+            continue
         if table == "checkpoints":
             report.checkpoints = rows.height
         for what, blob, member in rows.iter_rows():
@@ -69,6 +81,30 @@ def verify(store: Store) -> VerifyReport:
                 report.problems.append(f"{what}: shard {blob} has {members[blob]} members, "
                                        f"not member {member}")
     return report
+
+
+def _table_problems(store: Store, name: str) -> list[str]:
+    problems = store.tables.log_problems(name, every_entry=True)
+    if problems:
+        return problems
+    try:
+        files = store.tables.data_files(name)
+    except DlstoreError as e:
+        return [str(e)]
+    for uri, rows in files:
+        leaf = uri.rsplit("/", 1)[-1]
+        try:
+            local = store.location.readable_files([uri])[0]
+            found = pq.read_metadata(local).num_rows
+        except FileNotFoundError:
+            problems.append(f"data file {leaf} is missing")
+            continue
+        except (OSError, ValueError, DlstoreError) as e:
+            problems.append(f"data file {leaf} cannot be read ({str(e).splitlines()[0]})")
+            continue
+        if rows >= 0 and found != rows:
+            problems.append(f"data file {leaf} holds {found} rows; the log records {rows}")
+    return problems
 
 
 def compact(store: Store) -> dict[str, int]:
