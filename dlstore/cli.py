@@ -185,7 +185,9 @@ def gc(
     verb = "would remove" if dry_run else "removed"
     out.print(f"{verb} {len(report.shards)} unreferenced shards "
               f"({report.shard_bytes / 2**20:.1f} MiB), {report.temporary} temporary files, "
-              f"{report.table_files} old table files")
+              f"{report.table_files} old table files"
+              + (f"; kept the uncommitted shards of {report.live_builds} builds in progress"
+                 if report.live_builds else ""))
 
 
 fit_app = typer.Typer(no_args_is_help=True, help="Fit analyses to runs selected with SQL.")

@@ -81,6 +81,10 @@ class Location(ABC):
     def write_atomic(self, key: str, data: bytes) -> None:
         """Write `data` under `key` so that `key` is either complete or absent."""
 
+    def touch(self, key: str) -> bool:
+        """Mark `key` as written now, if it can be done without rewriting it (True)."""
+        return False
+
     @abstractmethod
     def info(self, key: str) -> FileInfo | None:
         """Size and modification time, or None if `key` is absent."""
@@ -146,6 +150,13 @@ class LocalLocation(Location):
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def touch(self, key: str) -> bool:
+        try:
+            os.utime(self.root / key)
+        except OSError:
+            return False
+        return True
 
     def info(self, key: str) -> FileInfo | None:
         try:

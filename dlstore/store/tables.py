@@ -198,10 +198,38 @@ class Tables:
         self._raise_head(name)
         return result
 
-    def vacuum(self, name: str, retention_hours: int, dry_run: bool) -> list[str]:
-        """Files no snapshot younger than `retention_hours` needs: removed unless `dry_run`."""
-        return self._open(name).vacuum(
-            retention_hours=retention_hours, dry_run=dry_run, enforce_retention_duration=False)
+    def stale_files(self, name: str, cutoff: float) -> list[str]:
+        """Data files of the table that no snapshot since `cutoff` (seconds since the epoch)
+        needs: removed from the table (by a compaction) before `cutoff`, and still present.
+        Files the log never added (an append in flight) are never among them."""
+        self.check_log(name)
+        try:
+            tombstoned = self._open(name).vacuum(retention_hours=0, dry_run=True,
+                                                 enforce_retention_duration=False)
+        except (DeltaError, OSError) as e:
+            raise StoreError(f"cannot list old files of table {name!r}: {_first_line(e)}"
+                             ) from None
+        removed_at = self._removal_times(name)
+        present = {info.key.rsplit("/", 1)[-1] for info in
+                   self.location.list(f"{self.prefix}/{name}")}
+        # a tombstone whose log entry was cleaned up is older than the log's retention
+        return sorted(path for path in tombstoned if path in present
+                      and removed_at.get(path, 0.0) < cutoff)
+
+    def remove_file(self, name: str, path: str) -> None:
+        self.location.remove(f"{self.prefix}/{name}/{path}")
+
+    def _removal_times(self, name: str) -> dict[str, float]:
+        """Data file -> when a commit removed it from the table (seconds), from the log."""
+        commits, _ = self._log_entries(name)
+        out = {}
+        for version in sorted(commits):
+            for line in self.location.read_bytes(commits[version].key).splitlines():
+                action = json.loads(line) if line.strip() else {}
+                removed = action.get("remove") if isinstance(action, dict) else None
+                if isinstance(removed, dict) and "path" in removed:
+                    out[removed["path"]] = float(removed.get("deletionTimestamp", 0)) / 1000
+        return out
 
     def snapshot(self, name: str) -> tuple[int, list[str]]:
         """(version, Parquet file URIs) of the table's current snapshot. A table that a newer

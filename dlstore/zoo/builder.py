@@ -24,6 +24,7 @@ import torch
 
 import dlstore
 from dlstore.errors import SpecError, UsageError
+from dlstore.store.leases import BuildLease
 from dlstore.store.store import Store
 from dlstore.zoo.data import DatasetTensors, run_data
 from dlstore.zoo.groups import compute_group_metrics
@@ -62,6 +63,7 @@ class BuildReport:
     seconds: float
     train_seconds: float
     group_steps: int = 0  # (group, step) pairs whose group metrics were computed
+    runs_dropped: int = 0  # trained, but their shards were gone at commit: rebuilt next time
 
 
 def cohort_key(run: RunConfig, total_steps: int, steps: list[int]) -> str:
@@ -158,6 +160,7 @@ class _Committer:
         self.store = store
         self.every = every
         self.last = time.perf_counter()
+        self.dropped = 0  # runs left out because their shards were gone
         self._clear()
 
     def _clear(self) -> None:
@@ -177,9 +180,22 @@ class _Committer:
 
     def flush(self) -> None:
         if self.runs:
+            self._drop_runs_without_shards()
             self.store.commit(self.checkpoints, self.metrics, self.runs, self.masks)
         self._clear()
         self.last = time.perf_counter()
+
+    def _drop_runs_without_shards(self) -> None:
+        """Leave out runs whose shards are gone: removed by gc while this build was stopped for
+        longer than its lease lives (leases.py); a rebuild trains them again."""
+        gone = self.store.blobs.missing({row["blob"] for row in [*self.checkpoints, *self.masks]})
+        if not gone:
+            return
+        lost = {row["run_id"] for row in [*self.checkpoints, *self.masks] if row["blob"] in gone}
+        self.dropped += len(lost)
+        self.runs = [r for r in self.runs if r["run_id"] not in lost]
+        self.checkpoints = [r for r in self.checkpoints if r["run_id"] not in lost]
+        self.masks = [r for r in self.masks if r["run_id"] not in lost]
 
 
 def build_zoo(spec: ZooSpec, store: Store, device: str = "auto",
@@ -190,7 +206,15 @@ def build_zoo(spec: ZooSpec, store: Store, device: str = "auto",
     `progress(done, total)` is called with optimizer steps done (summed over cohorts).
     `backend` "ray" trains the cohorts as tasks on the Ray cluster at `address` (`ray_backend`);
     `shard` (I, N) builds only the I-th of N contiguous blocks of the runs, so that N processes
-    can share a zoo."""
+    can share a zoo. The build holds a lease for its whole duration, so that `gc` spares the
+    shards it has written and not committed yet."""
+    with BuildLease(store.location, spec.name):
+        return _build_zoo(spec, store, device, progress, backend, address, shard)
+
+
+def _build_zoo(spec: ZooSpec, store: Store, device: str,
+               progress: Callable[[int, int], None] | None, backend: str,
+               address: str | None, shard: tuple[int, int] | None) -> BuildReport:
     started = time.perf_counter()
     dev = resolve_device(device)
     store.check_writable()
@@ -244,6 +268,8 @@ def build_zoo(spec: ZooSpec, store: Store, device: str = "auto",
             store, spec.name, spec.metrics.groups, {r.run_id for r in spec.runs}, device=dev)
     store.record_zoo({"zoo": spec.name, "spec": spec.text, "spec_hash": spec.spec_hash,
                       "n_runs": zoo_runs, "dlstore_version": dlstore.__version__})
+    report.runs_dropped = committer.dropped
+    report.runs_built -= committer.dropped
     report.seconds = time.perf_counter() - started
     return report
 
