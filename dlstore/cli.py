@@ -67,6 +67,8 @@ def build_zoo_command(
     shard: str = typer.Option(None, metavar="I/N", help="Build only the I-th of N contiguous "
                               "blocks of the spec's runs (0 <= I < N), e.g. one per Slurm array "
                               "task: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT."),
+    grow: bool = typer.Option(False, "--grow", help="Add this spec's runs to a zoo of the same "
+                              "name built from another spec (refused otherwise)."),
 ) -> None:
     """Train every run of SPEC that STORE does not hold yet (resumable, idempotent)."""
     from dlstore.zoo.builder import build_zoo, check_backend
@@ -87,7 +89,7 @@ def build_zoo_command(
             bar.update(task, completed=done, total=max(total, 1))
 
         report = build_zoo(zoo, target, device=device.value, progress=advance,
-                           backend=backend.value, address=address, shard=part)
+                           backend=backend.value, address=address, shard=part, grow=grow)
     out.print(
         f"zoo [bold]{report.zoo}[/]: {report.runs_built} runs built "
         f"({report.runs_diverged} diverged), {report.runs_skipped} already in the store, "

@@ -67,9 +67,13 @@ class Location(ABC):
     @abstractmethod
     def is_file(self, key: str) -> bool: ...
 
-    @abstractmethod
     def is_empty(self) -> bool:
         """True when nothing is stored under the root (or the root does not exist yet)."""
+        return not self.top_level()
+
+    @abstractmethod
+    def top_level(self) -> list[str]:
+        """The names of the files and folders right under the root ([] if there is none)."""
 
     @abstractmethod
     def read_bytes(self, key: str) -> bytes: ...
@@ -125,10 +129,10 @@ class LocalLocation(Location):
     def is_file(self, key: str) -> bool:
         return (self.root / key).is_file()
 
-    def is_empty(self) -> bool:
+    def top_level(self) -> list[str]:
         if self.root.exists() and not self.root.is_dir():
             raise StoreError(f"store path {self.root} is a file, not a directory")
-        return not self.root.is_dir() or not any(self.root.iterdir())
+        return sorted(os.listdir(self.root)) if self.root.is_dir() else []
 
     def read_bytes(self, key: str) -> bytes:
         return (self.root / key).read_bytes()
@@ -211,11 +215,11 @@ class ObjectLocation(Location):
         return self._call(key, lambda: self.fs.get_file_info(self._path(key)).type
                           == pafs.FileType.File)
 
-    def is_empty(self) -> bool:
+    def top_level(self) -> list[str]:
         from pyarrow import fs as pafs
 
         selector = pafs.FileSelector(self.base, allow_not_found=True)
-        return self._call("", lambda: not self.fs.get_file_info(selector))
+        return sorted(f.base_name for f in self._call("", lambda: self.fs.get_file_info(selector)))
 
     def read_bytes(self, key: str) -> bytes:
         with self.open_read(key) as f:

@@ -78,7 +78,15 @@ class Store:
         return "holds no dlstore store" if not self.location.is_empty() else "does not exist"
 
     def _initialise(self) -> None:
-        if not self.location.is_empty():
+        """Make the store: the marker first, written atomically. Safe when several processes
+        create one store at once (a job array): a marker that another creator is writing (its
+        temporary file) or has written is no reason to refuse, and writing it again is
+        harmless."""
+        present = [name for name in self.location.top_level()
+                   if not (name.startswith(f".{_MARKER}.") and name.endswith(".tmp"))]
+        if _MARKER in present:
+            return  # another process made it since we looked
+        if present:
             what = "directory" if self.location.local else "location"
             raise StoreError(f"{self.root} is a non-empty {what} that holds no dlstore store; "
                              f"choose an empty or new {what}")

@@ -63,8 +63,13 @@ class Tables:
                 local = self.location.local_path(f"{self.prefix}/{name}")
                 if local is not None:
                     local.mkdir(parents=True, exist_ok=True)
-                DeltaTable.create(path, schema=schema, mode="ignore",
-                                  storage_options=self.options)
+                try:
+                    DeltaTable.create(path, schema=schema, mode="ignore",
+                                      storage_options=self.options)
+                except DeltaError:
+                    # another process created it between our look and our commit
+                    if not DeltaTable.is_deltatable(path, storage_options=self.options):
+                        raise
             else:
                 table = self._open(name)
                 have = {f.name for f in table.schema().fields}

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 import dlstore
-from dlstore.errors import SpecError, UsageError
+from dlstore.errors import DlstoreError, SpecError, UsageError
 from dlstore.store.leases import BuildLease
 from dlstore.store.store import Store
 from dlstore.zoo.data import DatasetTensors, run_data
@@ -200,14 +200,18 @@ class _Committer:
 
 def build_zoo(spec: ZooSpec, store: Store, device: str = "auto",
               progress: Callable[[int, int], None] | None = None, backend: str = "local",
-              address: str | None = None, shard: tuple[int, int] | None = None) -> BuildReport:
+              address: str | None = None, shard: tuple[int, int] | None = None,
+              grow: bool = False) -> BuildReport:
     """Train every run of `spec` that `store` does not hold yet and commit it, phase by phase.
 
     `progress(done, total)` is called with optimizer steps done (summed over cohorts).
     `backend` "ray" trains the cohorts as tasks on the Ray cluster at `address` (`ray_backend`);
     `shard` (I, N) builds only the I-th of N contiguous blocks of the runs, so that N processes
-    can share a zoo. The build holds a lease for its whole duration, so that `gc` spares the
-    shards it has written and not committed yet."""
+    can share a zoo. A zoo name the store already holds from another spec (other runs) is
+    refused unless `grow`. The build holds a lease for its whole duration, so that `gc` spares
+    the shards it has written and not committed yet."""
+    if not grow:
+        check_same_zoo(spec, store)
     with BuildLease(store.location, spec.name):
         return _build_zoo(spec, store, device, progress, backend, address, shard)
 
@@ -253,6 +257,8 @@ def _build_zoo(spec: ZooSpec, store: Store, device: str,
                 progress(before + steps_done, total)
 
         for result in execute(spec.name, cohorts, cohort_steps, phase, phase_progress):
+            for row in result.runs:
+                row["spec_hash"] = spec.spec_hash
             committer.add(result)
             report.runs_built += len(result.runs)
             report.runs_diverged += sum(r["status"] == "diverged" for r in result.runs)
@@ -272,6 +278,23 @@ def _build_zoo(spec: ZooSpec, store: Store, device: str,
     report.runs_built -= committer.dropped
     report.seconds = time.perf_counter() - started
     return report
+
+
+def check_same_zoo(spec: ZooSpec, store: Store) -> None:
+    """SpecError if the store holds zoo `spec.name` built from a spec with other runs: two
+    specs' runs in one zoo would be merged silently (and averaged by every recipe plot)."""
+    for text, spec_hash in store.sql("SELECT spec, spec_hash FROM zoos WHERE zoo = ?",
+                                     [spec.name]).iter_rows():
+        if spec_hash == spec.spec_hash:
+            continue
+        try:
+            same = ZooSpec.from_text(text).identity == spec.identity
+        except DlstoreError:  # a spec this version no longer reads: only its text can match
+            same = False
+        if not same:
+            raise SpecError(f"zoo {spec.name!r} in this store was built from another spec "
+                            f"(other runs; spec hash {spec_hash[:12]}); give --grow to add this "
+                            "spec's runs to that zoo, or give this spec another name")
 
 
 def check_backend(spec: ZooSpec, backend: str, shard: tuple[int, int] | None) -> None:
