@@ -210,6 +210,7 @@ def build_zoo(spec: ZooSpec, store: Store, device: str = "auto",
     can share a zoo. A zoo name the store already holds from another spec (other runs) is
     refused unless `grow`. The build holds a lease for its whole duration, so that `gc` spares
     the shards it has written and not committed yet."""
+    store.check_writable()
     if not grow:
         check_same_zoo(spec, store)
     with BuildLease(store.location, spec.name):
