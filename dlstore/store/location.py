@@ -208,7 +208,10 @@ class LocalLocation(Location):
         for dirpath, _, names in os.walk(base):
             for name in names:
                 path = Path(dirpath) / name
-                st = path.stat()
+                try:
+                    st = path.stat()
+                except FileNotFoundError:  # a writer's temporary file, renamed meanwhile
+                    continue
                 found.append(FileInfo(path.relative_to(self.root).as_posix(), st.st_size,
                                       st.st_mtime))
         return sorted(found, key=lambda f: f.key)

@@ -232,7 +232,11 @@ class Tables:
         commits, _ = self._log_entries(name)
         out = {}
         for version in sorted(commits):
-            for line in self.location.read_bytes(commits[version].key).splitlines():
+            try:
+                data = self.location.read_bytes(commits[version].key)
+            except FileNotFoundError:  # cleaned up after a checkpoint meanwhile
+                continue
+            for line in data.splitlines():
                 action = json.loads(line) if line.strip() else {}
                 removed = action.get("remove") if isinstance(action, dict) else None
                 if isinstance(removed, dict) and "path" in removed:
