@@ -23,11 +23,13 @@ from dataclasses import dataclass, field
 import torch
 
 import dlstore
-from dlstore.errors import SpecError, UsageError
+from dlstore.errors import BuildInterrupted, SpecError, UsageError
+from dlstore.interrupts import deferred_interrupts, exit_code
 from dlstore.store.store import Store
 from dlstore.zoo.data import DatasetTensors, run_data
 from dlstore.zoo.groups import compute_group_metrics
-from dlstore.zoo.models import activation_units, init_state, n_params
+from dlstore.zoo.limits import Estimate, check_length, check_memory, estimate_cohorts
+from dlstore.zoo.models import init_state, n_params
 from dlstore.zoo.population import (
     CohortPlan,
     CohortTrainer,
@@ -86,7 +88,7 @@ def plan_cohorts(runs: list[RunConfig], cohort_size: int | str = "auto", device:
         if run.train.batch_size > n_train:
             raise SpecError(f"train.batch_size: {run.train.batch_size} is larger than the "
                             f"{n_train} training examples of run {run.run_id}")
-        total = run.train.total_steps(n_train)
+        total = check_length(run, n_train)
         steps = run.checkpoint_steps(total)
         if metrics is not None:
             checkpoint_metric_steps(metrics, steps)
@@ -96,10 +98,9 @@ def plan_cohorts(runs: list[RunConfig], cohort_size: int | str = "auto", device:
         size = cohort_size
         if size == "auto":
             run, data = max(members, key=lambda m: m[0].model.width)
-            size = auto_cohort_size(
-                n_params(run.model, data.input_shape, data.n_classes),
-                activation_units(run.model, data.input_shape, data.n_classes),
-                run.train.batch_size, resolve_device(device))
+            net = run.model.size(data.input_shape, data.n_classes)
+            size = auto_cohort_size(net.params, net.activations, run.train.batch_size,
+                                    resolve_device(device))
         n_chunks = -(-len(members) // size)
         for k in range(n_chunks):
             chunk = members[k * len(members) // n_chunks:(k + 1) * len(members) // n_chunks]
@@ -158,6 +159,7 @@ class _Committer:
         self.store = store
         self.every = every
         self.last = time.perf_counter()
+        self.committed = 0  # runs
         self._clear()
 
     def _clear(self) -> None:
@@ -176,24 +178,59 @@ class _Committer:
             self.flush()
 
     def flush(self) -> None:
-        if self.runs:
-            self.store.commit(self.checkpoints, self.metrics, self.runs, self.masks)
+        """Commit what was collected. Ctrl-C or SIGTERM waits for the commit; the batch is
+        taken first, so a commit cut short (a second signal, an error) is never repeated with
+        runs rows it may already have written, which would list those runs twice."""
+        batch = (self.checkpoints, self.metrics, self.runs, self.masks)
         self._clear()
+        if batch[2]:
+            with deferred_interrupts():
+                self.store.commit(*batch)
+                self.committed += len(batch[2])
         self.last = time.perf_counter()
 
 
-def build_zoo(spec: ZooSpec, store: Store, device: str = "auto",
-              progress: Callable[[int, int], None] | None = None, backend: str = "local",
-              address: str | None = None, shard: tuple[int, int] | None = None) -> BuildReport:
-    """Train every run of `spec` that `store` does not hold yet and commit it, phase by phase.
+@dataclass
+class BuildPlan:
+    """What a build will do, worked out (and every spec check passed) before anything is
+    created: the runs by phase, those still to build, their cohorts and step counts."""
 
-    `progress(done, total)` is called with optimizer steps done (summed over cohorts).
-    `backend` "ray" trains the cohorts as tasks on the Ray cluster at `address` (`ray_backend`);
-    `shard` (I, N) builds only the I-th of N contiguous blocks of the runs, so that N processes
-    can share a zoo."""
-    started = time.perf_counter()
+    phases: list[list[RunConfig]]
+    zoo_runs: int  # the whole zoo's runs (every shard's), recorded in the zoos table
+    done_ids: frozenset[str]  # runs the store held when planned
+    todo: list[list[RunConfig]]
+    cohorts: list[Cohorts]
+    steps: list[list[int]]  # optimizer steps of each cohort
+    device: str  # what the cohort sizes were chosen for
+
+    @property
+    def n_runs(self) -> int:
+        return sum(map(len, self.phases))
+
+    @property
+    def n_new(self) -> int:
+        return sum(map(len, self.todo))
+
+    @property
+    def n_cohorts(self) -> int:
+        return sum(map(len, self.cohorts))
+
+    @property
+    def total_steps(self) -> int:
+        return sum(map(sum, self.steps))
+
+    def estimate(self) -> Estimate:
+        return estimate_cohorts([c for cohorts in self.cohorts for c in cohorts],
+                                torch.device(self.device))
+
+
+def plan_build(spec: ZooSpec, device: str = "auto", backend: str = "local",
+               shard: tuple[int, int] | None = None, done_ids: frozenset[str] = frozenset(),
+               plan_device: str | None = None) -> BuildPlan:
+    """Check everything about `spec` that can be checked without a store (sizes against memory
+    first, before any data is generated) and plan the runs not in `done_ids`; cohort sizes are
+    chosen for `plan_device` (default: `device` resolved)."""
     dev = resolve_device(device)
-    store.check_writable()
     check_backend(spec, backend, shard)
     if spec.tickets is not None:
         phases = ticket_phases(spec)
@@ -201,49 +238,81 @@ def build_zoo(spec: ZooSpec, store: Store, device: str = "auto",
     else:
         phases = [list(spec.runs if shard is None else shard_runs(spec.runs, *shard))]
         zoo_runs = len(spec.runs)
+    check_memory([r for phase in phases for r in phase], spec.build.cohort_size, dev)
     if spec.transfer is not None:
         check_transfer_shapes(spec)
-    done_ids = store.run_ids()
     todo = [[r for r in phase if r.run_id not in done_ids] for phase in phases]
+    plan_device = plan_device or str(dev)
+    planned = [plan_cohorts(runs, spec.build.cohort_size, device=plan_device, metrics=spec.metrics)
+               for runs in todo]
+    steps = [[runs[0].train.total_steps(datas[0].x_train.shape[0]) - runs[0].start_step
+              for runs, datas in cohorts] for cohorts in planned]
+    return BuildPlan(phases, zoo_runs, frozenset(done_ids), todo, planned, steps, plan_device)
+
+
+def build_zoo(spec: ZooSpec, store: Store, device: str = "auto",
+              progress: Callable[[int, int], None] | None = None, backend: str = "local",
+              address: str | None = None, shard: tuple[int, int] | None = None,
+              plan: BuildPlan | None = None) -> BuildReport:
+    """Train every run of `spec` that `store` does not hold yet and commit it, phase by phase.
+
+    `progress(done, total)` is called with optimizer steps done (summed over cohorts).
+    `backend` "ray" trains the cohorts as tasks on the Ray cluster at `address` (`ray_backend`);
+    `shard` (I, N) builds only the I-th of N contiguous blocks of the runs, so that N processes
+    can share a zoo. `plan` (from `plan_build` with the same arguments) is used unless the store
+    changed since.
+
+    Ctrl-C (KeyboardInterrupt) commits the cohorts already finished, then raises
+    BuildInterrupted: at most the cohort in flight is lost."""
+    started = time.perf_counter()
+    dev = resolve_device(device)
+    store.check_writable()
+    check_backend(spec, backend, shard)
+    done_ids = frozenset(store.run_ids())
     if backend == "ray":
         from dlstore.zoo import ray_backend
 
         execute, plan_device = ray_backend.cohort_runner(store, device, address, spec.metrics)
     else:
         execute, plan_device = _local_runner(store, dev, spec.metrics), str(dev)
-    planned = [plan_cohorts(runs, spec.build.cohort_size, device=plan_device, metrics=spec.metrics)
-               for runs in todo]
-    steps = [[runs[0].train.total_steps(datas[0].x_train.shape[0]) - runs[0].start_step
-              for runs, datas in cohorts] for cohorts in planned]
-    total = sum(map(sum, steps))
-    n_runs = sum(map(len, phases))
-    report = BuildReport(spec.name, n_runs, n_runs - sum(map(len, todo)), 0, 0,
-                         sum(map(len, planned)), 0, 0.0, 0.0)
+    if plan is None or plan.done_ids != done_ids or plan.device != plan_device:
+        plan = plan_build(spec, device, backend, shard, done_ids, plan_device)
+    total = plan.total_steps
+    report = BuildReport(spec.name, plan.n_runs, plan.n_runs - plan.n_new, 0, 0, plan.n_cohorts,
+                         0, 0.0, 0.0)
     committer = _Committer(store, spec.build.commit_every)
     done = 0
-    for cohorts, cohort_steps in zip(planned, steps):
-        phase = TicketPhase(spec, store) if spec.tickets is not None else None
+    try:
+        for cohorts, cohort_steps in zip(plan.cohorts, plan.steps):
+            phase = TicketPhase(spec, store) if spec.tickets is not None else None
 
-        def phase_progress(steps_done: int, before: int = done) -> None:
-            if progress:
-                progress(before + steps_done, total)
+            def phase_progress(steps_done: int, before: int = done) -> None:
+                if progress:
+                    progress(before + steps_done, total)
 
-        for result in execute(spec.name, cohorts, cohort_steps, phase, phase_progress):
-            committer.add(result)
-            report.runs_built += len(result.runs)
-            report.runs_diverged += sum(r["status"] == "diverged" for r in result.runs)
-            report.checkpoints += result.n_checkpoints
-            report.train_seconds += result.train_seconds
-        done += sum(cohort_steps)
-        # the next phase reads what this one trained
-        committer.flush()
-        if phase is not None:
-            record_stability(store, stability_pairs(phases))
-    if spec.metrics.groups is not None:
-        report.group_steps = compute_group_metrics(
-            store, spec.name, spec.metrics.groups, {r.run_id for r in spec.runs}, device=dev)
-    store.record_zoo({"zoo": spec.name, "spec": spec.text, "spec_hash": spec.spec_hash,
-                      "n_runs": zoo_runs, "dlstore_version": dlstore.__version__})
+            for result in execute(spec.name, cohorts, cohort_steps, phase, phase_progress):
+                committer.add(result)
+                report.runs_built += len(result.runs)
+                report.runs_diverged += sum(r["status"] == "diverged" for r in result.runs)
+                report.checkpoints += result.n_checkpoints
+                report.train_seconds += result.train_seconds
+            done += sum(cohort_steps)
+            # the next phase reads what this one trained
+            committer.flush()
+            if phase is not None:
+                record_stability(store, stability_pairs(plan.phases))
+        if spec.metrics.groups is not None:
+            report.group_steps = compute_group_metrics(
+                store, spec.name, spec.metrics.groups, {r.run_id for r in spec.runs}, device=dev)
+        store.record_zoo({"zoo": spec.name, "spec": spec.text, "spec_hash": spec.spec_hash,
+                          "n_runs": plan.zoo_runs, "dlstore_version": dlstore.__version__})
+    except KeyboardInterrupt as stop:
+        committer.flush()  # the finished cohorts: only the one in flight is lost
+        raise BuildInterrupted(
+            f"interrupted: {committer.committed} runs built by this build are kept "
+            f"({report.runs_skipped} were in the store before), "
+            f"{plan.n_new - committer.committed} not built; rerun the same command to resume",
+            exit_code(stop)) from None
     report.seconds = time.perf_counter() - started
     return report
 
