@@ -97,15 +97,16 @@ def check_memory(runs: list[RunConfig], cohort_size: int | str, device: torch.de
         need = members * member_memory(size.params, size.activations, run.train.batch_size)
         on_device = need + 4 * shape.n_examples * math.prod(shape.input_shape)
         have, where = (gpu, "GPU") if gpu is not None else (ram, "machine")
-        if on_device + (0 if gpu is not None else data) > have:
+        data_there = on_device - need + (0 if gpu is not None else data)
+        if need + data_there > have:
             who = ("one member" if members == 1
                    else f"a cohort of {members} members (build.cohort_size)")
             raise SpecError(
                 f"model {_describe(run)}: {size.params:,} parameters and "
                 f"{size.activations:,} activations per example; {who} needs "
                 f"~{human_bytes(need)} (parameters, gradients, optimizer state and a batch of "
-                f"{run.train.batch_size} activations), with the data more than the "
-                f"{human_bytes(have)} this {where} has")
+                f"{run.train.batch_size} activations) and the data ~{human_bytes(data_there)}, "
+                f"more than the {human_bytes(have)} this {where} has")
 
 
 def check_length(run: RunConfig, n_train: int) -> int:

@@ -120,10 +120,11 @@ class MLPOptions(ArchOptions):
         return MLP(math.prod(input_shape), self.width, self.depth, n_classes, self.activation)
 
     def size(self, input_shape: tuple[int, ...], n_classes: int) -> SizeEstimate:
-        sizes = [math.prod(input_shape)] + [self.width] * self.depth + [n_classes]
-        macs = sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
+        # closed forms, not a sum over layers: a spec may ask for a depth of 10^9
+        n_in, w, d = math.prod(input_shape), self.width, self.depth
+        macs = (n_in * w + (d - 1) * w * w + w * n_classes) if d else n_in * n_classes
         # each hidden layer's linear output and its activation's, then the logits
-        return SizeEstimate(macs + sum(sizes[1:]), 2 * self.width * self.depth + n_classes, macs)
+        return SizeEstimate(macs + d * w + n_classes, 2 * w * d + n_classes, macs)
 
 
 class CNN1d(nn.Module):
@@ -172,13 +173,18 @@ class CNN1dOptions(ArchOptions):
     def size(self, input_shape: tuple[int, ...], n_classes: int) -> SizeEstimate:
         c_in, length = _sequence_shape(input_shape)
         params = macs = activations = 0
-        for _ in range(self.depth):  # as CNN1d.__init__ shapes its layers
-            length = (length + 2 * (self.kernel // 2) - self.kernel) // 2 + 1
-            params += c_in * self.width * self.kernel + self.width
-            macs += c_in * self.width * self.kernel * max(length, 0)
-            activations += 2 * self.width * max(length, 0)  # the convolution's and activation's
+        layers = self.depth
+        while layers:  # as CNN1d.__init__ shapes its layers
+            after = (length + 2 * (self.kernel // 2) - self.kernel) // 2 + 1
+            # once the length stops shrinking (at 1) every further layer is the same: count
+            # them at once, as a spec may ask for a depth of 10^9
+            same = layers if after == length and c_in == self.width else 1
+            length, layers = after, layers - same
+            params += same * (c_in * self.width * self.kernel + self.width)
+            macs += same * c_in * self.width * self.kernel * length
+            activations += same * 2 * self.width * length  # the convolution's and activation's
             c_in = self.width
-        flat = c_in * max(length, 0)
+        flat = c_in * length
         return SizeEstimate(params + flat * n_classes + n_classes, activations + n_classes,
                             macs + flat * n_classes)
 
