@@ -109,7 +109,7 @@ def _build_zoo(zoo, store: str, storage_option: list[str] | None, device: Device
     if dry_run:
         _print_plan(zoo.name, plan, store if target is not None else None)
         return
-    if (plan.n_new > CONFIRM_RUNS and not yes and sys.stdin.isatty() and sys.stdout.isatty()
+    if (plan.n_new > CONFIRM_RUNS and not yes and _interactive()
             and not typer.confirm(f"build {plan.n_new:,} runs?", default=False)):
         raise BuildInterrupted("nothing built", exit_code=1)
     if target is None:
@@ -132,6 +132,11 @@ def _build_zoo(zoo, store: str, storage_option: list[str] | None, device: Device
         + (f", group metrics of {report.group_steps} groups x steps" if report.group_steps
            else "") + f" -> {store}" + (f" (shard {part[0]}/{part[1]})" if part else "")
     )
+
+
+def _interactive() -> bool:
+    """A person at a terminal, who can answer a question (never a script or a batch job)."""
+    return sys.stdin.isatty() and sys.stdout.isatty()
 
 
 def _print_plan(zoo: str, plan, store: str | None) -> None:

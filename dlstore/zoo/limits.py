@@ -174,7 +174,7 @@ def estimate_cohorts(cohorts: list[tuple[list[RunConfig], list[DatasetTensors]]]
 
 def _describe(run: RunConfig) -> str:
     m = run.model
-    extra = f", kernel {m.kernel}" if hasattr(m, "kernel") else ""
+    extra = f", kernel {m.kernel:,}" if hasattr(m, "kernel") else ""
     return f"{m.arch} width {m.width:,}, depth {m.depth:,}{extra} on {run.dataset.name}"
 
 
