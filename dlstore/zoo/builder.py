@@ -9,6 +9,11 @@ A build is a sequence of phases, each a set of cohorts trained and committed as 
 zoo is one phase. A zoo with `[tickets]` has one per pruning level (`tickets.py`): level k's
 masks and start weights are read back from what level k-1 committed, so a rebuild after a crash
 continues from the last committed level.
+
+`plan_build` makes every check a spec can fail (its sizes against memory, before any data is
+generated) and plans the cohorts; the CLI calls it before it creates a store. Ctrl-C (or SIGTERM,
+which the CLI turns into the same exception) commits the cohorts already finished and raises
+BuildInterrupted: at most the cohort in flight is lost, and a rerun resumes.
 """
 
 from __future__ import annotations
