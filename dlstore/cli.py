@@ -73,6 +73,8 @@ def build_zoo_command(
     shard: str = typer.Option(None, metavar="I/N", help="Build only the I-th of N contiguous "
                               "blocks of the spec's runs (0 <= I < N), e.g. one per Slurm array "
                               "task: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT."),
+    grow: bool = typer.Option(False, "--grow", help="Add this spec's runs to a zoo of the same "
+                              "name built from another spec (refused otherwise)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (runs, cohorts, "
                                  "estimated time and disk); create and change nothing."),
     yes: bool = typer.Option(False, "--yes", "-y", help=f"Build more than {CONFIRM_RUNS:,} new "
@@ -89,7 +91,8 @@ def build_zoo_command(
         raise UsageError("--address names a Ray cluster: give it with --backend ray")
     with sigterm_as_interrupt():
         try:
-            _build_zoo(zoo, store, storage_option, device, backend, address, part, dry_run, yes)
+            _build_zoo(zoo, store, storage_option, device, backend, address, part, grow,
+                       dry_run, yes)
         except KeyboardInterrupt as stop:  # before training started, or a second Ctrl-C
             raise BuildInterrupted("interrupted; what was committed is kept; rerun the same "
                                    "command to resume", exit_code(stop)) from None
@@ -97,14 +100,16 @@ def build_zoo_command(
 
 def _build_zoo(zoo, store: str, storage_option: list[str] | None, device: Device,
                backend: Backend, address: str | None, part: tuple[int, int] | None,
-               dry_run: bool, yes: bool) -> None:
-    from dlstore.zoo.builder import build_zoo, plan_build
+               grow: bool, dry_run: bool, yes: bool) -> None:
+    from dlstore.zoo.builder import build_zoo, check_same_zoo, plan_build
 
     try:
         target = _open(store, storage_option)
     except StoreError:
         target = None  # created below, once every check of the spec has passed
     done = frozenset(target.run_ids()) if target is not None else frozenset()
+    if target is not None and not grow:
+        check_same_zoo(zoo, target)  # build_zoo checks it again, for callers of the library
     plan = plan_build(zoo, device.value, backend.value, part, done)
     if dry_run:
         _print_plan(zoo.name, plan, store if target is not None else None)
@@ -123,7 +128,8 @@ def _build_zoo(zoo, store: str, storage_option: list[str] | None, device: Device
             bar.update(task, completed=done, total=max(total, 1))
 
         report = build_zoo(zoo, target, device=device.value, progress=advance,
-                           backend=backend.value, address=address, shard=part, plan=plan)
+                           backend=backend.value, address=address, shard=part, grow=grow,
+                           plan=plan)
     out.print(
         f"zoo [bold]{report.zoo}[/]: {report.runs_built} runs built "
         f"({report.runs_diverged} diverged), {report.runs_skipped} already in the store, "
@@ -248,7 +254,9 @@ def gc(
     verb = "would remove" if dry_run else "removed"
     out.print(f"{verb} {len(report.shards)} unreferenced shards "
               f"({report.shard_bytes / 2**20:.1f} MiB), {report.temporary} temporary files, "
-              f"{report.table_files} old table files")
+              f"{report.table_files} old table files"
+              + (f"; kept the uncommitted shards of {report.live_builds} builds in progress"
+                 if report.live_builds else ""))
 
 
 fit_app = typer.Typer(no_args_is_help=True, help="Fit analyses to runs selected with SQL.")

@@ -57,6 +57,7 @@ RUNS = pa.schema([
     ("source_run_id", pa.string()),  # transfers: the ticket whose mask and weights it took
     ("cohort_id", pa.string()),
     ("commit_id", pa.string()),
+    ("spec_hash", pa.string()),     # the spec it was built from (zoos.spec_hash)
     ("data_hash", pa.string()),     # fingerprint of the exact tensors the run used
     ("device", pa.string()),
     ("train_seconds", pa.float64()),  # the cohort's training time, split evenly over members

@@ -70,11 +70,11 @@ class BlobStore:
 
     def put(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
         """Write a shard and return its hash; writing bytes that already exist is a no-op."""
-        from safetensors.torch import save as save_safetensors
-
-        data = save_safetensors({k: v.contiguous() for k, v in tensors.items()}, metadata)
+        data = shard_bytes(tensors, metadata)
         blob = hashlib.sha256(data).hexdigest()
-        if self.location.is_file(self.key(blob)):
+        if self.location.is_file(self.key(blob)) and self.location.touch(self.key(blob)):
+            # already stored (a retry, or identical weights): claimed anew, so that gc's age
+            # rule sees it as written now
             return blob
         try:
             self.location.write_atomic(self.key(blob), data)
@@ -82,6 +82,10 @@ class BlobStore:
             raise StoreError(f"cannot write shard to {self.root}: {e.strerror or e}") from None
         self._verified.add(blob)
         return blob
+
+    def missing(self, blobs: set[str]) -> set[str]:
+        """The shards of `blobs` that are not in the store."""
+        return {blob for blob in blobs if not self.location.is_file(self.key(blob))}
 
     def check_writable(self) -> None:
         """Raise StoreError now, rather than after hours of training, if shards cannot be
@@ -319,6 +323,33 @@ class BlobStore:
     def _exists(self, blob: str) -> None:
         if not self.location.is_file(self.key(blob)):
             raise NotFoundError(f"shard {blob} is missing from the store ({self.path(blob)})")
+
+
+_CODES = {torch_name: code for code, (torch_name, _) in _DTYPES.items()}
+
+
+def shard_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """A safetensors file of `tensors` (in the order given) and `metadata`, whose bytes are a
+    function of its content alone: the header is JSON with the metadata's keys sorted, so equal
+    weights give equal shards (and equal names). safetensors' own writer orders metadata keys
+    as a hash map does, differently from run to run."""
+    import torch
+
+    header: dict = {"__metadata__": {k: str(metadata[k]) for k in sorted(metadata)}}
+    parts, offset = [], 0
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().cpu().contiguous()
+        code = _CODES.get(str(tensor.dtype).removeprefix("torch."))
+        if code is None:
+            raise ValueError(f"tensor {name!r} has dtype {tensor.dtype}, which shards do not hold")
+        raw = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": code, "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        parts.append(raw)
+        offset += len(raw)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % 8)  # the data starts 8-byte aligned, as safetensors does
+    return struct.pack("<Q", len(text)) + text + b"".join(parts)
 
 
 def _digest(source: IO[bytes], sink: IO[bytes] | None = None):

@@ -67,9 +67,13 @@ class Location(ABC):
     @abstractmethod
     def is_file(self, key: str) -> bool: ...
 
-    @abstractmethod
     def is_empty(self) -> bool:
         """True when nothing is stored under the root (or the root does not exist yet)."""
+        return not self.top_level()
+
+    @abstractmethod
+    def top_level(self) -> list[str]:
+        """The names of the files and folders right under the root ([] if there is none)."""
 
     @abstractmethod
     def read_bytes(self, key: str) -> bytes: ...
@@ -80,6 +84,10 @@ class Location(ABC):
     @abstractmethod
     def write_atomic(self, key: str, data: bytes) -> None:
         """Write `data` under `key` so that `key` is either complete or absent."""
+
+    def touch(self, key: str) -> bool:
+        """Mark `key` as written now, if it can be done without rewriting it (True)."""
+        return False
 
     @abstractmethod
     def info(self, key: str) -> FileInfo | None:
@@ -101,6 +109,11 @@ class Location(ABC):
         """Paths on this machine from which DuckDB reads these table files (URIs as deltalake
         lists them)."""
 
+    @abstractmethod
+    def readable_directory(self, prefix: str) -> str:
+        """The directory on this machine under which `readable_files` of the tables under
+        `prefix` lie: all that the SQL sandbox lets DuckDB read."""
+
 
 class LocalLocation(Location):
     local = True
@@ -116,10 +129,10 @@ class LocalLocation(Location):
     def is_file(self, key: str) -> bool:
         return (self.root / key).is_file()
 
-    def is_empty(self) -> bool:
+    def top_level(self) -> list[str]:
         if self.root.exists() and not self.root.is_dir():
             raise StoreError(f"store path {self.root} is a file, not a directory")
-        return not self.root.is_dir() or not any(self.root.iterdir())
+        return sorted(os.listdir(self.root)) if self.root.is_dir() else []
 
     def read_bytes(self, key: str) -> bytes:
         return (self.root / key).read_bytes()
@@ -141,6 +154,13 @@ class LocalLocation(Location):
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def touch(self, key: str) -> bool:
+        try:
+            os.utime(self.root / key)
+        except OSError:
+            return False
+        return True
 
     def info(self, key: str) -> FileInfo | None:
         try:
@@ -171,6 +191,9 @@ class LocalLocation(Location):
     def readable_files(self, uris: list[str]) -> list[str]:
         return uris
 
+    def readable_directory(self, prefix: str) -> str:
+        return str(self.root / prefix)
+
 
 class ObjectLocation(Location):
     local = False
@@ -192,11 +215,11 @@ class ObjectLocation(Location):
         return self._call(key, lambda: self.fs.get_file_info(self._path(key)).type
                           == pafs.FileType.File)
 
-    def is_empty(self) -> bool:
+    def top_level(self) -> list[str]:
         from pyarrow import fs as pafs
 
         selector = pafs.FileSelector(self.base, allow_not_found=True)
-        return self._call("", lambda: not self.fs.get_file_info(selector))
+        return sorted(f.base_name for f in self._call("", lambda: self.fs.get_file_info(selector)))
 
     def read_bytes(self, key: str) -> bytes:
         with self.open_read(key) as f:
@@ -266,6 +289,9 @@ class ObjectLocation(Location):
             paths.append(str(cached))
         return paths
 
+    def readable_directory(self, prefix: str) -> str:
+        return str(cache_dir() / "tables")
+
     def _call(self, key, action):
         try:
             return action()
@@ -285,7 +311,8 @@ def open_location(root: str | Path, storage_options: dict[str, str] | None = Non
         if options:
             raise StoreError(f"storage options {sorted(options)} apply to object-store URIs "
                              f"(s3://...), not to the local store {text}")
-        return LocalLocation(Path(text.removeprefix("file://")).absolute())
+        # normalised (no '..'): DuckDB's sandbox refuses paths that climb
+        return LocalLocation(Path(os.path.abspath(text.removeprefix("file://"))))
     scheme = text.split("://", 1)[0].lower()
     settings = {**{k: v for k, v in os.environ.items() if k.startswith("AWS_")},
                 **{k.upper(): v for k, v in options.items()}}

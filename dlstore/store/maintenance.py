@@ -3,7 +3,8 @@
 
 All three are safe while a build runs: `verify` only reads; `compact` is a Delta commit that
 concurrent appends do not conflict with; `gc` removes only shards and table files older than a
-retention period, so a shard written by a running build before its rows are committed survives.
+retention period, and never a shard a live build may still commit (`leases.py`), for any
+retention period.
 """
 
 from __future__ import annotations
@@ -11,9 +12,16 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import pyarrow.parquet as pq
+
 from dlstore.errors import DlstoreError
 from dlstore.schemas import TABLES
+from dlstore.store.leases import live_leases
 from dlstore.store.store import Store
+
+# shard mtimes come from the filesystem's (or object store's) clock, lease times from the
+# builder's: spare a margin for their difference
+CLOCK_SLACK = 60.0
 
 
 @dataclass
@@ -30,10 +38,16 @@ class VerifyReport:
 
 
 def verify(store: Store) -> VerifyReport:
-    """Every Delta table reads; every shard's bytes hash to its name and its header parses; every
-    checkpoint (and mask) row points to a shard that exists, verifies and holds its member."""
+    """Every Delta table's log runs without gaps and every entry parses; every data file of
+    every table's snapshot exists and holds the rows its log records; every shard's bytes hash
+    to its name and its header parses; every checkpoint (and mask) row points to a shard that
+    exists, verifies and holds its member. Each problem is listed; checking goes on past it."""
     report = VerifyReport()
     for name in TABLES:
+        problems = [f"table {name}: {p}" for p in _table_problems(store, name)]
+        report.problems += problems
+        if problems:
+            continue
         try:
             count = store.sql(f"SELECT count(*) AS n FROM _{name}")["n"][0]
             report.table_rows[name] = int(count)
@@ -56,9 +70,13 @@ def verify(store: Store) -> VerifyReport:
                                  "member FROM checkpoints",
                   "masks": "SELECT 'mask ' || mask_id, blob, member FROM masks"}
     for table, query in references.items():
-        if table not in report.table_rows:
+        if table not in report.table_rows or "runs" not in report.table_rows:
             continue
-        rows = store.sql(query)
+        try:
+            rows = store.sql(query)
+        except DlstoreError as e:
+            report.problems.append(f"table {table}: {e}")
+            continue
         if table == "checkpoints":
             report.checkpoints = rows.height
         for what, blob, member in rows.iter_rows():
@@ -69,6 +87,30 @@ def verify(store: Store) -> VerifyReport:
                 report.problems.append(f"{what}: shard {blob} has {members[blob]} members, "
                                        f"not member {member}")
     return report
+
+
+def _table_problems(store: Store, name: str) -> list[str]:
+    problems = store.tables.log_problems(name, every_entry=True)
+    if problems:
+        return problems
+    try:
+        files = store.tables.data_files(name)
+    except DlstoreError as e:
+        return [str(e)]
+    for uri, rows in files:
+        leaf = uri.rsplit("/", 1)[-1]
+        try:
+            local = store.location.readable_files([uri])[0]
+            found = pq.read_metadata(local).num_rows
+        except FileNotFoundError:
+            problems.append(f"data file {leaf} is missing")
+            continue
+        except (OSError, ValueError, DlstoreError) as e:
+            problems.append(f"data file {leaf} cannot be read ({str(e).splitlines()[0]})")
+            continue
+        if rows >= 0 and found != rows:
+            problems.append(f"data file {leaf} holds {found} rows; the log records {rows}")
+    return problems
 
 
 def compact(store: Store) -> dict[str, int]:
@@ -83,14 +125,23 @@ class GcReport:
     shard_bytes: int = 0
     temporary: int = 0
     table_files: int = 0
+    live_builds: int = 0  # builds in progress whose shards were spared
 
 
 def gc(store: Store, older_than_hours: float = 24.0, dry_run: bool = False) -> GcReport:
     """Remove shards that no checkpoint or mask row refers to (committed or not), leftover
     temporary files of interrupted writes, and table files no snapshot of the retention period
-    needs; only what is older than `older_than_hours`."""
+    needs; only what is older than `older_than_hours`, and never what a build in progress may
+    still commit: shards written since the oldest live build lease started are kept."""
     report = GcReport()
-    cutoff = time.time() - older_than_hours * 3600
+    started = time.time()
+    cutoff = started - older_than_hours * 3600
+    # leases first, then the references: a build that ends in between has committed (its
+    # shards are referenced) before it dropped its lease
+    leases = live_leases(store.location, started)
+    if leases:
+        report.live_builds = len(leases)
+        cutoff = min(cutoff, min(float(b.get("started", 0)) for b in leases) - CLOCK_SLACK)
     referenced = set(store.sql("SELECT blob FROM _checkpoints UNION SELECT blob FROM _masks"
                                )["blob"])
     blobs, temporary = store.blobs.list()
@@ -103,7 +154,13 @@ def gc(store: Store, older_than_hours: float = 24.0, dry_run: bool = False) -> G
             report.temporary += 1
             if not dry_run:
                 store.blobs.remove_temporary(leftover)
+    table_cutoff = started - older_than_hours * 3600  # what readers of older snapshots need
     for name in TABLES:
-        if store.tables.snapshot(name)[0] >= 0:
-            report.table_files += len(store.tables.vacuum(name, int(older_than_hours), dry_run))
+        if store.tables.snapshot(name)[0] < 0:
+            continue
+        stale = store.tables.stale_files(name, table_cutoff)
+        report.table_files += len(stale)
+        if not dry_run:
+            for path in stale:
+                store.tables.remove_file(name, path)
     return report

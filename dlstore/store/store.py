@@ -32,6 +32,7 @@ from dlstore.errors import (
 from dlstore.store.blobs import BlobStore, MappedShard, as_torch
 from dlstore.store.catalog import Catalog
 from dlstore.store.location import open_location
+from dlstore.store.sandbox import check_read_only, one_line
 from dlstore.store.tables import Tables
 
 if TYPE_CHECKING:  # torch is imported where weights are touched, so that SQL starts fast
@@ -41,9 +42,6 @@ if TYPE_CHECKING:  # torch is imported where weights are touched, so that SQL st
     from dlstore.layout import Layout
 
 _MARKER = "dlstore.json"
-# MULTI is what DuckDB makes of a PIVOT (an enum type in the in-memory catalog, then a select)
-_READ_ONLY = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN,
-              duckdb.StatementType.MULTI}
 FORMAT_VERSION = 1
 
 
@@ -80,7 +78,15 @@ class Store:
         return "holds no dlstore store" if not self.location.is_empty() else "does not exist"
 
     def _initialise(self) -> None:
-        if not self.location.is_empty():
+        """Make the store: the marker first, written atomically. Safe when several processes
+        create one store at once (a job array): a marker that another creator is writing (its
+        temporary file) or has written is no reason to refuse, and writing it again is
+        harmless."""
+        present = [name for name in self.location.top_level()
+                   if not (name.startswith(f".{_MARKER}.") and name.endswith(".tmp"))]
+        if _MARKER in present:
+            return  # another process made it since we looked
+        if present:
             what = "directory" if self.location.local else "location"
             raise StoreError(f"{self.root} is a non-empty {what} that holds no dlstore store; "
                              f"choose an empty or new {what}")
@@ -98,26 +104,17 @@ class Store:
         metrics_wide, group_metrics, zoos, fits, masks, tickets, ticket_transfer) and return
         a polars DataFrame. `params` fill `?` placeholders."""
         con = self.catalog.refresh(query)
-        try:
-            statements = con.extract_statements(query)
-        except duckdb.Error as e:
-            raise QueryError(_one_line(e)) from None
-        if len(statements) != 1:
-            raise QueryError(f"give one query at a time, not {len(statements)} statements")
-        kind = statements[0].type
-        if kind not in _READ_ONLY:
-            raise QueryError(f"{kind.name} statements are refused: SQL over a store only reads "
-                             "(SELECT, WITH, PIVOT, DESCRIBE, SUMMARIZE, EXPLAIN)")
+        check_read_only(con, query)
         try:
             relation = con.sql(query, params=params)
         except duckdb.Error as e:
-            raise QueryError(_one_line(e)) from None
+            raise QueryError(one_line(e)) from None
         if relation is None:
             raise QueryError("the statement returned no rows; dlstore sql answers queries only")
         try:
             return relation.pl()
         except duckdb.Error as e:
-            raise QueryError(_one_line(e)) from None
+            raise QueryError(one_line(e)) from None
 
     def runs(self, zoo: str | None = None) -> pl.DataFrame:
         if zoo is None:
@@ -502,8 +499,3 @@ def open(path: str | Path,  # noqa: A001 - mirrors dlstore.open
          storage_options: dict[str, str] | None = None) -> Store:
     """Open the store at a local path or object-store URI (StoreError if there is none)."""
     return Store(path, storage_options=storage_options)
-
-
-def _one_line(error: Exception) -> str:
-    lines = [ln.strip() for ln in str(error).strip().splitlines() if ln.strip()]
-    return " ".join(lines[:3])

@@ -13,6 +13,9 @@ need a migration step.
 
 from __future__ import annotations
 
+import json
+import re
+
 import pyarrow as pa
 from deltalake import DeltaTable, Schema, write_deltalake
 from deltalake.exceptions import DeltaError, TableNotFoundError
@@ -20,6 +23,13 @@ from deltalake.exceptions import DeltaError, TableNotFoundError
 from dlstore.errors import StoreError
 from dlstore.schemas import TABLES
 from dlstore.store.location import Location
+
+_COMMIT = re.compile(r"^(\d{20})\.json$")
+_CHECKPOINT = re.compile(r"^(\d{20})\.checkpoint(\.\d+\.\d+)?\.parquet$")
+# where each table's high-water mark lives: the newest version a writer saw committed, so that
+# a lost newest log entry (deleted, or emptied and then removed) is found, not read as an
+# older table
+HEADS = "heads"
 
 
 class Tables:
@@ -29,6 +39,7 @@ class Tables:
         self.options = location.storage_options
         self._current: set[str] = set()  # tables whose schema this process has brought up to date
         self._loaded: dict[str, DeltaTable] = {}  # snapshots read so far, brought up to date
+        self._checked: dict[str, int] = {}  # newest log entry checked to parse, per table
 
     def path(self, name: str) -> str:
         """The table's URI as deltalake opens it (a plain path for a local store)."""
@@ -46,13 +57,19 @@ class Tables:
         if name in self._current:
             return
         path, schema = self.path(name), TABLES[name]
+        self.check_log(name)
         try:
             if not DeltaTable.is_deltatable(path, storage_options=self.options):
                 local = self.location.local_path(f"{self.prefix}/{name}")
                 if local is not None:
                     local.mkdir(parents=True, exist_ok=True)
-                DeltaTable.create(path, schema=schema, mode="ignore",
-                                  storage_options=self.options)
+                try:
+                    DeltaTable.create(path, schema=schema, mode="ignore",
+                                      storage_options=self.options)
+                except DeltaError:
+                    # another process created it between our look and our commit
+                    if not DeltaTable.is_deltatable(path, storage_options=self.options):
+                        raise
             else:
                 table = self._open(name)
                 have = {f.name for f in table.schema().fields}
@@ -61,7 +78,7 @@ class Tables:
                     table.alter.add_columns(list(Schema.from_arrow(missing).fields))
         except (DeltaError, OSError) as e:
             raise StoreError(f"cannot create or update table {name!r} at {path}: "
-                             f"{str(e).splitlines()[0] if str(e) else e}") from None
+                             f"{_first_line(e)}") from None
         self._current.add(name)
 
     def append(self, name: str, rows: list[dict] | dict[str, list]) -> None:
@@ -73,26 +90,156 @@ class Tables:
         if table.num_rows == 0:
             return
         self._ensure_schema(name)
+        self.check_log(name)
         try:
             write_deltalake(self.path(name), table, mode="append",
                             storage_options=self.options)
         except (DeltaError, OSError) as e:
             raise StoreError(f"cannot append to table {name!r} at {self.path(name)}: "
-                             f"{str(e).splitlines()[0] if str(e) else e}") from None
+                             f"{_first_line(e)}") from None
+        self._raise_head(name)
+
+    # -- the log: damage found before deltalake reads it ----------------------------------
+
+    def _log_entries(self, name: str) -> tuple[dict[int, object], list[int]]:
+        """(commit version -> FileInfo, checkpoint versions) of the table's _delta_log."""
+        folder = f"{self.prefix}/{name}/_delta_log/"
+        commits, checkpoints = {}, []
+        for info in self.location.list(folder.rstrip("/")):
+            leaf = info.key.removeprefix(folder)
+            if "/" in leaf:
+                continue
+            if m := _COMMIT.match(leaf):
+                commits[int(m.group(1))] = info
+            elif m := _CHECKPOINT.match(leaf):
+                checkpoints.append(int(m.group(1)))
+        return commits, checkpoints
+
+    def _head(self, name: str) -> int:
+        try:
+            return int(json.loads(self.location.read_bytes(f"{HEADS}/{name}.json"))["version"])
+        except (FileNotFoundError, OSError, ValueError, KeyError, TypeError):
+            return -1
+
+    def _raise_head(self, name: str) -> None:
+        """Record the newest committed version as the table's mark (never lowered by this
+        writer; a concurrent writer may leave a lower one, which only weakens the check)."""
+        commits, _ = self._log_entries(name)
+        if commits and max(commits) > self._head(name):
+            try:
+                self.location.write_atomic(f"{HEADS}/{name}.json",
+                                           json.dumps({"version": max(commits)}).encode())
+            except OSError:
+                pass  # the mark is a check, not data: a failed write loses nothing
+
+    def log_problems(self, name: str, every_entry: bool = False) -> list[str]:
+        """What is wrong with the table's log, in words: a missing entry (the log must run
+        without gaps from 0, or from its newest checkpoint, to its last entry), an entry that
+        is empty or not JSON (every entry with `every_entry`, else the newest only), or a last
+        entry older than the version the table's mark says was committed. [] when sound."""
+        head = self._head(name)  # read before listing: the listing then holds at least it
+        commits, checkpoints = self._log_entries(name)
+        if not commits and not checkpoints:
+            return [f"its log holds no entries, but version {head} was committed"] if head >= 0 \
+                else []
+        newest = max([*commits, *checkpoints])
+        start = max(checkpoints) + 1 if checkpoints else 0
+        problems = []
+        gaps = [v for v in range(start, newest + 1) if v not in commits]
+        if gaps:
+            problems.append(f"log entry {gaps[0]} is missing" + (
+                f" ({len(gaps)} entries missing)" if len(gaps) > 1 else "")
+                + f" between versions {start} and {newest}")
+        if head > newest:
+            problems.append(f"its log ends at version {newest} but version {head} was committed "
+                            "(the newest log entries are lost)")
+        wanted = [v for v in commits if v >= start] if every_entry else (
+            [newest] if newest in commits else [])
+        for version in sorted(wanted):
+            if not every_entry and self._checked.get(name) == version:
+                continue
+            problem = self._entry_problem(commits[version].key, version)
+            if problem:
+                problems.append(problem)
+            elif not every_entry:
+                self._checked[name] = version
+        return problems
+
+    def _entry_problem(self, key: str, version: int) -> str | None:
+        try:
+            data = self.location.read_bytes(key)
+        except FileNotFoundError:
+            return f"log entry {version} is missing"
+        if not data.strip():
+            return f"log entry {version} is empty (truncated)"
+        for number, line in enumerate(data.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                action = json.loads(line)
+            except ValueError:
+                return f"log entry {version} is not valid JSON (line {number})"
+            if not isinstance(action, dict) or not action:
+                return f"log entry {version} has a line that is no Delta action (line {number})"
+        return None
+
+    def check_log(self, name: str) -> None:
+        """StoreError naming the damage, before deltalake sees a damaged log (it would print
+        Rust panics and debug dumps, or read fewer rows)."""
+        problems = self.log_problems(name)
+        if problems:
+            raise StoreError(f"table {name!r} is damaged: {problems[0]}; run `dlstore verify` "
+                             "for the whole report")
 
     def compact(self, name: str) -> dict:
         """Merge the table's small Parquet files (a Delta OPTIMIZE commit); readers of older
         snapshots keep working, concurrent appends are not lost."""
-        return self._open(name).optimize.compact()
+        self.check_log(name)
+        try:
+            result = self._open(name).optimize.compact()
+        except (DeltaError, OSError) as e:
+            raise StoreError(f"cannot compact table {name!r} at {self.path(name)}: "
+                             f"{_first_line(e)}") from None
+        self._raise_head(name)
+        return result
 
-    def vacuum(self, name: str, retention_hours: int, dry_run: bool) -> list[str]:
-        """Files no snapshot younger than `retention_hours` needs: removed unless `dry_run`."""
-        return self._open(name).vacuum(
-            retention_hours=retention_hours, dry_run=dry_run, enforce_retention_duration=False)
+    def stale_files(self, name: str, cutoff: float) -> list[str]:
+        """Data files of the table that no snapshot since `cutoff` (seconds since the epoch)
+        needs: removed from the table (by a compaction) before `cutoff`, and still present.
+        Files the log never added (an append in flight) are never among them."""
+        self.check_log(name)
+        try:
+            tombstoned = self._open(name).vacuum(retention_hours=0, dry_run=True,
+                                                 enforce_retention_duration=False)
+        except (DeltaError, OSError) as e:
+            raise StoreError(f"cannot list old files of table {name!r}: {_first_line(e)}"
+                             ) from None
+        removed_at = self._removal_times(name)
+        present = {info.key.rsplit("/", 1)[-1] for info in
+                   self.location.list(f"{self.prefix}/{name}")}
+        # a tombstone whose log entry was cleaned up is older than the log's retention
+        return sorted(path for path in tombstoned if path in present
+                      and removed_at.get(path, 0.0) < cutoff)
+
+    def remove_file(self, name: str, path: str) -> None:
+        self.location.remove(f"{self.prefix}/{name}/{path}")
+
+    def _removal_times(self, name: str) -> dict[str, float]:
+        """Data file -> when a commit removed it from the table (seconds), from the log."""
+        commits, _ = self._log_entries(name)
+        out = {}
+        for version in sorted(commits):
+            for line in self.location.read_bytes(commits[version].key).splitlines():
+                action = json.loads(line) if line.strip() else {}
+                removed = action.get("remove") if isinstance(action, dict) else None
+                if isinstance(removed, dict) and "path" in removed:
+                    out[removed["path"]] = float(removed.get("deletionTimestamp", 0)) / 1000
+        return out
 
     def snapshot(self, name: str) -> tuple[int, list[str]]:
         """(version, Parquet file URIs) of the table's current snapshot. A table that a newer
         dlstore added and this store has not written yet reads as empty (version -1)."""
+        self.check_log(name)
         try:
             table = self._loaded.get(name)
             if table is None:
@@ -105,5 +252,23 @@ class Tables:
             raise StoreError(f"table {name!r} is missing from the store ({self.path(name)})"
                              ) from None
         except (DeltaError, OSError) as e:
-            raise StoreError(f"table {name!r} cannot be read ({self.path(name)}): {e}") from None
+            raise StoreError(f"table {name!r} cannot be read ({self.path(name)}): "
+                             f"{_first_line(e)}; run `dlstore verify`") from None
         return table.version(), table.file_uris()
+
+    def data_files(self, name: str) -> list[tuple[str, int]]:
+        """(URI, rows the log records) of every data file of the current snapshot."""
+        version, files = self.snapshot(name)
+        if version < 0:
+            return []
+        actions = pa.table(self._loaded[name].get_add_actions(flatten=True)).to_pydict()
+        rows = dict(zip(actions["path"], actions["num_records"]))
+        return [(uri, rows.get(uri.rsplit("/", 1)[-1], -1)) for uri in files]
+
+
+def _first_line(error: Exception) -> str:
+    """The first line of a deltalake / OS error, without Rust's debug dumps."""
+    text = str(error).strip()
+    line = text.splitlines()[0] if text else type(error).__name__
+    line = re.split(r"\b[A-Z]\w+ \{ ", line)[0].rstrip(": ")  # a Rust value's Debug text
+    return line if len(line) <= 300 else line[:300] + "..."

@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 import torch
 
 import dlstore
-from dlstore.errors import BuildInterrupted, SpecError, UsageError
+from dlstore.errors import BuildInterrupted, DlstoreError, SpecError, UsageError
 from dlstore.interrupts import deferred_interrupts, exit_code
+from dlstore.store.leases import BuildLease
 from dlstore.store.store import Store
 from dlstore.zoo.data import DatasetTensors, run_data
 from dlstore.zoo.groups import compute_group_metrics
@@ -69,6 +70,7 @@ class BuildReport:
     seconds: float
     train_seconds: float
     group_steps: int = 0  # (group, step) pairs whose group metrics were computed
+    runs_dropped: int = 0  # trained, but their shards were gone at commit: rebuilt next time
 
 
 def cohort_key(run: RunConfig, total_steps: int, steps: list[int]) -> str:
@@ -165,6 +167,7 @@ class _Committer:
         self.every = every
         self.last = time.perf_counter()
         self.committed = 0  # runs
+        self.dropped = 0  # runs left out because their shards were gone
         self._clear()
 
     def _clear(self) -> None:
@@ -186,6 +189,8 @@ class _Committer:
         """Commit what was collected. Ctrl-C or SIGTERM waits for the commit; the batch is
         taken first, so a commit cut short (a second signal, an error) is never repeated with
         runs rows it may already have written, which would list those runs twice."""
+        if self.runs:
+            self._drop_runs_without_shards()
         batch = (self.checkpoints, self.metrics, self.runs, self.masks)
         self._clear()
         if batch[2]:
@@ -193,6 +198,18 @@ class _Committer:
                 self.store.commit(*batch)
                 self.committed += len(batch[2])
         self.last = time.perf_counter()
+
+    def _drop_runs_without_shards(self) -> None:
+        """Leave out runs whose shards are gone: removed by gc while this build was stopped for
+        longer than its lease lives (leases.py); a rebuild trains them again."""
+        gone = self.store.blobs.missing({row["blob"] for row in [*self.checkpoints, *self.masks]})
+        if not gone:
+            return
+        lost = {row["run_id"] for row in [*self.checkpoints, *self.masks] if row["blob"] in gone}
+        self.dropped += len(lost)
+        self.runs = [r for r in self.runs if r["run_id"] not in lost]
+        self.checkpoints = [r for r in self.checkpoints if r["run_id"] not in lost]
+        self.masks = [r for r in self.masks if r["run_id"] not in lost]
 
 
 @dataclass
@@ -258,17 +275,29 @@ def plan_build(spec: ZooSpec, device: str = "auto", backend: str = "local",
 def build_zoo(spec: ZooSpec, store: Store, device: str = "auto",
               progress: Callable[[int, int], None] | None = None, backend: str = "local",
               address: str | None = None, shard: tuple[int, int] | None = None,
-              plan: BuildPlan | None = None) -> BuildReport:
+              grow: bool = False, plan: BuildPlan | None = None) -> BuildReport:
     """Train every run of `spec` that `store` does not hold yet and commit it, phase by phase.
 
     `progress(done, total)` is called with optimizer steps done (summed over cohorts).
     `backend` "ray" trains the cohorts as tasks on the Ray cluster at `address` (`ray_backend`);
     `shard` (I, N) builds only the I-th of N contiguous blocks of the runs, so that N processes
-    can share a zoo. `plan` (from `plan_build` with the same arguments) is used unless the store
-    changed since.
+    can share a zoo. A zoo name the store already holds from another spec (other runs) is
+    refused unless `grow`. The build holds a lease for its whole duration, so that `gc` spares
+    the shards it has written and not committed yet. `plan` (from `plan_build` with the same
+    arguments) is used unless the store changed since.
 
     Ctrl-C (KeyboardInterrupt) commits the cohorts already finished, then raises
     BuildInterrupted: at most the cohort in flight is lost."""
+    if not grow:
+        check_same_zoo(spec, store)
+    with BuildLease(store.location, spec.name):
+        return _build_zoo(spec, store, device, progress, backend, address, shard, plan)
+
+
+def _build_zoo(spec: ZooSpec, store: Store, device: str,
+               progress: Callable[[int, int], None] | None, backend: str,
+               address: str | None, shard: tuple[int, int] | None,
+               plan: BuildPlan | None) -> BuildReport:
     started = time.perf_counter()
     dev = resolve_device(device)
     store.check_writable()
@@ -296,6 +325,8 @@ def build_zoo(spec: ZooSpec, store: Store, device: str = "auto",
                     progress(before + steps_done, total)
 
             for result in execute(spec.name, cohorts, cohort_steps, phase, phase_progress):
+                for row in result.runs:
+                    row["spec_hash"] = spec.spec_hash
                 committer.add(result)
                 report.runs_built += len(result.runs)
                 report.runs_diverged += sum(r["status"] == "diverged" for r in result.runs)
@@ -318,8 +349,27 @@ def build_zoo(spec: ZooSpec, store: Store, device: str = "auto",
             f"({report.runs_skipped} were in the store before), "
             f"{plan.n_new - committer.committed} not built; rerun the same command to resume",
             exit_code(stop)) from None
+    report.runs_dropped = committer.dropped
+    report.runs_built -= committer.dropped
     report.seconds = time.perf_counter() - started
     return report
+
+
+def check_same_zoo(spec: ZooSpec, store: Store) -> None:
+    """SpecError if the store holds zoo `spec.name` built from a spec with other runs: two
+    specs' runs in one zoo would be merged silently (and averaged by every recipe plot)."""
+    for text, spec_hash in store.sql("SELECT spec, spec_hash FROM zoos WHERE zoo = ?",
+                                     [spec.name]).iter_rows():
+        if spec_hash == spec.spec_hash:
+            continue
+        try:
+            same = ZooSpec.from_text(text).identity == spec.identity
+        except DlstoreError:  # a spec this version no longer reads: only its text can match
+            same = False
+        if not same:
+            raise SpecError(f"zoo {spec.name!r} in this store was built from another spec "
+                            f"(other runs; spec hash {spec_hash[:12]}); give --grow to add this "
+                            "spec's runs to that zoo, or give this spec another name")
 
 
 def check_backend(spec: ZooSpec, backend: str, shard: tuple[int, int] | None) -> None:

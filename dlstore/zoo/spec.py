@@ -381,6 +381,15 @@ class ZooSpec:
     def spec_hash(self) -> str:
         return hashlib.sha256(self.text.encode()).hexdigest()
 
+    @functools.cached_property
+    def identity(self) -> str:
+        """What makes two specs one zoo: the same runs (and ticket lineages). Comments,
+        `[build]`, `[metrics]`, `[phases]` and the order of grid values do not count."""
+        payload = {"runs": sorted(r.run_id for r in self.runs),
+                   "tickets": self.tickets.model_dump(mode="json") if self.tickets else None,
+                   "transfer": self.transfer.model_dump(mode="json") if self.transfer else None}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
     @classmethod
     def from_toml(cls, path: str | Path) -> ZooSpec:
         path = Path(path)

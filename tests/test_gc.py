@@ -1,0 +1,124 @@
+"""gc never deletes what a build may still commit, whatever --older-than says; it removes exactly
+what is stale (and says how much), adds nothing to the tables' logs, and shard bytes are a
+function of their content, so identical weights deduplicate."""
+
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from dlstore.store.leases import TTL_SECONDS, BuildLease, live_leases
+from dlstore.store.maintenance import compact, gc, verify
+from dlstore.store.store import Store
+from dlstore.zoo.builder import build_zoo
+from dlstore.zoo.spec import ZooSpec
+from tests.conftest import TINY_SPEC
+
+# one run per cohort: eight cohorts, each writing shards long before the single commit at the end
+SLOW_COMMIT = TINY_SPEC + "\n[build]\ncohort_size = 1\ncommit_every = 1000\n"
+
+
+def _blobs(store: Store) -> set[str]:
+    return set(store.blobs.list()[0])
+
+
+def _final_weights(store: Store) -> dict:
+    return {run: store.load_state_dict(run) for run in sorted(store.run_ids())}
+
+
+def test_gc_in_a_loop_during_a_build_loses_nothing(tmp_path):
+    spec = ZooSpec.from_text(SLOW_COMMIT)
+    reference = Store(tmp_path / "reference", create=True)
+    build_zoo(spec, reference, device="cpu")
+
+    store = Store(tmp_path / "s", create=True)
+    stop, rounds = threading.Event(), []
+
+    def collect() -> None:
+        other = Store(tmp_path / "s")  # another process's view of the store, as `dlstore gc`
+        while not stop.is_set():
+            rounds.append(gc(other, older_than_hours=0))
+
+    collector = threading.Thread(target=collect)
+    collector.start()
+    try:
+        report = build_zoo(spec, store, device="cpu")
+    finally:
+        stop.set()
+        collector.join()
+    assert len(rounds) >= 3 and any(r.live_builds for r in rounds)
+    assert sum(len(r.shards) for r in rounds) == 0
+    assert report.runs_built == 8 and report.runs_dropped == 0
+    assert verify(store).ok
+    assert _blobs(store) == _blobs(reference)  # the same bytes, shard for shard
+    got, want = _final_weights(store), _final_weights(reference)
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[r][k], want[r][k]) for r in want for k in want[r])
+    assert not live_leases(store.location)  # the build dropped its lease
+
+
+def test_two_builds_of_one_spec_write_identical_shards(built_store, tiny_spec, tmp_path):
+    again = Store(tmp_path / "again", create=True)
+    build_zoo(tiny_spec, again, device="cpu")
+    assert _blobs(again) == _blobs(built_store)
+    for blob in _blobs(again):
+        assert (Path(again.blobs.path(blob)).read_bytes()
+                == Path(built_store.blobs.path(blob)).read_bytes())
+
+
+def _orphan(store: Store, value: float) -> str:
+    return store.put_shard({"w": torch.full((2, 3), value)}, {"format": "test"})
+
+
+def test_leases_decide_which_unreferenced_shards_gc_spares(built_store, tmp_path):
+    root = tmp_path / "s"
+    shutil.copytree(built_store.root, root)
+    store = Store(root)
+    referenced = _blobs(store)
+    with BuildLease(store.location, "tiny"):
+        fresh = _orphan(store, 1.0)
+        report = gc(Store(root), older_than_hours=0)
+        assert report.live_builds == 1 and fresh in _blobs(store) and not report.shards
+    # the build is over and nothing referenced its shard: it goes, and only it
+    report = gc(Store(root), older_than_hours=0)
+    assert report.shards == [fresh] and _blobs(store) == referenced
+    # a lease whose heartbeat stopped (its process was killed) protects nothing
+    dead = {"zoo": "tiny", "started": time.time() - 1000,
+            "heartbeat": time.time() - 2 * TTL_SECONDS}
+    store.location.write_atomic("leases/dead.json", json.dumps(dead).encode())
+    orphan = _orphan(store, 2.0)
+    assert gc(Store(root), older_than_hours=0).shards == [orphan]
+    # storing bytes that exist claims them anew: an old orphan reused by a build is young again
+    old = _orphan(store, 3.0)
+    path = Path(store.blobs.path(old))
+    long_ago = time.time() - 48 * 3600
+    os.utime(path, (long_ago, long_ago))
+    assert gc(Store(root), older_than_hours=24, dry_run=True).shards == [old]
+    assert _orphan(store, 3.0) == old
+    assert gc(Store(root), older_than_hours=24).shards == []
+
+
+def test_gc_of_table_files_counts_exactly_and_adds_no_commits(built_store, tmp_path):
+    root = tmp_path / "s"
+    shutil.copytree(built_store.root, root)
+    store = Store(root)
+    run = store.runs()["run_id"][0]
+    for i in range(3):
+        store.add_metrics({"run_id": [run], "step": [0], "metric": [f"m{i}"], "tensor": [None],
+                           "value": [float(i)]})
+    merged = compact(store)
+    assert merged["metrics"] >= 4
+    logs = {p: p.read_bytes() for p in root.glob("tables/*/_delta_log/*")}
+    # compacted away seconds ago: younger than 0.01 hours, kept; --older-than is not rounded
+    assert gc(Store(root), older_than_hours=0.01).table_files == 0
+    dry = gc(Store(root), older_than_hours=0, dry_run=True).table_files
+    assert dry == sum(merged.values())
+    assert gc(Store(root), older_than_hours=0).table_files == dry
+    assert gc(Store(root), older_than_hours=0).table_files == 0  # nothing left to count
+    assert {p: p.read_bytes() for p in root.glob("tables/*/_delta_log/*")} == logs
+    assert verify(Store(root)).ok
+    assert Store(root).sql("SELECT count(*) AS n FROM metrics WHERE metric LIKE 'm_'")["n"][0] == 3
