@@ -76,6 +76,7 @@ class BlobStore:
             # already stored (a retry, or identical weights): claimed anew, so that gc's age
             # rule sees it as written now
             return blob
+        self.location.check_space(len(data), "a shard")
         try:
             self.location.write_atomic(self.key(blob), data)
         except OSError as e:
@@ -90,6 +91,7 @@ class BlobStore:
     def check_writable(self) -> None:
         """Raise StoreError now, rather than after hours of training, if shards cannot be
         written here (a read-only store, a full or unmounted disk)."""
+        self.location.check_space(0, "writing shards")
         probe = f"{self.prefix}/.probe.{uuid.uuid4().hex}.tmp"
         try:
             self.location.write_atomic(probe, b"")

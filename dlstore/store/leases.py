@@ -21,6 +21,7 @@ import threading
 import time
 import uuid
 
+from dlstore.errors import StoreError
 from dlstore.store.location import Location
 
 PREFIX = "leases"
@@ -42,7 +43,11 @@ class BuildLease:
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> BuildLease:
-        self._write()
+        try:
+            self._write()
+        except OSError as e:
+            raise StoreError(f"cannot write a build lease to {self.location.display(PREFIX)}: "
+                             f"{e.strerror or e}") from None
         self._thread = threading.Thread(target=self._renew, name="dlstore-lease", daemon=True)
         self._thread.start()
         return self

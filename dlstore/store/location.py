@@ -37,6 +37,8 @@ from dlstore.errors import StoreError
 if TYPE_CHECKING:
     from pyarrow import fs as pafs
 
+# kept free on a local disk: table writes are refused before they would leave less
+MIN_FREE = 4 << 20
 # options that would switch Delta's S3 commits to a rename without mutual exclusion
 _UNSAFE = ("AWS_S3_ALLOW_UNSAFE_RENAME", "S3_ALLOW_UNSAFE_RENAME", "ALLOW_UNSAFE_RENAME")
 
@@ -88,6 +90,21 @@ class Location(ABC):
     def touch(self, key: str) -> bool:
         """Mark `key` as written now, if it can be done without rewriting it (True)."""
         return False
+
+    def free_bytes(self) -> int | None:
+        """Bytes free for writing on the store's disk; None where unknown (object stores)."""
+        return None
+
+    def check_space(self, needed: int, what: str) -> None:
+        """StoreError before a write of about `needed` bytes that the disk cannot take: the
+        table writer (deltalake) panics in a background thread on a full disk, printing Rust
+        backtraces no Python handler can catch."""
+        free = self.free_bytes()
+        if free is not None and free < needed + MIN_FREE:
+            raise StoreError(f"the disk holding the store {self.uri} is full ({free / 2**20:.1f} "
+                             f"MiB free; {what} needs about {needed / 2**20:.1f} MiB more than "
+                             f"the {MIN_FREE / 2**20:.0f} MiB kept free); free some space or "
+                             "run `dlstore gc`")
 
     @abstractmethod
     def info(self, key: str) -> FileInfo | None:
@@ -144,16 +161,30 @@ class LocalLocation(Location):
         path = self.root / key
         tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk leaves no partial file behind
+            raise
         fd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def free_bytes(self) -> int | None:
+        folder = self.root
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        try:
+            st = os.statvfs(folder)
+        except OSError:
+            return None
+        return st.f_bavail * st.f_frsize
 
     def touch(self, key: str) -> bool:
         try:

@@ -91,6 +91,7 @@ class Tables:
             return
         self._ensure_schema(name)
         self.check_log(name)
+        self.location.check_space(table.nbytes, f"appending to table {name!r}")
         try:
             write_deltalake(self.path(name), table, mode="append",
                             storage_options=self.options)
@@ -195,6 +196,8 @@ class Tables:
         """Merge the table's small Parquet files (a Delta OPTIMIZE commit); readers of older
         snapshots keep working, concurrent appends are not lost."""
         self.check_log(name)
+        size = sum(f.size for f in self.location.list(f"{self.prefix}/{name}"))
+        self.location.check_space(size, f"compacting table {name!r}")
         try:
             result = self._open(name).optimize.compact()
         except (DeltaError, OSError) as e:

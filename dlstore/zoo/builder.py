@@ -288,6 +288,7 @@ def build_zoo(spec: ZooSpec, store: Store, device: str = "auto",
 
     Ctrl-C (KeyboardInterrupt) commits the cohorts already finished, then raises
     BuildInterrupted: at most the cohort in flight is lost."""
+    store.check_writable()
     if not grow:
         check_same_zoo(spec, store)
     with BuildLease(store.location, spec.name):
