@@ -17,7 +17,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from dlstore.errors import DlstoreError, NotFoundError, UsageError
+from dlstore.errors import BuildInterrupted, DlstoreError, NotFoundError, StoreError, UsageError
+from dlstore.interrupts import exit_code, sigterm_as_interrupt
 
 DEFAULT_STORE = "dlstore-store"
 
@@ -54,6 +55,11 @@ class Format(str, enum.Enum):
     json = "json"
 
 
+# More new runs than this from an interactive terminal are confirmed before a build starts: a
+# typo in a grid (a seed count, one more axis) should not start a day of training unasked.
+CONFIRM_RUNS = 10_000
+
+
 @app.command("build-zoo")
 def build_zoo_command(
     spec: Path = typer.Argument(..., help="Zoo spec (TOML), e.g. zoo/quickstart.toml."),
@@ -69,17 +75,50 @@ def build_zoo_command(
                               "task: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT."),
     grow: bool = typer.Option(False, "--grow", help="Add this spec's runs to a zoo of the same "
                               "name built from another spec (refused otherwise)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (runs, cohorts, "
+                                 "estimated time and disk); create and change nothing."),
+    yes: bool = typer.Option(False, "--yes", "-y", help=f"Build more than {CONFIRM_RUNS:,} new "
+                             "runs without asking (only an interactive terminal asks)."),
 ) -> None:
-    """Train every run of SPEC that STORE does not hold yet (resumable, idempotent)."""
-    from dlstore.zoo.builder import build_zoo, check_backend
+    """Train every run of SPEC that STORE does not hold yet (resumable, idempotent).
+
+    Ctrl-C or SIGTERM keeps every finished cohort (exit status 130 / 143); rerunning resumes."""
     from dlstore.zoo.spec import ZooSpec
 
     zoo = ZooSpec.from_toml(spec)
     part = _parse_shard(shard) if shard is not None else None
     if address is not None and backend is not Backend.ray:
         raise UsageError("--address names a Ray cluster: give it with --backend ray")
-    check_backend(zoo, backend.value, part)
-    target = _open(store, storage_option, create=True)
+    with sigterm_as_interrupt():
+        try:
+            _build_zoo(zoo, store, storage_option, device, backend, address, part, grow,
+                       dry_run, yes)
+        except KeyboardInterrupt as stop:  # before training started, or a second Ctrl-C
+            raise BuildInterrupted("interrupted; what was committed is kept; rerun the same "
+                                   "command to resume", exit_code(stop)) from None
+
+
+def _build_zoo(zoo, store: str, storage_option: list[str] | None, device: Device,
+               backend: Backend, address: str | None, part: tuple[int, int] | None,
+               grow: bool, dry_run: bool, yes: bool) -> None:
+    from dlstore.zoo.builder import build_zoo, check_same_zoo, plan_build
+
+    try:
+        target = _open(store, storage_option)
+    except StoreError:
+        target = None  # created below, once every check of the spec has passed
+    done = frozenset(target.run_ids()) if target is not None else frozenset()
+    if target is not None and not grow:
+        check_same_zoo(zoo, target)  # build_zoo checks it again, for callers of the library
+    plan = plan_build(zoo, device.value, backend.value, part, done)
+    if dry_run:
+        _print_plan(zoo.name, plan, store if target is not None else None)
+        return
+    if (plan.n_new > CONFIRM_RUNS and not yes and _interactive()
+            and not typer.confirm(f"build {plan.n_new:,} runs?", default=False)):
+        raise BuildInterrupted("nothing built", exit_code=1)
+    if target is None:
+        target = _open(store, storage_option, create=True)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(),
                TextColumn("{task.percentage:>5.1f}%"), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err, transient=False) as bar:
@@ -89,15 +128,43 @@ def build_zoo_command(
             bar.update(task, completed=done, total=max(total, 1))
 
         report = build_zoo(zoo, target, device=device.value, progress=advance,
-                           backend=backend.value, address=address, shard=part, grow=grow)
+                           backend=backend.value, address=address, shard=part, grow=grow,
+                           plan=plan)
     out.print(
         f"zoo [bold]{report.zoo}[/]: {report.runs_built} runs built "
         f"({report.runs_diverged} diverged), {report.runs_skipped} already in the store, "
         f"{report.cohorts} cohorts, {report.checkpoints} cohort checkpoints, "
         f"{report.seconds:.1f} s ({report.train_seconds:.1f} s in training steps)"
         + (f", group metrics of {report.group_steps} groups x steps" if report.group_steps
-           else "") + f" -> {store}" + (f" (shard {shard})" if shard else "")
+           else "") + f" -> {store}" + (f" (shard {part[0]}/{part[1]})" if part else "")
     )
+
+
+def _interactive() -> bool:
+    """A person at a terminal, who can answer a question (never a script or a batch job)."""
+    return sys.stdin.isatty() and sys.stdout.isatty()
+
+
+def _print_plan(zoo: str, plan, store: str | None) -> None:
+    from dlstore.zoo.limits import human_bytes
+
+    estimate = plan.estimate()
+    held = f"{plan.n_runs - plan.n_new:,} already in the store" if store is not None else (
+        "no store yet")
+    out.print(f"zoo [bold]{zoo}[/]: {plan.n_runs:,} runs ({held}), {plan.n_new:,} to build in "
+              f"{plan.n_cohorts:,} cohorts, {plan.total_steps:,} cohort steps, "
+              f"{estimate.checkpoints:,} checkpoints", highlight=False)
+    out.print(f"estimated (rough): {_duration(estimate.seconds)} of training on {plan.device}, "
+              f"{human_bytes(estimate.bytes)} of weights and metrics", highlight=False)
+    out.print("dry run: nothing was created or changed", highlight=False)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 @app.command()
@@ -714,6 +781,9 @@ def _cell(value) -> str:
 def main() -> None:
     try:
         app()
+    except BuildInterrupted as e:  # no error: what was kept, and how to go on
+        err.print(escape(str(e)), highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
     except DlstoreError as e:
         # escaped: messages carry user text and install hints like 'dlstore[ray]'
         err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)

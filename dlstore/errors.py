@@ -43,11 +43,35 @@ class DataMismatchError(DlstoreError):
     """Regenerated training data differs from what a run recorded it trained on."""
 
 
+class BuildInterrupted(DlstoreError):
+    """A build stopped by Ctrl-C or SIGTERM after keeping what had finished. The CLI prints the
+    message as it is (it is no error of the user's) and exits 128 + the signal's number."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# A spec with a million unknown keys once gave a 40 MB error line: name the first few.
+MAX_REPORTED_ERRORS = 5
+MAX_LOCATION_CHARS = 80
+MAX_MESSAGE_CHARS = 200
+
+
 def format_validation_error(error, prefix: str = "") -> str:
-    """One line naming every bad field of a pydantic ValidationError, e.g.
-    `train.lr: Input should be greater than 0; train.epochs: ...`."""
+    """One line naming the bad fields of a pydantic ValidationError (the first few, and how many
+    more), e.g. `train.lr: Input should be greater than 0; train.epochs: ...`."""
+    errors = error.errors()
     parts = []
-    for err in error.errors():
-        loc = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
-        parts.append(f"{loc}: {err['msg']}" if loc else err["msg"])
+    for err in errors[:MAX_REPORTED_ERRORS]:
+        loc = _clip(".".join(str(p) for p in (prefix, *err["loc"]) if p != ""),
+                    MAX_LOCATION_CHARS)
+        msg = _clip(err["msg"], MAX_MESSAGE_CHARS)  # a validator's message may quote user text
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    if len(errors) > MAX_REPORTED_ERRORS:
+        parts.append(f"and {len(errors) - MAX_REPORTED_ERRORS:,} more")
     return "; ".join(parts)
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."

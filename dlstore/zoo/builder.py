@@ -9,6 +9,11 @@ A build is a sequence of phases, each a set of cohorts trained and committed as 
 zoo is one phase. A zoo with `[tickets]` has one per pruning level (`tickets.py`): level k's
 masks and start weights are read back from what level k-1 committed, so a rebuild after a crash
 continues from the last committed level.
+
+`plan_build` makes every check a spec can fail (its sizes against memory, before any data is
+generated) and plans the cohorts; the CLI calls it before it creates a store. Ctrl-C (or SIGTERM,
+which the CLI turns into the same exception) commits the cohorts already finished and raises
+BuildInterrupted: at most the cohort in flight is lost, and a rerun resumes.
 """
 
 from __future__ import annotations
@@ -23,12 +28,14 @@ from dataclasses import dataclass, field
 import torch
 
 import dlstore
-from dlstore.errors import DlstoreError, SpecError, UsageError
+from dlstore.errors import BuildInterrupted, DlstoreError, SpecError, UsageError
+from dlstore.interrupts import deferred_interrupts, exit_code
 from dlstore.store.leases import BuildLease
 from dlstore.store.store import Store
 from dlstore.zoo.data import DatasetTensors, run_data
 from dlstore.zoo.groups import compute_group_metrics
-from dlstore.zoo.models import activation_units, init_state, n_params
+from dlstore.zoo.limits import Estimate, check_length, check_memory, estimate_cohorts
+from dlstore.zoo.models import init_state, n_params
 from dlstore.zoo.population import (
     CohortPlan,
     CohortTrainer,
@@ -88,7 +95,7 @@ def plan_cohorts(runs: list[RunConfig], cohort_size: int | str = "auto", device:
         if run.train.batch_size > n_train:
             raise SpecError(f"train.batch_size: {run.train.batch_size} is larger than the "
                             f"{n_train} training examples of run {run.run_id}")
-        total = run.train.total_steps(n_train)
+        total = check_length(run, n_train)
         steps = run.checkpoint_steps(total)
         if metrics is not None:
             checkpoint_metric_steps(metrics, steps)
@@ -98,10 +105,9 @@ def plan_cohorts(runs: list[RunConfig], cohort_size: int | str = "auto", device:
         size = cohort_size
         if size == "auto":
             run, data = max(members, key=lambda m: m[0].model.width)
-            size = auto_cohort_size(
-                n_params(run.model, data.input_shape, data.n_classes),
-                activation_units(run.model, data.input_shape, data.n_classes),
-                run.train.batch_size, resolve_device(device))
+            net = run.model.size(data.input_shape, data.n_classes)
+            size = auto_cohort_size(net.params, net.activations, run.train.batch_size,
+                                    resolve_device(device))
         n_chunks = -(-len(members) // size)
         for k in range(n_chunks):
             chunk = members[k * len(members) // n_chunks:(k + 1) * len(members) // n_chunks]
@@ -160,6 +166,7 @@ class _Committer:
         self.store = store
         self.every = every
         self.last = time.perf_counter()
+        self.committed = 0  # runs
         self.dropped = 0  # runs left out because their shards were gone
         self._clear()
 
@@ -179,10 +186,17 @@ class _Committer:
             self.flush()
 
     def flush(self) -> None:
+        """Commit what was collected. Ctrl-C or SIGTERM waits for the commit; the batch is
+        taken first, so a commit cut short (a second signal, an error) is never repeated with
+        runs rows it may already have written, which would list those runs twice."""
         if self.runs:
             self._drop_runs_without_shards()
-            self.store.commit(self.checkpoints, self.metrics, self.runs, self.masks)
+        batch = (self.checkpoints, self.metrics, self.runs, self.masks)
         self._clear()
+        if batch[2]:
+            with deferred_interrupts():
+                self.store.commit(*batch)
+                self.committed += len(batch[2])
         self.last = time.perf_counter()
 
     def _drop_runs_without_shards(self) -> None:
@@ -198,31 +212,47 @@ class _Committer:
         self.masks = [r for r in self.masks if r["run_id"] not in lost]
 
 
-def build_zoo(spec: ZooSpec, store: Store, device: str = "auto",
-              progress: Callable[[int, int], None] | None = None, backend: str = "local",
-              address: str | None = None, shard: tuple[int, int] | None = None,
-              grow: bool = False) -> BuildReport:
-    """Train every run of `spec` that `store` does not hold yet and commit it, phase by phase.
+@dataclass
+class BuildPlan:
+    """What a build will do, worked out (and every spec check passed) before anything is
+    created: the runs by phase, those still to build, their cohorts and step counts."""
 
-    `progress(done, total)` is called with optimizer steps done (summed over cohorts).
-    `backend` "ray" trains the cohorts as tasks on the Ray cluster at `address` (`ray_backend`);
-    `shard` (I, N) builds only the I-th of N contiguous blocks of the runs, so that N processes
-    can share a zoo. A zoo name the store already holds from another spec (other runs) is
-    refused unless `grow`. The build holds a lease for its whole duration, so that `gc` spares
-    the shards it has written and not committed yet."""
-    store.check_writable()
-    if not grow:
-        check_same_zoo(spec, store)
-    with BuildLease(store.location, spec.name):
-        return _build_zoo(spec, store, device, progress, backend, address, shard)
+    phases: list[list[RunConfig]]
+    zoo_runs: int  # the whole zoo's runs (every shard's), recorded in the zoos table
+    done_ids: frozenset[str]  # runs the store held when planned
+    todo: list[list[RunConfig]]
+    cohorts: list[Cohorts]
+    steps: list[list[int]]  # optimizer steps of each cohort
+    device: str  # what the cohort sizes were chosen for
+
+    @property
+    def n_runs(self) -> int:
+        return sum(map(len, self.phases))
+
+    @property
+    def n_new(self) -> int:
+        return sum(map(len, self.todo))
+
+    @property
+    def n_cohorts(self) -> int:
+        return sum(map(len, self.cohorts))
+
+    @property
+    def total_steps(self) -> int:
+        return sum(map(sum, self.steps))
+
+    def estimate(self) -> Estimate:
+        return estimate_cohorts([c for cohorts in self.cohorts for c in cohorts],
+                                torch.device(self.device))
 
 
-def _build_zoo(spec: ZooSpec, store: Store, device: str,
-               progress: Callable[[int, int], None] | None, backend: str,
-               address: str | None, shard: tuple[int, int] | None) -> BuildReport:
-    started = time.perf_counter()
+def plan_build(spec: ZooSpec, device: str = "auto", backend: str = "local",
+               shard: tuple[int, int] | None = None, done_ids: frozenset[str] = frozenset(),
+               plan_device: str | None = None) -> BuildPlan:
+    """Check everything about `spec` that can be checked without a store (sizes against memory
+    first, before any data is generated) and plan the runs not in `done_ids`; cohort sizes are
+    chosen for `plan_device` (default: `device` resolved)."""
     dev = resolve_device(device)
-    store.check_writable()
     check_backend(spec, backend, shard)
     if spec.tickets is not None:
         phases = ticket_phases(spec)
@@ -230,51 +260,96 @@ def _build_zoo(spec: ZooSpec, store: Store, device: str,
     else:
         phases = [list(spec.runs if shard is None else shard_runs(spec.runs, *shard))]
         zoo_runs = len(spec.runs)
+    check_memory([r for phase in phases for r in phase], spec.build.cohort_size, dev)
     if spec.transfer is not None:
         check_transfer_shapes(spec)
-    done_ids = store.run_ids()
     todo = [[r for r in phase if r.run_id not in done_ids] for phase in phases]
+    plan_device = plan_device or str(dev)
+    planned = [plan_cohorts(runs, spec.build.cohort_size, device=plan_device, metrics=spec.metrics)
+               for runs in todo]
+    steps = [[runs[0].train.total_steps(datas[0].x_train.shape[0]) - runs[0].start_step
+              for runs, datas in cohorts] for cohorts in planned]
+    return BuildPlan(phases, zoo_runs, frozenset(done_ids), todo, planned, steps, plan_device)
+
+
+def build_zoo(spec: ZooSpec, store: Store, device: str = "auto",
+              progress: Callable[[int, int], None] | None = None, backend: str = "local",
+              address: str | None = None, shard: tuple[int, int] | None = None,
+              grow: bool = False, plan: BuildPlan | None = None) -> BuildReport:
+    """Train every run of `spec` that `store` does not hold yet and commit it, phase by phase.
+
+    `progress(done, total)` is called with optimizer steps done (summed over cohorts).
+    `backend` "ray" trains the cohorts as tasks on the Ray cluster at `address` (`ray_backend`);
+    `shard` (I, N) builds only the I-th of N contiguous blocks of the runs, so that N processes
+    can share a zoo. A zoo name the store already holds from another spec (other runs) is
+    refused unless `grow`. The build holds a lease for its whole duration, so that `gc` spares
+    the shards it has written and not committed yet. `plan` (from `plan_build` with the same
+    arguments) is used unless the store changed since.
+
+    Ctrl-C (KeyboardInterrupt) commits the cohorts already finished, then raises
+    BuildInterrupted: at most the cohort in flight is lost."""
+    store.check_writable()
+    if not grow:
+        check_same_zoo(spec, store)
+    with BuildLease(store.location, spec.name):
+        return _build_zoo(spec, store, device, progress, backend, address, shard, plan)
+
+
+def _build_zoo(spec: ZooSpec, store: Store, device: str,
+               progress: Callable[[int, int], None] | None, backend: str,
+               address: str | None, shard: tuple[int, int] | None,
+               plan: BuildPlan | None) -> BuildReport:
+    started = time.perf_counter()
+    dev = resolve_device(device)
+    store.check_writable()
+    check_backend(spec, backend, shard)
+    done_ids = frozenset(store.run_ids())
     if backend == "ray":
         from dlstore.zoo import ray_backend
 
         execute, plan_device = ray_backend.cohort_runner(store, device, address, spec.metrics)
     else:
         execute, plan_device = _local_runner(store, dev, spec.metrics), str(dev)
-    planned = [plan_cohorts(runs, spec.build.cohort_size, device=plan_device, metrics=spec.metrics)
-               for runs in todo]
-    steps = [[runs[0].train.total_steps(datas[0].x_train.shape[0]) - runs[0].start_step
-              for runs, datas in cohorts] for cohorts in planned]
-    total = sum(map(sum, steps))
-    n_runs = sum(map(len, phases))
-    report = BuildReport(spec.name, n_runs, n_runs - sum(map(len, todo)), 0, 0,
-                         sum(map(len, planned)), 0, 0.0, 0.0)
+    if plan is None or plan.done_ids != done_ids or plan.device != plan_device:
+        plan = plan_build(spec, device, backend, shard, done_ids, plan_device)
+    total = plan.total_steps
+    report = BuildReport(spec.name, plan.n_runs, plan.n_runs - plan.n_new, 0, 0, plan.n_cohorts,
+                         0, 0.0, 0.0)
     committer = _Committer(store, spec.build.commit_every)
     done = 0
-    for cohorts, cohort_steps in zip(planned, steps):
-        phase = TicketPhase(spec, store) if spec.tickets is not None else None
+    try:
+        for cohorts, cohort_steps in zip(plan.cohorts, plan.steps):
+            phase = TicketPhase(spec, store) if spec.tickets is not None else None
 
-        def phase_progress(steps_done: int, before: int = done) -> None:
-            if progress:
-                progress(before + steps_done, total)
+            def phase_progress(steps_done: int, before: int = done) -> None:
+                if progress:
+                    progress(before + steps_done, total)
 
-        for result in execute(spec.name, cohorts, cohort_steps, phase, phase_progress):
-            for row in result.runs:
-                row["spec_hash"] = spec.spec_hash
-            committer.add(result)
-            report.runs_built += len(result.runs)
-            report.runs_diverged += sum(r["status"] == "diverged" for r in result.runs)
-            report.checkpoints += result.n_checkpoints
-            report.train_seconds += result.train_seconds
-        done += sum(cohort_steps)
-        # the next phase reads what this one trained
-        committer.flush()
-        if phase is not None:
-            record_stability(store, stability_pairs(phases))
-    if spec.metrics.groups is not None:
-        report.group_steps = compute_group_metrics(
-            store, spec.name, spec.metrics.groups, {r.run_id for r in spec.runs}, device=dev)
-    store.record_zoo({"zoo": spec.name, "spec": spec.text, "spec_hash": spec.spec_hash,
-                      "n_runs": zoo_runs, "dlstore_version": dlstore.__version__})
+            for result in execute(spec.name, cohorts, cohort_steps, phase, phase_progress):
+                for row in result.runs:
+                    row["spec_hash"] = spec.spec_hash
+                committer.add(result)
+                report.runs_built += len(result.runs)
+                report.runs_diverged += sum(r["status"] == "diverged" for r in result.runs)
+                report.checkpoints += result.n_checkpoints
+                report.train_seconds += result.train_seconds
+            done += sum(cohort_steps)
+            # the next phase reads what this one trained
+            committer.flush()
+            if phase is not None:
+                record_stability(store, stability_pairs(plan.phases))
+        if spec.metrics.groups is not None:
+            report.group_steps = compute_group_metrics(
+                store, spec.name, spec.metrics.groups, {r.run_id for r in spec.runs}, device=dev)
+        store.record_zoo({"zoo": spec.name, "spec": spec.text, "spec_hash": spec.spec_hash,
+                          "n_runs": plan.zoo_runs, "dlstore_version": dlstore.__version__})
+    except KeyboardInterrupt as stop:
+        committer.flush()  # the finished cohorts: only the one in flight is lost
+        raise BuildInterrupted(
+            f"interrupted: {committer.committed} runs built by this build are kept "
+            f"({report.runs_skipped} were in the store before), "
+            f"{plan.n_new - committer.committed} not built; rerun the same command to resume",
+            exit_code(stop)) from None
     report.runs_dropped = committer.dropped
     report.runs_built -= committer.dropped
     report.seconds = time.perf_counter() - started

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,6 +56,22 @@ class DatasetTensors:
         return digest.hexdigest()
 
 
+@dataclass(frozen=True)
+class DataShape:
+    """What generating a dataset gives, known from its options alone (`DatasetOptions.shape`)."""
+
+    n_examples: int  # train + test
+    input_shape: tuple[int, ...]
+    n_classes: int
+    extra_bytes: int = 0  # what generation holds besides the examples (a teacher network)
+
+    @property
+    def generation_bytes(self) -> int:
+        """Peak memory of generating the split, roughly: the examples drawn in float64, their
+        shuffled copy and the float32 tensors (about three float64 copies), plus the extra."""
+        return 3 * 8 * self.n_examples * (math.prod(self.input_shape) + 1) + self.extra_bytes
+
+
 class DatasetOptions(BaseModel):
     """Options every dataset takes; subclasses add `name: Literal[...]` and generation options."""
 
@@ -67,6 +84,11 @@ class DatasetOptions(BaseModel):
     def generate(self) -> DatasetTensors:
         """The full clean split (no subset, no noise), from the generation options alone."""
         raise NotImplementedError
+
+    def shape(self) -> DataShape | None:
+        """Sizes of the split without generating it, for the memory check that runs before a
+        build allocates anything; None if unknown (the check then skips the dataset)."""
+        return None
 
 
 DATASETS: dict[str, type[DatasetOptions]] = {}
@@ -137,6 +159,9 @@ class MNIST1dOptions(DatasetOptions):
             np.random.set_state(np_state)
         return _tensors(d["x"], d["y"], d["x_test"], d["y_test"], 10)
 
+    def shape(self) -> DataShape:
+        return DataShape(self.num_samples, (40,), 10)  # the package's final_seq_length
+
 
 @register_dataset("digits")
 class DigitsOptions(DatasetOptions):
@@ -153,6 +178,9 @@ class DigitsOptions(DatasetOptions):
         x = (digits.images / 16.0).astype(np.float32)[:, None, :, :]
         rng = np.random.default_rng(self.split_seed)
         return _split(x, digits.target, self.test_fraction, rng, 10)
+
+    def shape(self) -> DataShape:
+        return DataShape(1797, (1, 8, 8), 10)
 
 
 @register_dataset("modular")
@@ -175,6 +203,9 @@ class ModularOptions(DatasetOptions):
         rng = np.random.default_rng(self.split_seed)
         return _split(x, y, 1.0 - self.train_fraction, rng, p)
 
+    def shape(self) -> DataShape:
+        return DataShape(self.p * self.p, (2 * self.p,), self.p)
+
 
 @register_dataset("teacher_student")
 class TeacherStudentOptions(DatasetOptions):
@@ -196,6 +227,10 @@ class TeacherStudentOptions(DatasetOptions):
         x = rng.standard_normal((self.n_samples, self.dim)).astype(np.float32)
         y = np.argmax(np.tanh(x @ w1) @ w2, axis=1)
         return _split(x, y, self.test_fraction, rng, self.n_classes)
+
+    def shape(self) -> DataShape:
+        teacher = 8 * self.teacher_width * (self.dim + self.n_classes + self.n_samples)
+        return DataShape(self.n_samples, (self.dim,), self.n_classes, teacher)
 
 
 @register_dataset("gaussian_mixture")
@@ -225,6 +260,9 @@ class GaussianMixtureOptions(DatasetOptions):
 
         (x, y), (x_test, y_test) = sample(self.n_samples - n_test), sample(n_test)
         return _tensors(x, y, x_test, y_test, self.n_classes)
+
+    def shape(self) -> DataShape:
+        return DataShape(self.n_samples, (self.dim,), self.n_classes, 8 * self.n_classes * self.dim)
 
 
 def parse_dataset_options(raw: dict) -> DatasetOptions:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -34,6 +35,15 @@ _INITS = {
 }
 
 
+@dataclass(frozen=True)
+class SizeEstimate:
+    """A network's size for one example, counted without building it (`ArchOptions.size`)."""
+
+    params: int
+    activations: int  # numbers one example produces across the layers, as activation_units counts
+    macs: int  # multiply-accumulates of one example's forward pass
+
+
 class ArchOptions(BaseModel):
     """Options shared by every architecture. `width` and `depth` mean something in every family
     (hidden units / channels, hidden / conv layers), so the runs table holds them as typed
@@ -56,6 +66,14 @@ class ArchOptions(BaseModel):
         and zero units with zero weights stay inert under any activation. The initialisation
         only decides where members start, so it does not separate cohorts either."""
         return self.model_dump_json(exclude={"init_seed", "init", "width"})
+
+    def size(self, input_shape: tuple[int, ...], n_classes: int) -> SizeEstimate:
+        """Parameters, activations and forward cost of one example. This default builds the
+        network (on the meta device, then once on the CPU); the registered families count
+        analytically, so that a spec asking for a network larger than memory is refused before
+        anything is allocated."""
+        params = n_params(self, input_shape, n_classes)
+        return SizeEstimate(params, activation_units(self, input_shape, n_classes), params)
 
 
 ARCHS: dict[str, type[ArchOptions]] = {}
@@ -101,6 +119,13 @@ class MLPOptions(ArchOptions):
     def build(self, input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
         return MLP(math.prod(input_shape), self.width, self.depth, n_classes, self.activation)
 
+    def size(self, input_shape: tuple[int, ...], n_classes: int) -> SizeEstimate:
+        # closed forms, not a sum over layers: a spec may ask for a depth of 10^9
+        n_in, w, d = math.prod(input_shape), self.width, self.depth
+        macs = (n_in * w + (d - 1) * w * w + w * n_classes) if d else n_in * n_classes
+        # each hidden layer's linear output and its activation's, then the logits
+        return SizeEstimate(macs + d * w + n_classes, 2 * w * d + n_classes, macs)
+
 
 class CNN1d(nn.Module):
     """Strided 1-D convolutions then a linear classifier, the MNIST-1D paper's CNN family."""
@@ -141,14 +166,36 @@ class CNN1dOptions(ArchOptions):
     activation: Activation = "relu"
 
     def build(self, input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
-        if len(input_shape) == 1:
-            in_channels, length = 1, input_shape[0]
-        elif len(input_shape) == 2:
-            in_channels, length = input_shape
-        else:
-            raise SpecError(f"model.arch: cnn1d needs 1-D inputs, the dataset gives {input_shape}")
+        in_channels, length = _sequence_shape(input_shape)
         return CNN1d(length, in_channels, self.width, self.depth, self.kernel, n_classes,
                      self.activation)
+
+    def size(self, input_shape: tuple[int, ...], n_classes: int) -> SizeEstimate:
+        c_in, length = _sequence_shape(input_shape)
+        params = macs = activations = 0
+        layers = self.depth
+        while layers:  # as CNN1d.__init__ shapes its layers
+            after = (length + 2 * (self.kernel // 2) - self.kernel) // 2 + 1
+            # once the length stops shrinking (at 1) every further layer is the same: count
+            # them at once, as a spec may ask for a depth of 10^9
+            same = layers if after == length and c_in == self.width else 1
+            length, layers = after, layers - same
+            params += same * (c_in * self.width * self.kernel + self.width)
+            macs += same * c_in * self.width * self.kernel * length
+            activations += same * 2 * self.width * length  # the convolution's and activation's
+            c_in = self.width
+        flat = c_in * length
+        return SizeEstimate(params + flat * n_classes + n_classes, activations + n_classes,
+                            macs + flat * n_classes)
+
+
+def _sequence_shape(input_shape: tuple[int, ...]) -> tuple[int, int]:
+    """(channels, length) of a cnn1d input."""
+    if len(input_shape) == 1:
+        return 1, input_shape[0]
+    if len(input_shape) == 2:
+        return input_shape[0], input_shape[1]
+    raise SpecError(f"model.arch: cnn1d needs 1-D inputs, the dataset gives {input_shape}")
 
 
 def parse_arch_options(raw: dict) -> ArchOptions:

@@ -261,13 +261,20 @@ GPU_MEMORY_FRACTION = 0.4
 GPU_MAX_COHORT = 65536
 
 
+def member_memory(n_params: int, activation_units: int, batch_size: int) -> int:
+    """Bytes one cohort member needs while training: float32 parameters, gradients, initial
+    weights, two optimizer states and a mask (6 copies), and one batch's activations, their
+    gradients and pre-activations (3 copies)."""
+    return 4 * 6 * n_params + 4 * 3 * batch_size * activation_units
+
+
 def auto_cohort_size(n_params: int, activation_units: int, batch_size: int,
                      device: torch.device) -> int:
     """Members per cohort for a network of `n_params` parameters and `activation_units` numbers
     of activations per example: from cache size on a CPU, from free memory on a GPU, and never
     more than half the free RAM."""
     step_bytes = 4 * 3 * batch_size * activation_units  # activations, their grads, pre-activations
-    member_bytes = 4 * 6 * n_params + step_bytes  # params, grads, init, 2 optimizer states, masks
+    member_bytes = member_memory(n_params, activation_units, batch_size)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(max(1, min(GPU_MAX_COHORT, GPU_MEMORY_FRACTION * free // member_bytes)))

@@ -50,6 +50,7 @@ DEFAULT_CHECKPOINTS = "log:10"
 # Most runs one spec may describe, checked before the grid is expanded, so that a typo such as
 # `seeds = 10000000000` is an error instead of an expansion that exhausts memory.
 MAX_RUNS = 1_000_000
+MAX_TABLE_KEYS = 1_000
 
 
 class TrainOptions(BaseModel):
@@ -406,10 +407,21 @@ class ZooSpec:
             raw = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise SpecError(f"{source} is not valid TOML: {e}") from None
+        except RecursionError:  # tomllib parses nested arrays and tables recursively
+            raise SpecError(f"{source}: arrays or tables nested deeper than the TOML parser can "
+                            "follow (hundreds of levels)") from None
         return cls.from_dict(raw, text=text)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], text: str | None = None) -> ZooSpec:
+        try:
+            return cls._from_dict(raw, text)
+        except RecursionError:
+            raise SpecError("spec: values nested hundreds of levels deep") from None
+
+    @classmethod
+    def _from_dict(cls, raw: dict[str, Any], text: str | None) -> ZooSpec:
+        _check_table_sizes(raw)
         try:
             top = _SpecFile.model_validate(raw)
         except ValidationError as e:
@@ -451,6 +463,19 @@ class ZooSpec:
         conditions = _transfer_conditions(top, runs, seeds)
         return cls(top.name, text if text is not None else json.dumps(raw), tuple(runs), top.build,
                    top.metrics, top.phases, top.tickets, top.transfer, conditions)
+
+
+def _check_table_sizes(raw: dict[str, Any]) -> None:
+    """A table with thousands of keys is no spec (every one would be an unknown field, each
+    checked once per grid value): refuse it before validating anything."""
+    tables = [("", raw)]
+    while tables:
+        name, table = tables.pop()
+        if len(table) > MAX_TABLE_KEYS:
+            raise SpecError(f"{name or 'spec'}: {len(table):,} keys in one table, more than the "
+                            f"{MAX_TABLE_KEYS:,} a spec table may have")
+        tables += [(f"{name}.{k}" if name else str(k), v) for k, v in table.items()
+                   if isinstance(v, dict)]
 
 
 def _transfer_conditions(top: _SpecFile, runs: list[RunConfig], seeds: list[int]
