@@ -184,10 +184,12 @@ class _Committer:
 
 def build_zoo(spec: ZooSpec, store: Store, device: str = "auto",
               progress: Callable[[int, int], None] | None = None, backend: str = "local",
-              address: str | None = None, shard: tuple[int, int] | None = None) -> BuildReport:
+              address: str | None = None, shard: tuple[int, int] | None = None,
+              runs_progress: Callable[[int, int], None] | None = None) -> BuildReport:
     """Train every run of `spec` that `store` does not hold yet and commit it, phase by phase.
 
-    `progress(done, total)` is called with optimizer steps done (summed over cohorts).
+    `progress(done, total)` is called with optimizer steps done (summed over cohorts),
+    `runs_progress(done, total)` with runs trained of runs to train (first with 0, total).
     `backend` "ray" trains the cohorts as tasks on the Ray cluster at `address` (`ray_backend`);
     `shard` (I, N) builds only the I-th of N contiguous blocks of the runs, so that N processes
     can share a zoo."""
@@ -221,6 +223,8 @@ def build_zoo(spec: ZooSpec, store: Store, device: str = "auto",
                          sum(map(len, planned)), 0, 0.0, 0.0)
     committer = _Committer(store, spec.build.commit_every)
     done = 0
+    if runs_progress:
+        runs_progress(0, n_runs - report.runs_skipped)
     for cohorts, cohort_steps in zip(planned, steps):
         phase = TicketPhase(spec, store) if spec.tickets is not None else None
 
@@ -231,6 +235,8 @@ def build_zoo(spec: ZooSpec, store: Store, device: str = "auto",
         for result in execute(spec.name, cohorts, cohort_steps, phase, phase_progress):
             committer.add(result)
             report.runs_built += len(result.runs)
+            if runs_progress:
+                runs_progress(report.runs_built, n_runs - report.runs_skipped)
             report.runs_diverged += sum(r["status"] == "diverged" for r in result.runs)
             report.checkpoints += result.n_checkpoints
             report.train_seconds += result.train_seconds
