@@ -173,7 +173,7 @@ def test_recipe_tables_read_the_store(tiny_store):
     assert sorted(set(grok["weight_decay"].to_list())) == [0.0, 0.01]
     assert grok["step"].min() == 0 and grok["step"].max() == 60
     collapse = collapse_table(tiny_store, zoo)
-    assert collapse["runs"].to_list() == [4] * collapse.height
+    assert collapse["runs"].to_list() == [6] * collapse.height  # 3 widths x 2 weight decays
     assert (collapse["nc1"] > 0).all()
     simple = simplicity_table(tiny_store, zoo)
     assert simple["gap"].to_list() == pytest.approx(
