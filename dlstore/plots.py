@@ -107,16 +107,21 @@ def scaling_figure(fit, x: np.ndarray, loss: np.ndarray, d: np.ndarray | None = 
     ax.set_yscale("log")
     ax.set_xlabel(x_label)
     ax.set_ylabel("loss")
+    _plain_log_labels(ax.yaxis)
     ax.set_title(_title(fit), fontsize=7)
     ax.legend(fontsize=6, ncols=2 if two_variable else 1)
     if two_variable:
         ax = axes[0, 1]
         compute = 6 * x * d
         c_grid = np.geomspace(compute.min(), compute.max() * EXTRAPOLATE ** 2, 100)
-        n_opt, d_opt = fit.compute_optimal(c_grid)
-        a, b = fit.compute_optimal_exponents
-        ax.plot(c_grid, n_opt, label=f"N_opt ~ C^{a:.2f}")
-        ax.plot(c_grid, d_opt, label=f"D_opt ~ C^{b:.2f}")
+        if fit.params["alpha"] > 0 and fit.params["beta"] > 0:
+            n_opt, d_opt = fit.compute_optimal(c_grid)
+            a, b = fit.compute_optimal_exponents
+            ax.plot(c_grid, n_opt, label=f"N_opt ~ C^{a:.2f}")
+            ax.plot(c_grid, d_opt, label=f"D_opt ~ C^{b:.2f}")
+        else:  # no frontier: loss does not fall with both resources
+            ax.text(0.5, 0.5, "no compute-optimal frontier:\nan exponent is not positive",
+                    transform=ax.transAxes, ha="center", va="center")
         ax.scatter(compute, x, s=8, color="C0", alpha=0.4, label="runs (N)")
         ax.scatter(compute, d, s=8, color="C1", alpha=0.4, label="runs (D)")
         ax.set_xscale("log")
@@ -126,6 +131,18 @@ def scaling_figure(fit, x: np.ndarray, loss: np.ndarray, d: np.ndarray | None = 
         ax.legend(fontsize=6)
     fig.tight_layout()
     return fig
+
+
+def _plain_log_labels(axis) -> None:
+    """Log-axis ticks as plain numbers (3.5, not 3.5 x 10^0), minor ones labelled too when the
+    axis spans less than a decade."""
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    axis.set_major_formatter(plain)
+    low, high = axis.get_view_interval()
+    if low > 0 and high / low < 10:
+        axis.set_minor_formatter(plain)
 
 
 def _power(symbol: str, exponent: float) -> str:
@@ -313,6 +330,7 @@ def double_descent_figure(modelwise, epochwise) -> Figure:
     _band(left, width, modelwise["train_error"], _column(modelwise, "train_error_std"),
           _colour(0))
     left.set_xscale("log")
+    _plain_log_labels(left.xaxis)
     left.set_xlabel("width (hidden units)")
     left.set_ylabel("error at the last step")
     left.set_title("model-wise double descent")
