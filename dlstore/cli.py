@@ -1064,16 +1064,36 @@ def _print_frame(frame: pl.DataFrame, format: Format, console: Console | None = 
     print_frame(frame, format.value, console or out)
 
 
+try:  # typer >= 0.2x carries its own copy of click
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover
+    from click.exceptions import ClickException
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
-        app(args=argv)
+        # not standalone: a usage error is printed here, as one line like every other error
+        code = app(args=argv, standalone_mode=False)
+    except ClickException as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # a bare group: its help
+            e.show()
+            sys.exit(2)
+        err.print(f"[bold red]error:[/] {escape(_one_line(e.format_message()))}",
+                  highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
     except DlstoreError as e:
         # escaped: messages carry user text and install hints like 'dlstore[ray]'
         err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(1)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         err.print("interrupted; rerun the same command to resume")
         sys.exit(130)
+    if isinstance(code, int) and code:
+        sys.exit(code)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 if __name__ == "__main__":
