@@ -295,7 +295,7 @@ _ZOOS_QUERY = """
                  count(*) FILTER (WHERE status = 'diverged') AS diverged,
                  count(*) FILTER (WHERE status NOT IN ('complete', 'diverged')) AS other,
                  min(created_at) AS first_run FROM runs GROUP BY zoo),
-    c AS (SELECT r.zoo, count(*) AS checkpoints, sum(c.n_bytes) AS size_bytes
+    c AS (SELECT r.zoo, count(*) AS checkpoints, sum(c.n_bytes)::BIGINT AS size_bytes
           FROM checkpoints c JOIN runs r USING (run_id) GROUP BY r.zoo)
     SELECT zoo, z.spec_hash, coalesce(r.runs, 0) AS runs, coalesce(r.complete, 0) AS complete,
            coalesce(r.diverged, 0) AS diverged, coalesce(r.other, 0) AS other,
@@ -1073,7 +1073,7 @@ except ImportError:  # pragma: no cover
 def main(argv: list[str] | None = None) -> None:
     try:
         # not standalone: a usage error is printed here, as one line like every other error
-        code = app(args=argv, standalone_mode=False)
+        code = app(args=argv, prog_name="dlstore", standalone_mode=False)
     except ClickException as e:
         if type(e).__name__ == "NoArgsIsHelpError":  # a bare group: its help
             e.show()
