@@ -22,7 +22,7 @@ def test_sql_sees_the_callers_polars_and_arrow_objects(built_store):
     joined = built_store.sql("SELECT p.run_id, p.score, r.width FROM runs r "
                              "JOIN picked p USING (run_id) ORDER BY p.score")
     assert joined["score"].to_list() == [1, 2, 3] and joined["width"].null_count() == 0
-    as_arrow = pa.table({"w": [8, 16]})
+    as_arrow = pa.table({"w": [8, 16]})  # noqa: F841 - named in the query
     assert built_store.sql("SELECT count(*) AS n FROM runs JOIN as_arrow ON width = w"
                            )["n"][0] == 8
     # a variable named like a view of the store does not shadow it
@@ -39,7 +39,7 @@ def test_sql_returns_pandas_on_request(built_store):
     pytest.importorskip("pandas")
     frame = built_store.sql("SELECT run_id, width FROM runs ORDER BY run_id", pandas=True)
     assert type(frame).__module__.startswith("pandas") and len(frame) == 8
-    mine = frame.head(2)
+    mine = frame.head(2)  # noqa: F841 - named in the query
     assert built_store.sql("SELECT count(*) AS n FROM mine")["n"][0] == 2
 
 
