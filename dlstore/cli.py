@@ -433,12 +433,7 @@ def tag(
     format: Format = FormatOption,
 ) -> None:
     """Tag a run (or list its tags): shown in `runs` and queryable as runs.tags['KEY']."""
-    tags = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise UsageError(f"{pair!r}: give KEY=VALUE (KEY= removes the tag)")
-        tags[key.strip()] = value
+    tags = _key_values(pairs, "", " (KEY= removes the tag)")
     if note is not None:
         tags["note"] = note
     s = _open(store, storage_option)
@@ -475,8 +470,6 @@ def fit_scaling(
     """Fit a scaling law to the runs a query selects; save it in the fits table; plot it.
     Refuses a resource with fewer than 3 distinct values; warns (one line each, also stored
     with the fit) of a negative exponent, one at its bound 0, or an unbounded interval."""
-    import hashlib
-
     import numpy as np
 
     from dlstore.analysis.scaling import (
@@ -509,9 +502,7 @@ def fit_scaling(
         check_distinct({"N": cols[0], "D": cols[1]}, "chinchilla")
         result = fit_chinchilla(*cols, **options)
     warnings = fit_warnings(result)
-    if label is None:
-        digest = hashlib.sha256(json.dumps([query, x, y, options]).encode()).hexdigest()[:10]
-        label = f"{result.kind}-{digest}"
+    label = label or _fit_label(result.kind, [query, x, y, options])
     info = result.to_dict()
     if x is not None:
         figure = scaling_figure(result, cols[0], cols[1], x_label=x)
@@ -556,6 +547,14 @@ def fit_scaling(
     out.print(f"figure -> {plot}", markup=False, highlight=False)
 
 
+def _fit_label(kind: str, what: list) -> str:
+    """The default label of a fit: its kind and a hash of what defines it (query, options), so
+    that a re-run of the same fit replaces the earlier one in the fits view."""
+    import hashlib
+
+    return f"{kind}-{hashlib.sha256(json.dumps(what).encode()).hexdigest()[:10]}"
+
+
 wsl_app = typer.Typer(no_args_is_help=True,
                       help="Weight-space learning: checkpoints' weights as data.")
 app.add_typer(wsl_app, name="wsl")
@@ -595,7 +594,11 @@ def wsl_fit(
     seed: int = WslSeed,
     pad: bool = typer.Option(False, help="Zero-pad runs of several widths into one layout "
                                          "(flat and canonical features)."),
-    plot: Path = typer.Option(Path("wsl.png"), help="Where to write predicted vs true (PNG)."),
+    plot: Path = typer.Option(Path("wsl.png"), help="Where to write predicted vs true (.png, "
+                                                    ".pdf, .svg; a directory: wsl.png in it)."),
+    label: str = typer.Option(None, help="Name of the fit in the fits view (default: a hash "
+                              "of the query and options; a re-run replaces it)."),
+    format: Format = FormatOption,
 ) -> None:
     """Predict a target from checkpoints' weights; score it on held-out runs; save the fit."""
     from dlstore.analysis.wsl import WeightDataset, fit_predictor
@@ -609,8 +612,15 @@ def wsl_fit(
                             splits=_split_fractions(split), seed=seed, layout=layout)
     result = fit_predictor(dataset, model=model.value, seed=seed)
     info = result.to_dict()
+    label = label or _fit_label("wsl", [query, target, features.value, model.value, task.value,
+                                        split, seed, pad])
+    _save(wsl_figure(result), plot)
     fit_id = s.record_fit({"kind": "wsl", "query": query, "params": json.dumps(info),
-                           "n": len(dataset), "dlstore_version": _version()})
+                           "n": len(dataset), "dlstore_version": _version(), "label": label})
+    if format is not Format.table:
+        sys.stdout.write(json_text({"fit_id": fit_id, "label": label, **info,
+                                    "figure": str(plot)}) + "\n")
+        return
     if result.task == "regression":
         out.print(f"Kendall tau {result.kendall_tau:.4f}, R^2 {result.r2:.4f}", highlight=False)
     else:
@@ -619,9 +629,8 @@ def wsl_fit(
     out.print(f"{result.model} on {result.features} features predicting {result.target}: "
               f"fitted on {result.n_train} checkpoints of {result.n_train_runs} runs, scored on "
               f"{result.n_test} checkpoints of {result.n_test_runs} held-out runs; saved as fit "
-              f"{fit_id} (SELECT * FROM fits)", highlight=False, soft_wrap=True)
-    _save(wsl_figure(result), plot)
-    out.print(f"figure -> {plot}")
+              f"{fit_id}, label {label} (SELECT * FROM fits)", highlight=False, soft_wrap=True)
+    out.print(f"figure -> {plot}", markup=False, highlight=False)
 
 
 @wsl_app.command("export")
@@ -1034,13 +1043,19 @@ def _rounded(value: float | None) -> str:
 def _open(store: str, options: list[str] | None, create: bool = False):
     from dlstore.store.store import Store
 
+    return Store(store, create=create,
+                 storage_options=_key_values(options, "--storage-option "))
+
+
+def _key_values(items: list[str] | None, what: str, hint: str = "") -> dict[str, str]:
+    """KEY=VALUE arguments as a dict; a malformed one is a one-line UsageError."""
     pairs = {}
-    for option in options or []:
-        key, sep, value = option.partition("=")
+    for item in items or []:
+        key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise UsageError(f"--storage-option {option!r}: give KEY=VALUE")
+            raise UsageError(f"{what}{item!r}: give KEY=VALUE{hint}")
         pairs[key.strip()] = value
-    return Store(store, create=create, storage_options=pairs)
+    return pairs
 
 
 def _parse_shard(text: str) -> tuple[int, int]:

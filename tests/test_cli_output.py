@@ -16,6 +16,7 @@ from rich.console import Console
 import dlstore
 from dlstore.output import csv_text, fit_columns, print_frame
 from dlstore.store.maintenance import gc
+from tests import test_fit_cli
 
 
 def cli(capsys, *args, stdin: str | None = None) -> tuple[int, str, str]:
@@ -187,8 +188,11 @@ def test_rm_is_a_dry_run_first_then_hides_runs_until_a_rebuild(capsys, store_cop
     # a rebuild trains the removed runs again, and they show
     from dlstore.zoo.builder import build_zoo
 
-    report = build_zoo(tiny_spec, store, device="cpu")
+    counts = []
+    report = build_zoo(tiny_spec, store, device="cpu",
+                       runs_progress=lambda done, total: counts.append((done, total)))
     assert report.runs_built == 2 and len(store.run_ids()) == 8
+    assert counts[0] == (0, 2) and counts[-1] == (2, 2)  # runs done of runs to build
     assert store.sql("SELECT count(*) AS n FROM checkpoints")["n"][0] == 40
     # the whole zoo: gone from the zoos view too
     code, _, _ = cli(capsys, "rm", "--zoo", "tiny", "--yes", "--store", store_copy)
@@ -242,40 +246,24 @@ def test_tags_show_in_runs_and_sql(capsys, store_copy):
 
 # -- fits that say when they mean nothing --------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def law_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("law") / "s"
-    store = dlstore.Store(root, create=True)
-    rng = np.random.default_rng(0)
-    runs, metrics = [], []
-    for n in np.geomspace(1e3, 1e5, 5).round():
-        for d in np.geomspace(1e3, 1e5, 4).round():
-            run_id = f"law-{int(n)}-{int(d)}"
-            law = 0.5 + 30 / n ** 0.4 + 80 / d ** 0.5
-            runs.append({"run_id": run_id, "zoo": "law", "status": "complete",
-                         "n_params": int(n), "n_train": int(d), "final_step": 1})
-            metrics.append({"run_id": run_id, "step": 1, "metric": "test_loss", "tensor": None,
-                            "value": law * np.exp(rng.normal(0, 0.01))})
-    store.commit([], metrics, runs)
-    return str(root)
+# final test_loss of runs over N x D that follow a known law
+law_store = test_fit_cli.law_store
+LAW = test_fit_cli.QUERY
 
 
-LAW = "SELECT n_params AS N, n_train AS D, value AS loss FROM final WHERE metric = 'test_loss'"
-
-
-def test_fit_refuses_a_variable_without_spread(capsys, law_root, tmp_path):
-    code, _, err = cli(capsys, "fit", "scaling", "--store", law_root, "--query",
+def test_fit_refuses_a_variable_without_spread(capsys, law_store, tmp_path):
+    code, _, err = cli(capsys, "fit", "scaling", "--store", str(law_store), "--query",
                        LAW + " AND n_train = 1000", "--plot", str(tmp_path / "f.png"))
     assert code == 1 and "D takes 1 distinct value" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "f.png").exists()
-    assert dlstore.open(law_root).sql("SELECT * FROM fits WHERE kind = 'chinchilla' AND "
+    assert dlstore.open(law_store).sql("SELECT * FROM fits WHERE kind = 'chinchilla' AND "
                                       "query LIKE '%n_train = 1000'").height == 0
 
 
-def test_fit_warns_of_a_negative_exponent_and_a_rerun_replaces_it(capsys, law_root, tmp_path):
+def test_fit_warns_of_a_negative_exponent_and_a_rerun_replaces_it(capsys, law_store, tmp_path):
     rising = ("SELECT n_params AS x, 10 - value AS y FROM final WHERE metric = 'test_loss' "
               "AND n_train = 100000")
-    args = ["fit", "scaling", "--store", law_root, "--query", rising, "--x", "x", "--y", "y",
+    args = ["fit", "scaling", "--store", str(law_store), "--query", rising, "--x", "x", "--y", "y",
             "--bootstrap", "20", "--plot", str(tmp_path)]
     with np.errstate(all="raise"):  # nothing leaks from the fit
         code, out, err = cli(capsys, *args, "-f", "json")
@@ -286,21 +274,33 @@ def test_fit_warns_of_a_negative_exponent_and_a_rerun_replaces_it(capsys, law_ro
     assert result["warnings"] and "x^--" not in err + out
     assert (tmp_path / "scaling.png").is_file()
     cli(capsys, *args)
-    fits = dlstore.open(law_root).sql("SELECT * FROM fits WHERE label = ?", [result["label"]])
+    fits = dlstore.open(law_store).sql("SELECT * FROM fits WHERE label = ?", [result["label"]])
     assert fits.height == 1 and fits["warnings"][0].to_list() == result["warnings"]
-    assert dlstore.open(law_root).sql("SELECT count(*) AS n FROM _fits WHERE label = ?",
+    assert dlstore.open(law_store).sql("SELECT count(*) AS n FROM _fits WHERE label = ?",
                                       [result["label"]])["n"][0] == 2
 
 
-def test_fit_checks_the_plot_path_and_column_types_first(capsys, law_root, tmp_path):
-    code, _, err = cli(capsys, "fit", "scaling", "--store", law_root, "--query", LAW,
+def test_fit_checks_the_plot_path_and_column_types_first(capsys, law_store, tmp_path):
+    code, _, err = cli(capsys, "fit", "scaling", "--store", str(law_store), "--query", LAW,
                        "--plot", str(tmp_path / "missing" / "f.png"))
     assert code == 1 and "does not exist" in err
-    code, _, err = cli(capsys, "fit", "scaling", "--store", law_root, "--query",
+    code, _, err = cli(capsys, "fit", "scaling", "--store", str(law_store), "--query",
                        "SELECT zoo AS x, value AS y FROM final", "--x", "x", "--y", "y")
     assert code == 1 and "column x of the query is String, not a number" in err
-    code, _, err = cli(capsys, "fit", "scaling", "--store", law_root, "--query", LAW,
+    code, _, err = cli(capsys, "fit", "scaling", "--store", str(law_store), "--query", LAW,
                        "--plot", str(tmp_path / "f.txt"))
     assert code == 1 and ".png, .pdf, .svg" in err
-    assert dlstore.open(law_root).sql("SELECT * FROM fits WHERE query = ? OR query LIKE "
+    assert dlstore.open(law_store).sql("SELECT * FROM fits WHERE query = ? OR query LIKE "
                                       "'SELECT zoo%'", [LAW]).height == 0
+
+
+def test_plot_metric_takes_any_metric_name_as_data_not_sql(capsys, built_store, tmp_path):
+    root = str(built_store.root)
+    for name in ('test_acc" FROM runs --', "x'; SELECT 1; --", "../../etc"):
+        code, _, err = cli(capsys, "plot", "metric", "--metric", name, "--x", "lr", "--y",
+                           "width", "--out", str(tmp_path), "--store", root)
+        assert code == 1 and "no values of" in err and len(err.splitlines()) == 1
+    code, out, _ = cli(capsys, "plot", "metric", "--metric", "test_acc", "--x", "lr", "--y",
+                       "width", "--out", str(tmp_path), "--store", root, "-f", "json")
+    assert code == 0 and {"lr", "width", "test_acc", "n"} <= set(json.loads(out)[0])
+    assert (tmp_path / "test_acc.png").is_file()
