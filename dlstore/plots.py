@@ -58,7 +58,10 @@ def _band(ax, x, mean, std, colour, alpha: float = 0.2) -> None:
     if np.isnan(std).all():
         return
     mean = np.asarray(mean, dtype=float)
-    ax.fill_between(np.asarray(x, dtype=float), mean - std, mean + std, color=colour,
+    low = mean - std
+    # on a log axis a band reaching zero says nothing: drawn only where its lower end is positive
+    where = low > 0 if ax.get_yscale() == "log" else None
+    ax.fill_between(np.asarray(x, dtype=float), low, mean + std, where=where, color=colour,
                     alpha=alpha, linewidth=0)
 
 
@@ -374,10 +377,10 @@ def collapse_figure(table) -> Figure:
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(COLUMN, 4.0), sharex=True)
     table = table.filter(table["step"] > 0)
     steps = table["step"].to_numpy()
+    top.set_yscale("log")
     for k, name in enumerate(COLLAPSE_COLUMNS):
         top.plot(steps, table[name], "o-", color=_colour(k), label=name)
         _band(top, steps, table[name], _column(table, f"{name}_std"), _colour(k), alpha=0.15)
-    top.set_yscale("log")
     top.set_ylabel("collapse metric")
     for k, (split, marker) in enumerate((("train", "o-"), ("test", "s-"))):
         bottom.plot(steps, 1 - table[f"{split}_acc"], marker, color=_colour(k),
