@@ -19,15 +19,43 @@ from rich.table import Table
 
 from dlstore.errors import BuildInterrupted, DlstoreError, NotFoundError, StoreError, UsageError
 from dlstore.interrupts import exit_code, sigterm_as_interrupt
+from dlstore.output import cell as _cell
+from dlstore.output import json_text, print_frame
 
 DEFAULT_STORE = "dlstore-store"
 
+# plain help (rich_markup_mode None): help texts keep their brackets ("SPEC's [metrics]"),
+# flags carry no <bool> metavar
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]},
     help="dlstore: build populations of neural networks and query them with SQL.",
 )
 out = Console()
 err = Console(stderr=True)
+
+
+def _usage_name(self) -> str:
+    """SPEC / [RUN_ID]... in usage lines, as click writes them (typer writes {spec})."""
+    name = self.name.upper() if self.required else f"[{self.name.upper()}]"
+    return name + ("..." if self.nargs != 1 else "")
+
+
+if hasattr(typer.core.TyperArgument, "_usage_display_name"):
+    typer.core.TyperArgument._usage_display_name = _usage_name
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        out.print(f"dlstore {_version()}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_show_version,
+                                       is_eager=True, help="Print the version and exit.")
+          ) -> None:
+    """dlstore: build populations of neural networks and query them with SQL."""
 
 StoreOption = typer.Option(DEFAULT_STORE, "--store", "-s", envvar="DLSTORE_STORE",
                            help="Store directory or object-store URI, e.g. s3://bucket/prefix "
@@ -58,6 +86,8 @@ class Format(str, enum.Enum):
 # More new runs than this from an interactive terminal are confirmed before a build starts: a
 # typo in a grid (a seed count, one more axis) should not start a day of training unasked.
 CONFIRM_RUNS = 10_000
+FormatOption = typer.Option(Format.table, "--format", "-f",
+                            help="table (fitted to the terminal), or csv / json: every column.")
 
 
 @app.command("build-zoo")
@@ -120,16 +150,25 @@ def _build_zoo(zoo, store: str, storage_option: list[str] | None, device: Device
     if target is None:
         target = _open(store, storage_option, create=True)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(),
-               TextColumn("{task.percentage:>5.1f}%"), TimeElapsedColumn(), TimeRemainingColumn())
+               TextColumn("{task.fields[runs]}"), TextColumn("{task.percentage:>5.1f}%"),
+               TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err, transient=False) as bar:
-        task = bar.add_task(f"{zoo.name}: training", total=None)
+        task = bar.add_task(f"{zoo.name}: training", total=None, runs="")
 
         def advance(done: int, total: int) -> None:
             bar.update(task, completed=done, total=max(total, 1))
 
+        def runs_done(done: int, total: int) -> None:
+            # the bar moves with optimizer steps; the count says runs done of runs to build
+            bar.update(task, runs=f"{done}/{total} runs", visible=total > 0)
+
         report = build_zoo(zoo, target, device=device.value, progress=advance,
                            backend=backend.value, address=address, shard=part, grow=grow,
-                           plan=plan)
+                           plan=plan, runs_progress=runs_done)
+    if report.runs_built == 0 and report.runs_skipped == report.runs_total:
+        out.print(f"zoo [bold]{report.zoo}[/]: nothing to build, all {report.runs_total} runs "
+                  f"are in the store -> {store}")
+        return
     out.print(
         f"zoo [bold]{report.zoo}[/]: {report.runs_built} runs built "
         f"({report.runs_diverged} diverged), {report.runs_skipped} already in the store, "
@@ -167,16 +206,29 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-@app.command()
+# a query may start with "-- a comment": unknown options are taken as the query
+@app.command(context_settings={"ignore_unknown_options": True})
 def sql(
-    query: str = typer.Argument(..., help="SQL over the views runs, checkpoints, metrics, "
-                                          "final, curves, metrics_wide, group_metrics, zoos, "
-                                          "fits."),
+    query: str = typer.Argument(None, help="SQL over the views runs, checkpoints, metrics, "
+                                           "final, curves, metrics_wide, group_metrics, zoos, "
+                                           "fits, tags; - reads it from stdin."),
+    file: Path = typer.Option(None, "--file", "-F", help="Read the query from this file."),
     store: str = StoreOption,
     storage_option: list[str] = StorageOptions,
-    format: Format = typer.Option(Format.table, "--format", "-f"),
+    format: Format = FormatOption,
 ) -> None:
-    """Answer a SQL query over the store."""
+    """Answer a SQL query over the store (SQL from an argument, a file or stdin)."""
+    if (query is None) == (file is None):
+        raise UsageError("give one query: as an argument, - for stdin, or --file PATH")
+    if file is not None:
+        try:
+            query = file.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--file {file}: {getattr(e, 'strerror', None) or e}") from None
+    elif query == "-":
+        query = sys.stdin.read()
+    if not query.strip():
+        raise UsageError("the query is empty")
     _print_frame(_open(store, storage_option).sql(query), format)
 
 
@@ -185,34 +237,76 @@ def runs(
     store: str = StoreOption,
     storage_option: list[str] = StorageOptions,
     zoo: str = typer.Option(None, help="Only runs of this zoo."),
-    format: Format = typer.Option(Format.table, "--format", "-f"),
+    format: Format = FormatOption,
 ) -> None:
-    """List the runs in the store."""
-    frame = _open(store, storage_option).runs(zoo).select(
-        "run_id", "zoo", "status", "arch", "dataset", "width", "depth", "n_params", "n_train",
-        "label_noise", "optimizer", "lr", "weight_decay", "batch_size", "total_steps", "seed")
+    """List the runs in the store (every column of the runs view; a table shows what fits)."""
+    s = _open(store, storage_option)
+    frame = s.runs(zoo)
+    if zoo is not None and not frame.height:
+        _unknown_zoo(s, zoo, store)
     _print_frame(frame, format)
+
+
+def _unknown_zoo(s, zoo: str, store: str):
+    zoos = s.sql("SELECT DISTINCT zoo FROM runs ORDER BY zoo")["zoo"].to_list()
+    raise NotFoundError(f"no runs of zoo {zoo!r} in store {store}; its zoos: "
+                        + (", ".join(zoos) if zoos else "none"))
+
+
+# what `show` leads with: what was trained and how it ended
+_SHOW_FIRST = ("run_id", "zoo", "status", "arch", "dataset", "width", "depth", "n_params",
+               "n_train", "label_noise", "optimizer", "lr", "momentum", "weight_decay",
+               "batch_size", "schedule", "epochs", "total_steps", "seed", "final_step",
+               "diverged_step")
 
 
 @app.command()
 def show(run_id: str = typer.Argument(..., help="A run id, as listed by `dlstore runs`."),
          store: str = StoreOption,
-         storage_option: list[str] = StorageOptions) -> None:
-    """Show one run: its config, its checkpoints and its final metrics."""
+         storage_option: list[str] = StorageOptions,
+         tensors: bool = typer.Option(False, "--tensors",
+                                      help="Also list the per-tensor metrics."),
+         config: bool = typer.Option(False, "--config", help="Also print the full run config."),
+         format: Format = FormatOption) -> None:
+    """Show one run: hyperparameters, final whole-model metrics, checkpoints (json: all of it;
+    csv: every final metric row)."""
     s = _open(store, storage_option)
     run = s.run(run_id)
-    table = Table(show_header=False, box=None)
-    for key, value in run.items():
-        if key == "config":
-            value = json.dumps(json.loads(value), indent=1)
-        table.add_row(f"[bold]{key}[/]", str(value))
-    out.print(table)
-    steps = s.sql("SELECT step FROM checkpoints WHERE run_id = ? ORDER BY step", [run_id])
-    out.print(f"[bold]checkpoints[/] at steps {steps['step'].to_list()}")
-    final = s.sql("SELECT metric, tensor, value FROM final WHERE run_id = ? "
-                  "ORDER BY metric, tensor", [run_id])
-    out.print(f"[bold]metrics at step {run['final_step']}[/]")
-    _print_frame(final, Format.table)
+    steps = s.sql("SELECT step FROM checkpoints WHERE run_id = ? ORDER BY step",
+                  [run_id])["step"].to_list()
+    final = s.sql("SELECT run_id, step, metric, tensor, value FROM final WHERE run_id = ? "
+                  "ORDER BY tensor NULLS FIRST, metric", [run_id])
+    whole = final.filter(pl.col("tensor").is_null())
+    per_tensor = final.filter(pl.col("tensor").is_not_null())
+    if format is Format.json:
+        sys.stdout.write(json_text({
+            "run": run, "checkpoints": steps,
+            "metrics": dict(zip(whole["metric"], whole["value"])),
+            "tensor_metrics": per_tensor.select("metric", "tensor", "value").to_dicts()}) + "\n")
+        return
+    if format is Format.csv:
+        _print_frame(final, format)
+        return
+    table = Table(show_header=False, box=None, highlight=False)
+    for key in _SHOW_FIRST:
+        if run.get(key) is not None:
+            table.add_row(key, _cell(run[key]))
+    for key, value in run["tags"].items():
+        table.add_row(f"tag {key}", value)
+    out.print(table, markup=False)
+    out.print(f"checkpoints at steps {steps}", highlight=False, markup=False)
+    out.print(f"metrics at step {run['final_step']}:", highlight=False, markup=False)
+    metrics = Table(show_header=False, box=None, highlight=False)
+    for metric, value in zip(whole["metric"], whole["value"]):
+        metrics.add_row(metric, _cell(value))
+    out.print(metrics, markup=False)
+    if tensors:
+        _print_frame(per_tensor.select("metric", "tensor", "value"), Format.table)
+    elif per_tensor.height:
+        out.print(f"{per_tensor.height} per-tensor metrics (--tensors lists them); other "
+                  f"columns of the run: --config, --format json", style="dim", markup=False)
+    if config:
+        out.print(json.dumps(run["config"], indent=1), markup=False, highlight=False)
 
 
 @app.command()
@@ -259,6 +353,164 @@ def gc(
                  if report.live_builds else ""))
 
 
+# -- managing zoos and runs ---------------------------------------------------------------------
+
+_ZOOS_QUERY = """
+    WITH z AS (SELECT zoo, arg_max(spec_hash, created_at) AS spec_hash,
+                      min(created_at) AS created_at FROM zoos GROUP BY zoo),
+    r AS (SELECT zoo, count(*) AS runs, count(*) FILTER (WHERE status = 'complete') AS complete,
+                 count(*) FILTER (WHERE status = 'diverged') AS diverged,
+                 count(*) FILTER (WHERE status NOT IN ('complete', 'diverged')) AS other,
+                 min(created_at) AS first_run FROM runs GROUP BY zoo),
+    c AS (SELECT r.zoo, count(*) AS checkpoints, sum(c.n_bytes)::BIGINT AS size_bytes
+          FROM checkpoints c JOIN runs r USING (run_id) GROUP BY r.zoo)
+    SELECT zoo, z.spec_hash, coalesce(r.runs, 0) AS runs, coalesce(r.complete, 0) AS complete,
+           coalesce(r.diverged, 0) AS diverged, coalesce(r.other, 0) AS other,
+           coalesce(c.checkpoints, 0) AS checkpoints, coalesce(c.size_bytes, 0) AS size_bytes,
+           coalesce(z.created_at, r.first_run) AS created_at
+    FROM z FULL JOIN r USING (zoo) LEFT JOIN c USING (zoo) ORDER BY zoo"""
+
+
+@app.command()
+def zoos(store: str = StoreOption,
+         storage_option: list[str] = StorageOptions,
+         format: Format = FormatOption) -> None:
+    """Every zoo in the store: spec hash, runs by status, checkpoints, size, created."""
+    frame = _open(store, storage_option).sql(_ZOOS_QUERY)
+    if format is Format.table:
+        frame = frame.with_columns(
+            pl.Series("size", [_size(b) for b in frame["size_bytes"]], dtype=pl.String),
+            pl.col("spec_hash").str.slice(0, 12),
+            pl.col("created_at").dt.strftime("%Y-%m-%d %H:%M")).drop("size_bytes")
+    _print_frame(frame, format)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+@app.command()
+def rm(
+    run_ids: list[str] = typer.Argument(None, help="Run ids to remove."),
+    zoo: str = typer.Option(None, "--zoo", help="Remove every run of this zoo (and its spec)."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Remove; without it rm only says what "
+                             "it would remove (a dry run)."),
+    store: str = StoreOption,
+    storage_option: list[str] = StorageOptions,
+) -> None:
+    """Remove runs from every view by one commit (their rows stay in the tables, their shards
+    until `dlstore gc`); a rebuild of the zoo trains them again. Dry run unless --yes."""
+    if (zoo is None) == (not run_ids):
+        raise UsageError("give run ids or --zoo NAME (not both)")
+    s = _open(store, storage_option)
+    if zoo is not None:
+        ids = s.sql("SELECT run_id FROM runs WHERE zoo = ? ORDER BY run_id", [zoo])["run_id"]
+        if not ids.len():
+            _unknown_zoo(s, zoo, store)
+        ids = ids.to_list()
+    else:
+        ids = sorted(set(run_ids))
+        known = set(s.sql("SELECT run_id FROM runs WHERE list_contains(?, run_id)",
+                          [ids])["run_id"])
+        missing = [r for r in ids if r not in known]
+        if missing:
+            raise NotFoundError(f"no run {missing[0]!r} in store {store}"
+                                + (f" ({len(missing)} of {len(ids)} unknown)"
+                                   if len(missing) > 1 else ""))
+    checkpoints = s.sql("SELECT count(*) AS n, coalesce(sum(n_bytes), 0) AS b FROM checkpoints "
+                        "WHERE list_contains(?, run_id)", [ids]).row(0)
+    what = (f"{len(ids)} runs" + (f" of zoo {zoo}" if zoo else "")
+            + f" ({checkpoints[0]} checkpoints, {_size(checkpoints[1])} of weights)")
+    if not yes:
+        out.print(f"would remove {what}: {', '.join(ids[:5])}{', ...' if len(ids) > 5 else ''}"
+                  "; rerun with --yes to remove them", markup=False, highlight=False,
+                  soft_wrap=True)
+        return
+    # Nothing is written before this line: a check that no build of these runs' zoos is
+    # running (a build lease) goes here, before the removal commit.
+    s.remove_runs(ids, zoo=zoo)
+    out.print(f"removed {what}; `dlstore gc` frees the shards only they used", markup=False,
+              highlight=False, soft_wrap=True)
+
+
+@app.command()
+def export(
+    run_id: str = typer.Argument(..., help="A run id, as listed by `dlstore runs`."),
+    out_path: Path = typer.Option(..., "--out", help="model.safetensors (with metadata: run, "
+                                  "step, architecture) or model.pt (torch.save of the state "
+                                  "dict)."),
+    step: int = typer.Option(None, help="Checkpoint step (default: the run's last)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+    store: str = StoreOption,
+    storage_option: list[str] = StorageOptions,
+) -> None:
+    """Write one checkpoint as a file others can load without dlstore."""
+    import os
+    import tempfile
+
+    suffix = out_path.suffix.lower()
+    if suffix not in (".safetensors", ".pt"):
+        raise UsageError(f"--out {out_path}: give a file ending in .safetensors or .pt")
+    if out_path.is_dir() or (out_path.exists() and not force):
+        raise UsageError(f"--out {out_path} exists; give --force to overwrite it")
+    if not out_path.parent.is_dir():
+        raise UsageError(f"--out {out_path}: directory {out_path.parent} does not exist")
+    s = _open(store, storage_option)
+    run = s.run(run_id)
+    row = s.checkpoint(run_id, step)
+    state = {name: tensor.clone().contiguous()
+             for name, tensor in s.load_state_dict(run_id, row["step"]).items()}
+    handle, temporary = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.")
+    os.close(handle)
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(state, temporary, metadata={
+                "run_id": run_id, "step": str(row["step"]), "zoo": run["zoo"],
+                "model": json.dumps(run["config"].get("model", {})),
+                "input_shape": json.dumps(run["input_shape"]),
+                "n_classes": str(run["n_classes"]), "dlstore_version": _version()})
+        else:
+            import torch
+
+            torch.save(state, temporary)
+        os.replace(temporary, out_path)
+    except OSError as e:
+        raise UsageError(f"cannot write {out_path}: {e.strerror or e}") from None
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    out.print(f"run {run_id} step {row['step']}: {len(state)} tensors -> {out_path}",
+              markup=False, highlight=False)
+
+
+@app.command()
+def tag(
+    run_id: str = typer.Argument(..., help="A run id, as listed by `dlstore runs`."),
+    pairs: list[str] = typer.Argument(None, metavar="KEY=VALUE...",
+                                      help="Tags to set; KEY= removes a tag."),
+    note: str = typer.Option(None, "--note", help="A free-text note (the tag 'note')."),
+    store: str = StoreOption,
+    storage_option: list[str] = StorageOptions,
+    format: Format = FormatOption,
+) -> None:
+    """Tag a run (or list its tags): shown in `runs` and queryable as runs.tags['KEY']."""
+    tags = _key_values(pairs, "", " (KEY= removes the tag)")
+    if note is not None:
+        tags["note"] = note
+    s = _open(store, storage_option)
+    if tags:
+        s.set_tags(run_id, tags)
+    current = s.run(run_id)["tags"]
+    _print_frame(pl.DataFrame({"key": list(current), "value": list(current.values())},
+                              schema={"key": pl.String, "value": pl.String}), format)
+
+
 fit_app = typer.Typer(no_args_is_help=True, help="Fit analyses to runs selected with SQL.")
 app.add_typer(fit_app, name="fit")
 
@@ -272,17 +524,30 @@ def fit_scaling(
     storage_option: list[str] = StorageOptions,
     x: str = typer.Option(None, "--x", help="Column of the query for L(x) = E + A x^-alpha."),
     y: str = typer.Option(None, "--y", help="Loss column for the one-variable law."),
-    plot: Path = typer.Option(Path("scaling.png"), help="Where to write the figure (PNG)."),
+    plot: Path = typer.Option(Path("scaling.png"), help="Where to write the figure (.png, .pdf, "
+                                                        ".svg; a directory: scaling.png in it)."),
     bootstrap: int = typer.Option(200, min=0, help="Bootstrap resamples for the intervals."),
     level: float = typer.Option(0.95, min=0.5, max=0.999, help="Confidence level."),
     seed: int = typer.Option(0, help="Seed of the bootstrap."),
+    label: str = typer.Option(None, help="Name of the fit in the fits view; a fit stored under "
+                              "the same label is replaced (default: kind + a hash of the query "
+                              "and options, so a re-run of the same fit replaces it)."),
+    format: Format = FormatOption,
 ) -> None:
-    """Fit a scaling law to the runs a query selects; save it in the fits table; plot it."""
+    """Fit a scaling law to the runs a query selects; save it in the fits table; plot it.
+    Refuses a resource with fewer than 3 distinct values; warns (one line each, also stored
+    with the fit) of a negative exponent, one at its bound 0, or an unbounded interval."""
     import numpy as np
 
-    from dlstore.analysis.scaling import fit_chinchilla, fit_power_law
+    from dlstore.analysis.scaling import (
+        check_distinct,
+        fit_chinchilla,
+        fit_power_law,
+        fit_warnings,
+    )
     from dlstore.errors import QueryError
     from dlstore.plots import scaling_figure
+    plot = _figure_path(plot, "scaling.png")  # checked before anything is fitted or stored
     s = _open(store, storage_option)
     frame = s.sql(query)
     if (x is None) != (y is None):
@@ -291,31 +556,70 @@ def fit_scaling(
     missing = [c for c in wanted if c not in frame.columns]
     if missing:
         raise QueryError(f"the query returned columns {frame.columns}; missing {missing}")
-    cols = [frame[c].cast(float).to_numpy() for c in wanted]
+    cols = []
+    for c in wanted:
+        if not frame[c].dtype.is_numeric():
+            raise QueryError(f"column {c} of the query is {frame[c].dtype}, not a number")
+        cols.append(frame[c].cast(float).to_numpy())
     options = {"ci_level": level, "n_bootstrap": bootstrap, "seed": seed}
     if x is not None:
+        check_distinct({x: cols[0]}, "power_law")
         result = fit_power_law(*cols, **options)
+    else:
+        check_distinct({"N": cols[0], "D": cols[1]}, "chinchilla")
+        result = fit_chinchilla(*cols, **options)
+    warnings = fit_warnings(result)
+    label = label or _fit_label(result.kind, [query, x, y, options])
+    info = result.to_dict()
+    if x is not None:
         figure = scaling_figure(result, cols[0], cols[1], x_label=x)
     else:
-        result = fit_chinchilla(*cols, **options)
         figure = scaling_figure(result, cols[0], cols[2], d=cols[1])
-    info = result.to_dict()
+    _save(figure, plot)
     fit_id = s.record_fit({
         "kind": result.kind, "query": query, "params": json.dumps(info["params"]),
         "ci": json.dumps(info["ci"]), "ci_level": level, "objective": result.objective,
-        "n": result.n, "dlstore_version": _version()})
+        "n": result.n, "dlstore_version": _version(), "label": label, "warnings": warnings})
+    for warning in warnings:
+        err.print(f"warning: {warning}", highlight=False, markup=False, soft_wrap=True)
+    rows = [{"parameter": name, "estimate": value,
+             "low": result.ci.get(name, (None, None))[0],
+             "high": result.ci.get(name, (None, None))[1]}
+            for name, value in result.params.items()]
+    exponents = (result.compute_optimal_exponents
+                 if result.kind == "chinchilla" and not warnings else None)
+    if format is Format.json:
+        sys.stdout.write(json_text({
+            "fit_id": fit_id, "label": label, "kind": result.kind, "n": result.n,
+            "objective": result.objective, "ci_level": level, "params": result.params,
+            "ci": {k: list(v) for k, v in result.ci.items()}, "warnings": warnings,
+            "compute_optimal_exponents": list(exponents) if exponents else None,
+            "figure": str(plot)}) + "\n")
+        return
+    if format is Format.csv:
+        _print_frame(pl.DataFrame(rows, schema={"parameter": pl.String, "estimate": pl.Float64,
+                                                "low": pl.Float64, "high": pl.Float64}), format)
+        return
     table = Table("parameter", "estimate", f"{level:.0%} interval", header_style="bold")
-    for name, value in result.params.items():
-        low, high = result.ci.get(name, (np.nan, np.nan))
-        table.add_row(name, f"{value:.6g}", f"[{low:.4g}, {high:.4g}]")
-    out.print(table)
+    for row in rows:
+        low, high = (np.nan if v is None else v for v in (row["low"], row["high"]))
+        table.add_row(row["parameter"], f"{row['estimate']:.6g}", f"[{low:.4g}, {high:.4g}]")
+    out.print(table, markup=False)
     out.print(f"{result.kind} fit of {result.n} points, objective {result.objective:.4g}; "
-              f"saved as fit {fit_id} (SELECT * FROM fits)")
-    if result.kind == "chinchilla":
-        a, b = result.compute_optimal_exponents
-        out.print(f"compute-optimal: N_opt ~ C^{a:.3f}, D_opt ~ C^{b:.3f}")
-    _save(figure, plot, 120)
-    out.print(f"figure -> {plot}")
+              f"saved as fit {fit_id}, label {label} (SELECT * FROM fits)", markup=False,
+              highlight=False, soft_wrap=True)
+    if exponents:
+        a, b = exponents
+        out.print(f"compute-optimal: N_opt ~ C^{a:.3f}, D_opt ~ C^{b:.3f}", highlight=False)
+    out.print(f"figure -> {plot}", markup=False, highlight=False)
+
+
+def _fit_label(kind: str, what: list) -> str:
+    """The default label of a fit: its kind and a hash of what defines it (query, options), so
+    that a re-run of the same fit replaces the earlier one in the fits view."""
+    import hashlib
+
+    return f"{kind}-{hashlib.sha256(json.dumps(what).encode()).hexdigest()[:10]}"
 
 
 wsl_app = typer.Typer(no_args_is_help=True,
@@ -357,23 +661,33 @@ def wsl_fit(
     seed: int = WslSeed,
     pad: bool = typer.Option(False, help="Zero-pad runs of several widths into one layout "
                                          "(flat and canonical features)."),
-    plot: Path = typer.Option(Path("wsl.png"), help="Where to write predicted vs true (PNG)."),
+    plot: Path = typer.Option(Path("wsl.png"), help="Where to write predicted vs true (.png, "
+                                                    ".pdf, .svg; a directory: wsl.png in it)."),
+    label: str = typer.Option(None, help="Name of the fit in the fits view (default: a hash "
+                              "of the query and options; a re-run replaces it)."),
+    format: Format = FormatOption,
 ) -> None:
     """Predict a target from checkpoints' weights; score it on held-out runs; save the fit."""
-    from dlstore.analysis.wsl import WeightDataset, WeightSpaceError, fit_predictor
+    from dlstore.analysis.wsl import WeightDataset, fit_predictor
     from dlstore.layout import Layout
     from dlstore.plots import wsl_figure
 
-    if not plot.parent.is_dir():
-        raise WeightSpaceError(f"--plot {plot}: directory {plot.parent} does not exist")
+    plot = _figure_path(plot, "wsl.png")
     s = _open(store, storage_option)
     layout = Layout.union(s.weight_layouts(query)[0]) if pad and features.value != "stats" else None
     dataset = WeightDataset(s, query, target=target, features=features.value, task=task.value,
                             splits=_split_fractions(split), seed=seed, layout=layout)
     result = fit_predictor(dataset, model=model.value, seed=seed)
     info = result.to_dict()
+    label = label or _fit_label("wsl", [query, target, features.value, model.value, task.value,
+                                        split, seed, pad])
+    _save(wsl_figure(result), plot)
     fit_id = s.record_fit({"kind": "wsl", "query": query, "params": json.dumps(info),
-                           "n": len(dataset), "dlstore_version": _version()})
+                           "n": len(dataset), "dlstore_version": _version(), "label": label})
+    if format is not Format.table:
+        sys.stdout.write(json_text({"fit_id": fit_id, "label": label, **info,
+                                    "figure": str(plot)}) + "\n")
+        return
     if result.task == "regression":
         out.print(f"Kendall tau {result.kendall_tau:.4f}, R^2 {result.r2:.4f}", highlight=False)
     else:
@@ -382,9 +696,8 @@ def wsl_fit(
     out.print(f"{result.model} on {result.features} features predicting {result.target}: "
               f"fitted on {result.n_train} checkpoints of {result.n_train_runs} runs, scored on "
               f"{result.n_test} checkpoints of {result.n_test_runs} held-out runs; saved as fit "
-              f"{fit_id} (SELECT * FROM fits)", highlight=False, soft_wrap=True)
-    _save(wsl_figure(result), plot, 120)
-    out.print(f"figure -> {plot}")
+              f"{fit_id}, label {label} (SELECT * FROM fits)", highlight=False, soft_wrap=True)
+    out.print(f"figure -> {plot}", markup=False, highlight=False)
 
 
 @wsl_app.command("export")
@@ -492,8 +805,10 @@ def metrics_groups(
 
 
 plot_app = typer.Typer(no_args_is_help=True,
-                       help="Figures of a store's runs over two grid axes (PNG).")
+                       help="Figures of a store's runs (PNG, or PDF / SVG for vector output).")
 app.add_typer(plot_app, name="plot")
+
+_OUT_HELP = "Where to write the figure: .png, .pdf or .svg, or a directory to write {} in."
 
 
 @plot_app.command("phases")
@@ -503,17 +818,20 @@ def plot_phases(
     store: str = StoreOption,
     storage_option: list[str] = StorageOptions,
     zoo: str = typer.Option(None, help="Zoo (needed when several have group metrics)."),
-    out_path: Path = typer.Option(Path("phases.png"), "--out", help="Where to write the PNG."),
+    out_path: Path = typer.Option(Path("phases.png"), "--out",
+                                  help=_OUT_HELP.format("phases.png")),
+    format: Format = FormatOption,
 ) -> None:
     """Phase diagram after Yang et al. 2021, thresholds from the zoo's [phases] spec table."""
     from dlstore.analysis.phases import phase_counts, phase_table
     from dlstore.plots import phase_figure
 
+    out_path = _figure_path(out_path, "phases.png")
     table = phase_table(_open(store, storage_option), x, y, zoo)
-    _print_frame(table, Format.table)
+    _print_frame(table, format)
     counts = ", ".join(f"{p}: {n}" for p, n in phase_counts(table).items())
-    _save(phase_figure(table, x, y), out_path, 120)
-    out.print(f"phases ({counts}) -> {out_path}")
+    _save(phase_figure(table, x, y), out_path)
+    _note(f"phases ({counts}) -> {out_path}", format)
 
 
 @plot_app.command("metric")
@@ -526,18 +844,27 @@ def plot_metric(
     storage_option: list[str] = StorageOptions,
     zoo: str = typer.Option(None, help="Only runs of this zoo."),
     tensor: str = typer.Option(None, help="State-dict name, for per-tensor metrics."),
-    out_path: Path = typer.Option(None, "--out", help="Where to write the PNG "
-                                  "(default METRIC.png)."),
+    out_path: Path = typer.Option(None, "--out", help=_OUT_HELP.format("METRIC.png")
+                                  + " Default METRIC.png."),
+    format: Format = FormatOption,
 ) -> None:
     """Heatmap of a metric's mean at each run's last checkpoint over two grid axes."""
     from dlstore.analysis.phases import metric_table
     from dlstore.plots import metric_figure
 
+    default = f"{_file_name(metric)}.png"
+    out_path = _figure_path(out_path or Path(default), default)
     table = metric_table(_open(store, storage_option), metric, x, y, zoo, tensor)
-    _print_frame(table, Format.table)
-    out_path = out_path or Path(f"{metric}.png")
-    _save(metric_figure(table, metric, x, y), out_path, 120)
-    out.print(f"figure -> {out_path}")
+    _print_frame(table, format)
+    _save(metric_figure(table, metric, x, y), out_path)
+    _note(f"figure -> {out_path}", format)
+
+
+def _file_name(text: str) -> str:
+    """A metric name as a file name: path separators and odd characters replaced."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", text).lstrip(".") or "metric"
 
 
 def _zoo_option(recipe: str):
@@ -545,7 +872,18 @@ def _zoo_option(recipe: str):
 
 
 def _out_option(recipe: str):
-    return typer.Option(Path(f"{recipe}.png"), "--out", help="Where to write the PNG.")
+    return typer.Option(Path(f"{recipe}.png"), "--out", help=_OUT_HELP.format(f"{recipe}.png"))
+
+
+def _recipe(store: str, storage_option: list[str], zoo: str, recipe: str, out_path: Path):
+    """The store, and where the figure goes, once the zoo is known to hold what the recipe's
+    figure is about."""
+    from dlstore.analysis.phenomena import check_recipe
+
+    out_path = _figure_path(out_path, f"{recipe}.png")
+    s = _open(store, storage_option)
+    check_recipe(s, zoo, recipe)
+    return s, out_path
 
 
 @plot_app.command("double-descent")
@@ -554,6 +892,7 @@ def plot_double_descent(
     storage_option: list[str] = StorageOptions,
     zoo: str = _zoo_option("double-descent"),
     out_path: Path = _out_option("double-descent"),
+    format: Format = FormatOption,
 ) -> None:
     """Test error against width at the last step, and along training for the widest nets."""
     from dlstore.analysis.phenomena import (
@@ -563,11 +902,10 @@ def plot_double_descent(
     )
     from dlstore.plots import double_descent_figure
 
-    s = _open(store, storage_option)
+    s, out_path = _recipe(store, storage_option, zoo, "double-descent", out_path)
     table = double_descent_table(s, zoo)
-    _print_frame(table, Format.table)
-    _save(double_descent_figure(table, epochwise_table(s, zoo)), out_path, 100)
-    _print_signature(double_descent_signature(table), out_path)
+    _save(double_descent_figure(table, epochwise_table(s, zoo)), out_path)
+    _print_result(table, double_descent_signature(table), out_path, format)
 
 
 @plot_app.command("grokking")
@@ -576,15 +914,22 @@ def plot_grokking(
     storage_option: list[str] = StorageOptions,
     zoo: str = _zoo_option("grokking"),
     out_path: Path = _out_option("grokking"),
+    format: Format = FormatOption,
 ) -> None:
     """Train and test accuracy along training, one curve pair per weight decay."""
     from dlstore.analysis.phenomena import grokking_signature, grokking_table
     from dlstore.plots import grokking_figure
 
-    table = grokking_table(_open(store, storage_option), zoo)
-    _print_frame(grokking_signature(table), Format.table)
-    _save(grokking_figure(table), out_path, 100)
-    out.print(f"figure -> {out_path}")
+    s, out_path = _recipe(store, storage_option, zoo, "grokking", out_path)
+    table = grokking_table(s, zoo)
+    _print_frame(grokking_signature(table), format)
+    operations = s.sql("SELECT DISTINCT json_extract_string(config, '$.dataset.operation') AS op "
+                       "FROM runs WHERE zoo = ?", [zoo])["op"].drop_nulls().to_list()
+    names = {"add": "addition", "sub": "subtraction", "mul": "multiplication"}
+    title = (f"grokking: modular {', '.join(names.get(o, o) for o in operations) or 'arithmetic'}"
+             f" ({zoo})")
+    _save(grokking_figure(table, title), out_path)
+    _note(f"figure -> {out_path}", format)
 
 
 @plot_app.command("neural-collapse")
@@ -593,15 +938,16 @@ def plot_neural_collapse(
     storage_option: list[str] = StorageOptions,
     zoo: str = _zoo_option("neural-collapse"),
     out_path: Path = _out_option("neural-collapse"),
+    format: Format = FormatOption,
 ) -> None:
     """NC1-NC4 and train/test error along training; the terminal phase shaded."""
     from dlstore.analysis.phenomena import collapse_signature, collapse_table
     from dlstore.plots import collapse_figure
 
-    table = collapse_table(_open(store, storage_option), zoo)
-    _print_frame(table, Format.table)
-    _save(collapse_figure(table), out_path, 100)
-    _print_signature(collapse_signature(table), out_path)
+    s, out_path = _recipe(store, storage_option, zoo, "neural-collapse", out_path)
+    table = collapse_table(s, zoo)
+    _save(collapse_figure(table), out_path)
+    _print_result(table, collapse_signature(table), out_path, format)
 
 
 @plot_app.command("simplicity-bias")
@@ -610,31 +956,62 @@ def plot_simplicity_bias(
     storage_option: list[str] = StorageOptions,
     zoo: str = _zoo_option("simplicity-bias"),
     out_path: Path = _out_option("simplicity-bias"),
+    format: Format = FormatOption,
 ) -> None:
     """Accuracy on the test split and on its Gaussian clone along training."""
     from dlstore.analysis.phenomena import simplicity_signature, simplicity_table
     from dlstore.plots import simplicity_figure
 
-    s = _open(store, storage_option)
+    s, out_path = _recipe(store, storage_option, zoo, "simplicity-bias", out_path)
     table = simplicity_table(s, zoo)
-    _print_frame(table, Format.table)
     n_classes = s.sql("SELECT any_value(n_classes) AS c FROM runs WHERE zoo = ?", [zoo])["c"][0]
-    _save(simplicity_figure(table), out_path, 100)
-    _print_signature(simplicity_signature(table, chance=1 / n_classes), out_path)
+    _save(simplicity_figure(table), out_path)
+    _print_result(table, simplicity_signature(table, chance=1 / n_classes), out_path, format)
 
 
-def _save(figure, path: Path, dpi: int) -> None:
+def _note(text: str, format: Format) -> None:
+    """A line about what was written: on stdout beside a table, on stderr beside CSV / JSON
+    (which stay parseable)."""
+    (out if format is Format.table else err).print(text, markup=False, highlight=False,
+                                                  soft_wrap=True)
+
+
+FIGURE_FORMATS = (".png", ".pdf", ".svg")
+
+
+def _figure_path(path: Path, default_name: str) -> Path:
+    """Where a figure goes: an existing directory means `default_name` in it; the extension
+    must be one matplotlib writes (.png, .pdf, .svg: vector), the directory must exist."""
+    if path.is_dir():
+        path = path / default_name
+    if path.suffix.lower() not in FIGURE_FORMATS:
+        raise UsageError(f"cannot write the figure to {path}: give a file ending in "
+                         f"{', '.join(FIGURE_FORMATS)} or an existing directory")
+    if not path.parent.is_dir():
+        raise UsageError(f"cannot write the figure to {path}: directory {path.parent} does not "
+                         "exist")
+    return path
+
+
+def _save(figure, path: Path, dpi: int = 300) -> None:
     """Write a figure where the user asked; an unwritable path is a one-line error."""
     try:
-        figure.savefig(path, dpi=dpi)
+        figure.savefig(path, dpi=dpi, bbox_inches="tight")
     except OSError as e:
         raise UsageError(f"cannot write the figure to {path}: {e.strerror or e}") from None
 
 
-def _print_signature(signature: dict, out_path: Path) -> None:
-    for key, value in signature.items():
-        out.print(f"{key}: {_cell(value)}")
-    out.print(f"figure -> {out_path}")
+def _print_result(table: pl.DataFrame, signature: dict, out_path: Path, format: Format) -> None:
+    """A recipe's table and signature: json one object {"table": rows, "signature": ...};
+    csv the table (the signature on stderr)."""
+    if format is Format.json:
+        sys.stdout.write(json_text({"table": table.to_dicts(), "signature": signature}) + "\n")
+    else:
+        _print_frame(table, format)
+        for key, value in signature.items():
+            (out if format is Format.table else err).print(f"{key}: {_cell(value)}",
+                                                          markup=False, highlight=False)
+    _note(f"figure -> {out_path}", format)
 
 
 tickets_app = typer.Typer(no_args_is_help=True, help="Lottery tickets found while building zoos.")
@@ -733,13 +1110,19 @@ def _rounded(value: float | None) -> str:
 def _open(store: str, options: list[str] | None, create: bool = False):
     from dlstore.store.store import Store
 
+    return Store(store, create=create,
+                 storage_options=_key_values(options, "--storage-option "))
+
+
+def _key_values(items: list[str] | None, what: str, hint: str = "") -> dict[str, str]:
+    """KEY=VALUE arguments as a dict; a malformed one is a one-line UsageError."""
     pairs = {}
-    for option in options or []:
-        key, sep, value = option.partition("=")
+    for item in items or []:
+        key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise UsageError(f"--storage-option {option!r}: give KEY=VALUE")
+            raise UsageError(f"{what}{item!r}: give KEY=VALUE{hint}")
         pairs[key.strip()] = value
-    return Store(store, create=create, storage_options=pairs)
+    return pairs
 
 
 def _parse_shard(text: str) -> tuple[int, int]:
@@ -759,38 +1142,43 @@ def _version() -> str:
     return __version__
 
 
-def _print_frame(frame: pl.DataFrame, format: Format, console: Console = out) -> None:
-    if format is Format.csv:
-        sys.stdout.write(frame.write_csv())
-    elif format is Format.json:
-        sys.stdout.write(json.dumps(frame.to_dicts(), default=str) + "\n")
-    else:
-        table = Table(*frame.columns, header_style="bold")
-        for row in frame.iter_rows():
-            table.add_row(*(_cell(v) for v in row))
-        console.print(table)
-        console.print(f"[dim]{frame.height} rows[/]")
+def _print_frame(frame: pl.DataFrame, format: Format, console: Console | None = None) -> None:
+    print_frame(frame, format.value, console or out)
 
 
-def _cell(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return "" if value is None else str(value)
+try:  # typer >= 0.2x carries its own copy of click
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover
+    from click.exceptions import ClickException
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     try:
-        app()
+        # not standalone: a usage error is printed here, as one line like every other error
+        code = app(args=argv, prog_name="dlstore", standalone_mode=False)
     except BuildInterrupted as e:  # no error: what was kept, and how to go on
         err.print(escape(str(e)), highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except ClickException as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # a bare group: its help
+            e.show()
+            sys.exit(2)
+        err.print(f"[bold red]error:[/] {escape(_one_line(e.format_message()))}",
+                  highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except DlstoreError as e:
         # escaped: messages carry user text and install hints like 'dlstore[ray]'
         err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(1)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         err.print("interrupted; rerun the same command to resume")
         sys.exit(130)
+    if isinstance(code, int) and code:
+        sys.exit(code)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 if __name__ == "__main__":

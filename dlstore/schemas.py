@@ -98,6 +98,8 @@ FITS = pa.schema([
     ("n", pa.int64()),              # points fitted
     ("created_at", TS),
     ("dlstore_version", pa.string()),
+    ("label", pa.string()),         # names the fit; a re-run of a label replaces it in the view
+    ("warnings", pa.list_(pa.string())),  # what makes the fit doubtful (one line each)
 ])
 
 MASKS = pa.schema([
@@ -125,6 +127,24 @@ GROUP_METRICS = pa.schema([
     ("created_at", TS),
 ])
 
+# Runs hidden by `dlstore rm`: a run's rows created at or before `removed_at` leave every view
+# (a later rebuild of the run shows again). run_id null: the whole zoo's spec rows as well.
+REMOVED = pa.schema([
+    ("run_id", pa.string()),
+    ("zoo", pa.string()),
+    ("removed_at", TS),
+    ("commit_id", pa.string()),     # one per `rm`: the rows it wrote share it
+])
+
+# Tags and notes on runs (`dlstore tag`): the latest value of a (run_id, key) wins; an empty
+# value removes the tag.
+TAGS = pa.schema([
+    ("run_id", pa.string()),
+    ("key", pa.string()),
+    ("value", pa.string()),
+    ("created_at", TS),
+])
+
 TABLES: dict[str, pa.Schema] = {
     "zoos": ZOOS,
     "runs": RUNS,
@@ -133,6 +153,8 @@ TABLES: dict[str, pa.Schema] = {
     "fits": FITS,
     "masks": MASKS,
     "group_metrics": GROUP_METRICS,
+    "removed": REMOVED,
+    "tags": TAGS,
 }
 
 # Run columns that describe what was trained: joined onto metric rows by the `final` and

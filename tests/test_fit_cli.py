@@ -64,7 +64,7 @@ def test_one_variable_fit(law_store, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--query", "SELECT 1 AS N"], "missing"),
-    (["--query", QUERY + " LIMIT 3"], "points"),
+    (["--query", QUERY + " LIMIT 3"], "N takes 1 distinct value"),
     (["--query", QUERY, "--x", "N"], "both --x and --y"),
 ])
 def test_bad_fit_requests_are_one_line_errors(law_store, args, message):

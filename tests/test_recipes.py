@@ -119,7 +119,7 @@ TINY = textwrap.dedent("""
     batch_size = 32
     steps = 60
     [grid]
-    model.width = [4, 16]
+    model.width = [4, 8, 16]
     train.weight_decay = [0.0, 0.01]
     [metrics]
     statistics = false
@@ -129,25 +129,51 @@ TINY = textwrap.dedent("""
 """)
 
 
+# what the grokking figure is about: modular arithmetic, a weight-decay axis, seeds for bands
+TINY_GROK = textwrap.dedent("""
+    name = "tiny-grok"
+    seeds = 2
+    checkpoints = "log:4"
+    [dataset]
+    name = "modular"
+    p = 7
+    [model]
+    arch = "mlp"
+    width = 8
+    depth = 1
+    [train]
+    optimizer = "adamw"
+    lr = 0.01
+    batch_size = 16
+    steps = 30
+    [grid]
+    train.weight_decay = [0.0, 0.1]
+    [metrics]
+    statistics = false
+    spectra = false
+""")
+
+
 @pytest.fixture(scope="module")
 def tiny_store(tmp_path_factory):
     store = Store(tmp_path_factory.mktemp("recipes") / "store", create=True)
     build_zoo(ZooSpec.from_text(TINY), store, device="cpu")
+    build_zoo(ZooSpec.from_text(TINY_GROK), store, device="cpu")
     return store
 
 
 def test_recipe_tables_read_the_store(tiny_store):
     zoo = "tiny-recipe"
     table = double_descent_table(tiny_store, zoo)
-    assert table["width"].to_list() == [4, 16] and table["runs"].to_list() == [2, 2]
+    assert table["width"].to_list() == [4, 8, 16] and table["runs"].to_list() == [2, 2, 2]
     final = tiny_store.sql("SELECT width, avg(value) AS acc FROM final WHERE metric = 'test_acc' "
-                           "GROUP BY width ORDER BY width")
+                           "AND zoo = ? GROUP BY width ORDER BY width", [zoo])
     assert (1 - table["test_error"]).to_list() == pytest.approx(final["acc"].to_list())
     grok = grokking_table(tiny_store, zoo)
     assert sorted(set(grok["weight_decay"].to_list())) == [0.0, 0.01]
     assert grok["step"].min() == 0 and grok["step"].max() == 60
     collapse = collapse_table(tiny_store, zoo)
-    assert collapse["runs"].to_list() == [4] * collapse.height
+    assert collapse["runs"].to_list() == [6] * collapse.height  # 3 widths x 2 weight decays
     assert (collapse["nc1"] > 0).all()
     simple = simplicity_table(tiny_store, zoo)
     assert simple["gap"].to_list() == pytest.approx(
@@ -162,12 +188,47 @@ def test_recipe_plot_commands_write_figures(tiny_store, tmp_path):
     runner = CliRunner()
     for recipe in RECIPES:
         png = tmp_path / f"{recipe}.png"
+        zoo = "tiny-grok" if recipe == "grokking" else "tiny-recipe"
         result = runner.invoke(app, ["plot", recipe, "--store", str(tiny_store.root), "--zoo",
-                                     "tiny-recipe", "--out", str(png)])
+                                     zoo, "--out", str(png)])
         assert result.exit_code == 0, (recipe, result.output)
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     result = runner.invoke(app, ["plot", "grokking", "--store", str(tiny_store.root)])
     assert result.exit_code == 1 and "zoo 'grokking'" in str(result.exception)
+
+
+def test_recipe_plots_refuse_a_zoo_lacking_what_they_are_about(tiny_store, tmp_path):
+    runner = CliRunner()
+    cases = {"grokking": ("tiny-recipe", "trained on gaussian_mixture; the grokking figure is "
+                                         "about modular"),
+             "double-descent": ("tiny-grok", "has 1 distinct width; the double-descent figure "
+                                             "needs at least 3"),
+             "neural-collapse": ("tiny-grok", "has no nc1"),
+             "simplicity-bias": ("tiny-grok", "has no clone_acc")}
+    for recipe, (zoo, message) in cases.items():
+        out = tmp_path / f"{recipe}.png"
+        result = runner.invoke(app, ["plot", recipe, "--store", str(tiny_store.root), "--zoo",
+                                     zoo, "--out", str(out)])
+        assert result.exit_code == 1, recipe
+        assert isinstance(result.exception, NotFoundError) and message in str(result.exception)
+        assert not out.exists()
+
+
+def test_recipe_figure_goes_into_a_directory_and_as_vector(tiny_store, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["plot", "grokking", "--store", str(tiny_store.root), "--zoo",
+                                 "tiny-grok", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "grokking.png").is_file() and not (tmp_path.parent / "grokking.png"
+                                                          ).exists()
+    for suffix, magic in ((".pdf", b"%PDF"), (".svg", b"<?xml")):
+        path = tmp_path / f"g{suffix}"
+        result = runner.invoke(app, ["plot", "grokking", "--store", str(tiny_store.root),
+                                     "--zoo", "tiny-grok", "--out", str(path)])
+        assert result.exit_code == 0 and path.read_bytes().startswith(magic)
+    result = runner.invoke(app, ["plot", "grokking", "--store", str(tiny_store.root), "--zoo",
+                                 "tiny-grok", "--out", str(tmp_path / "g.txt")])
+    assert result.exit_code == 1 and ".png, .pdf, .svg" in str(result.exception)
 
 
 def test_a_zoo_without_the_recipe_metrics_is_told_how_to_add_them(tmp_path):

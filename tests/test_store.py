@@ -79,7 +79,7 @@ def test_a_query_creates_the_views_it_names_and_they_follow_new_commits(tmp_path
              "AND NOT starts_with(view_name, '_')")
     assert store.sql("SELECT count(*) AS n FROM final")["n"][0] > 0
     made = set(store.catalog.con.sql(views).pl()["view_name"])
-    assert made == {"final", "metrics", "runs"}  # final reads metrics and runs
+    assert made == {"final", "metrics", "runs", "tags"}  # final reads metrics, runs (tags)
     # a query that names no view of ours (a listing of the catalog) sees every one
     listed = set(store.sql(views)["view_name"])
     assert {"tickets", "ticket_transfer", "metrics_wide", "curves", "zoos"} <= listed

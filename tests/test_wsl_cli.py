@@ -22,21 +22,9 @@ WIDE = ("SELECT run_id, step FROM checkpoints JOIN runs USING (run_id) WHERE wid
 def run_in_process(capsys, *args) -> tuple[int, str, str]:
     """The CLI's entry point called in this process (imports already paid for): exit status,
     stdout, stderr."""
-    import sys
+    from tests.test_cli_output import cli
 
-    from dlstore.cli import main
-
-    argv = sys.argv
-    sys.argv = ["dlstore", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    finally:
-        sys.argv = argv
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return cli(capsys, *args)
 
 
 @pytest.fixture(scope="module")

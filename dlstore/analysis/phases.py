@@ -126,15 +126,17 @@ def metric_table(store: Store, metric: str, x: str, y: str, zoo: str | None = No
     if metric in GROUP_METRICS:
         query = f"""
             WITH last AS (SELECT group_id, max(step) AS step FROM group_metrics GROUP BY ALL)
-            SELECT {x} AS "{x}", {y} AS "{y}", avg(value) AS "{metric}", count(*) AS n
+            SELECT {x} AS "{x}", {y} AS "{y}", avg(value) AS _value, count(*) AS n
             FROM group_metrics JOIN last USING (group_id, step) WHERE {where}
             GROUP BY ALL ORDER BY 1, 2"""
     else:
         where += " AND tensor IS NULL" if tensor is None else " AND tensor = ?"
         params += [] if tensor is None else [tensor]
-        query = f"""SELECT {x} AS "{x}", {y} AS "{y}", avg(value) AS "{metric}", count(*) AS n
+        query = f"""SELECT {x} AS "{x}", {y} AS "{y}", avg(value) AS _value, count(*) AS n
                     FROM final WHERE {where} GROUP BY ALL ORDER BY 1, 2"""
-    frame = store.sql(query, params)
+    # the metric name only ever reaches the query as a parameter; the column is named after
+    # it here (x and y are checked grid axes)
+    frame = store.sql(query, params).rename({"_value": metric})
     if frame.height == 0:
         known = store.sql("SELECT DISTINCT metric FROM final WHERE tensor IS NULL "
                           "ORDER BY 1")["metric"].to_list()

@@ -23,7 +23,10 @@ def _curves(store: Store, zoo: str, metrics: tuple[str, ...], by: tuple[str, ...
             last_only: bool = False) -> pl.DataFrame:
     """Per (`by`..., step): the mean over runs (seeds) of each whole-model metric in `metrics`
     (a column each) and the number of runs. `last_only`: each run's final checkpoint only."""
-    columns = ", ".join(f"avg(value) FILTER (WHERE metric = '{m}') AS {m}" for m in metrics)
+    # the mean over runs (seeds) and its spread (sample standard deviation; null for one run)
+    columns = ", ".join(f"avg(value) FILTER (WHERE metric = '{m}') AS {m}, "
+                        f"stddev_samp(value) FILTER (WHERE metric = '{m}') AS {m}_std"
+                        for m in metrics)
     keys = ", ".join((*by, "step"))
     view = "final" if last_only else "curves"
     tensor = " AND tensor IS NULL" if last_only else ""
@@ -53,7 +56,9 @@ def double_descent_table(store: Store, zoo: str = "double-descent") -> pl.DataFr
     """Model-wise: per width, the final train and test error (means over seeds) and parameters."""
     frame = _curves(store, zoo, ("train_acc", "test_acc"), ("width", "n_params"), last_only=True)
     return frame.select("width", "n_params", (1 - pl.col("train_acc")).alias("train_error"),
-                        (1 - pl.col("test_acc")).alias("test_error"), "runs").sort("width")
+                        (1 - pl.col("test_acc")).alias("test_error"), "runs",
+                        pl.col("train_acc_std").alias("train_error_std"),
+                        pl.col("test_acc_std").alias("test_error_std")).sort("width")
 
 
 def epochwise_table(store: Store, zoo: str = "double-descent", widths: int = 2) -> pl.DataFrame:
@@ -63,7 +68,9 @@ def epochwise_table(store: Store, zoo: str = "double-descent", widths: int = 2) 
     widest = sorted(frame["width"].unique().to_list())[-widths:]
     return frame.filter(pl.col("width").is_in(widest)).select(
         "width", "step", (1 - pl.col("train_acc")).alias("train_error"),
-        (1 - pl.col("test_acc")).alias("test_error"))
+        (1 - pl.col("test_acc")).alias("test_error"),
+        pl.col("train_acc_std").alias("train_error_std"),
+        pl.col("test_acc_std").alias("test_error_std"))
 
 
 def double_descent_signature(table: pl.DataFrame, fitted: float = 0.01,
@@ -171,3 +178,33 @@ def simplicity_signature(table: pl.DataFrame, chance: float, tracking: float = 0
             "final_test_acc": test[-1], "final_clone_acc": table["clone_acc"][-1],
             "tracks_early": early_gap <= tracking,
             "separates_late": table["gap"][-1] > 2 * tracking}
+
+
+# -- what each recipe needs of a zoo --------------------------------------------------------------
+
+# recipe -> (datasets it is about (None: any), fewest distinct values of a grid axis)
+RECIPE_NEEDS = {
+    "double-descent": (None, ("width", 3)),
+    "grokking": (("modular",), ("weight_decay", 1)),
+    "neural-collapse": (None, None),
+    "simplicity-bias": (None, None),
+}
+
+
+def check_recipe(store: Store, zoo: str, recipe: str) -> None:
+    """NotFoundError, in one line, when `zoo` lacks what the recipe's figure is about (its
+    dataset, enough points on its axis); missing metrics are reported by the tables."""
+    datasets, axis = RECIPE_NEEDS[recipe]
+    column = axis[0] if axis else "width"
+    rows = store.sql(f"SELECT DISTINCT dataset, {column} AS axis FROM runs WHERE zoo = ?", [zoo])
+    if rows.height == 0:
+        zoos = store.sql("SELECT DISTINCT zoo FROM runs ORDER BY 1")["zoo"].to_list()
+        raise NotFoundError(f"no runs of zoo {zoo!r} (zoos in the store: {zoos}); build the "
+                            f"recipe, e.g. dlstore build-zoo zoo/{recipe}.toml")
+    have = sorted(set(rows["dataset"].drop_nulls()))
+    if datasets is not None and not set(have) <= set(datasets):
+        raise NotFoundError(f"zoo {zoo!r} trained on {', '.join(have) or 'no dataset'}; the "
+                            f"{recipe} figure is about {' or '.join(datasets)} (zoo/{recipe}.toml)")
+    if axis is not None and rows["axis"].n_unique() < axis[1]:
+        raise NotFoundError(f"zoo {zoo!r} has {rows['axis'].n_unique()} distinct {axis[0]}; the "
+                            f"{recipe} figure needs at least {axis[1]} (zoo/{recipe}.toml)")

@@ -65,7 +65,7 @@ try:  # installed with scikit-learn; optional, the fit is only slower without it
 except ImportError:  # pragma: no cover
     threadpool_limits = None
 
-__all__ = ["Fit", "FitError", "fit_chinchilla", "fit_power_law"]
+__all__ = ["Fit", "FitError", "check_distinct", "fit_chinchilla", "fit_power_law", "fit_warnings"]
 
 
 class FitError(DlstoreError):
@@ -588,7 +588,8 @@ def fit_power_law(x: ArrayLike, y: ArrayLike, *, ci_level: float = 0.95, n_boots
     _check_options(ci_level, n_bootstrap, seed, delta)
     xa, ya = _positive_array("x", x), _positive_array("y", y)
     _check_values({"x": xa, "y": ya}, _POWER_LAW.n_theta, "power_law")
-    with _single_threaded_blas():
+    # overflow on the way is judged from the result (FitError, fit_warnings), not printed
+    with _single_threaded_blas(), np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         return _fit(_POWER_LAW, [xa], ya, ci_level=ci_level, n_bootstrap=n_bootstrap,
                     seed=seed, delta=delta, exhaustive=exhaustive)
 
@@ -607,6 +608,52 @@ def fit_chinchilla(N: ArrayLike, D: ArrayLike, loss: ArrayLike, *,  # noqa: N803
     _check_options(ci_level, n_bootstrap, seed, delta)
     na, da, la = _positive_array("N", N), _positive_array("D", D), _positive_array("loss", loss)
     _check_values({"N": na, "D": da, "loss": la}, _CHINCHILLA.n_theta, "chinchilla")
-    with _single_threaded_blas():
+    # overflow on the way is judged from the result (FitError, fit_warnings), not printed
+    with _single_threaded_blas(), np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         return _fit(_CHINCHILLA, [na, da], la, ci_level=ci_level, n_bootstrap=n_bootstrap,
                     seed=seed, delta=delta, exhaustive=exhaustive)
+
+
+# ---------------------------------------------------------------------------------------------
+# Judging a fit
+
+MIN_DISTINCT = 3  # values of a resource below which its exponent is not identified
+_EXPONENT_AT_ZERO = 1e-3
+_WIDEST_EXPONENT_INTERVAL = 10.0  # an exponent interval wider than this says nothing
+_WIDEST_COEFFICIENT_RATIO = 1e6   # nor does a coefficient interval spanning more decades
+
+
+def check_distinct(resources: dict[str, ArrayLike], kind: str) -> None:
+    """FitError when a resource has too few distinct values for its exponent to mean
+    anything (e.g. a Chinchilla fit of runs that all saw the same D)."""
+    for name, values in resources.items():
+        n = len(np.unique(np.asarray(values, dtype=float)))
+        if n < MIN_DISTINCT:
+            raise FitError(f"{name} takes {n} distinct value{'s' if n != 1 else ''}; a {kind} "
+                           f"fit needs at least {MIN_DISTINCT} to say anything about its "
+                           "exponent (select runs that vary it, or fit one variable with --x)")
+
+
+def fit_warnings(fit: Fit) -> list[str]:
+    """What makes a fit doubtful, one line each: an exponent that is negative (loss grows with
+    the resource) or at the law's bound 0, an interval that is unbounded or spans too much."""
+    warnings = []
+    for name in ("alpha", "beta"):
+        if name not in fit.params:
+            continue
+        value = fit.params[name]
+        if value < -_EXPONENT_AT_ZERO:
+            warnings.append(f"{name} = {value:.3g} is negative: loss grows with the resource, "
+                            "so the law does not describe these points")
+        elif value <= _EXPONENT_AT_ZERO:
+            warnings.append(f"{name} = {value:.3g} is at the bound 0: the term is a constant, "
+                            "the resource shows no effect")
+    for name, (low, high) in fit.ci.items():
+        exponent = name in ("alpha", "beta")
+        unbounded = not (np.isfinite(low) and np.isfinite(high))
+        wide = (high - low > _WIDEST_EXPONENT_INTERVAL if exponent
+                else low > 0 and high / low > _WIDEST_COEFFICIENT_RATIO)
+        if unbounded or wide:
+            warnings.append(f"the {fit.ci_level:.0%} interval of {name} [{low:.3g}, {high:.3g}] "
+                            "is unbounded: the points do not pin it down")
+    return warnings

@@ -26,19 +26,45 @@ _GROUP_HYPER = ", ".join(f"r.{c}" for c in HYPERPARAMETER_COLUMNS
 # Raw tables are `_<name>`; user-facing views hide rows of commits whose runs row never landed.
 VIEWS = {
     # concurrent builders of one spec may each record it: show the first
+    # a zoo removed whole (`dlstore rm --zoo`) leaves with the spec rows recorded before
     "zoos": """
         SELECT * EXCLUDE (_rank) FROM (
             SELECT *, row_number() OVER (PARTITION BY zoo, spec_hash ORDER BY created_at)
                 AS _rank
-            FROM _zoos)
+            FROM _zoos z
+            WHERE NOT EXISTS (SELECT 1 FROM _removed x WHERE x.run_id IS NULL
+                              AND x.zoo = z.zoo AND x.removed_at >= z.created_at))
         WHERE _rank = 1""",
-    "fits": "SELECT * FROM _fits",
-    "runs": """
+    # a fit re-run under the same label replaces the earlier one (fits without a label, written
+    # before labels existed, are all shown); every row stays in _fits
+    "fits": """
         SELECT * EXCLUDE (_rank) FROM (
+            SELECT *, row_number() OVER (PARTITION BY coalesce(label, fit_id)
+                                         ORDER BY created_at DESC, fit_id) AS _rank
+            FROM _fits)
+        WHERE _rank = 1""",
+    # the latest value of each tag; an empty value removed the tag
+    "tags": """
+        SELECT run_id, key, value, created_at FROM (
+            SELECT *, row_number() OVER (PARTITION BY run_id, key ORDER BY created_at DESC)
+                AS _rank
+            FROM _tags t
+            WHERE NOT EXISTS (SELECT 1 FROM _removed x WHERE x.run_id = t.run_id
+                              AND x.removed_at >= t.created_at))
+        WHERE _rank = 1 AND value <> ''""",
+    # the first runs row of each run that `dlstore rm` has not hidden (a rebuild after a removal
+    # writes a later row, which shows), with its tags as a map (tags['note'])
+    "runs": """
+        SELECT u.* EXCLUDE (_rank), coalesce(t.tags, MAP {}::MAP(VARCHAR, VARCHAR)) AS tags
+        FROM (
             SELECT *, row_number() OVER (PARTITION BY run_id ORDER BY created_at, commit_id)
                 AS _rank
-            FROM _runs)
-        WHERE _rank = 1""",
+            FROM _runs r
+            WHERE NOT EXISTS (SELECT 1 FROM _removed x WHERE x.run_id = r.run_id
+                              AND x.removed_at >= r.created_at)) u
+        LEFT JOIN (SELECT run_id, map_from_entries(list((key, value) ORDER BY key)) AS tags
+                   FROM tags GROUP BY run_id) t ON t.run_id = u.run_id
+        WHERE u._rank = 1""",
     "checkpoints": """
         SELECT c.* EXCLUDE (commit_id) FROM _checkpoints c
         JOIN runs r ON c.run_id = r.run_id AND c.commit_id = r.commit_id""",
@@ -61,7 +87,9 @@ VIEWS = {
                                            ORDER BY created_at) AS _rank
               FROM _group_metrics) g
         JOIN runs r ON r.run_id = g.run_ids[1]
-        WHERE g._rank = 1""",
+        WHERE g._rank = 1 AND NOT EXISTS (
+            SELECT 1 FROM _removed x WHERE list_contains(g.run_ids, x.run_id)
+                                       AND x.removed_at >= g.created_at)""",
     # whole-model metrics along training, with epochs and hyperparameters
     "curves": f"""
         SELECT {_HYPER}, m.step, c.epoch, m.metric, m.value

@@ -142,8 +142,11 @@ def gc(store: Store, older_than_hours: float = 24.0, dry_run: bool = False) -> G
     if leases:
         report.live_builds = len(leases)
         cutoff = min(cutoff, min(float(b.get("started", 0)) for b in leases) - CLOCK_SLACK)
-    referenced = set(store.sql("SELECT blob FROM _checkpoints UNION SELECT blob FROM _masks"
-                               )["blob"])
+    # rows of runs hidden by `dlstore rm` refer to nothing (uncommitted rows still do)
+    gone = ("NOT EXISTS (SELECT 1 FROM _runs r JOIN _removed x ON x.run_id = r.run_id AND "
+            "x.removed_at >= r.created_at WHERE r.run_id = t.run_id AND r.commit_id = t.commit_id)")
+    referenced = set(store.sql(f"SELECT blob FROM _checkpoints t WHERE {gone} "
+                               f"UNION SELECT blob FROM _masks t WHERE {gone}")["blob"])
     blobs, temporary = store.blobs.list()
     for blob, info in blobs.items():
         if blob not in referenced and info.mtime < cutoff:

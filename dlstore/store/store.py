@@ -10,6 +10,7 @@ then the runs rows last (`commit`). A run exists for queries only once its runs 
 from __future__ import annotations
 
 import datetime as dt
+import inspect
 import json
 import uuid
 from collections.abc import Iterator
@@ -99,11 +100,34 @@ class Store:
 
     # -- queries --------------------------------------------------------------------------
 
-    def sql(self, query: str, params: list | None = None) -> pl.DataFrame:
+    def sql(self, query: str, params: list | None = None, *, pandas: bool = False):
         """Run a SQL query over the store's views (runs, checkpoints, metrics, final, curves,
-        metrics_wide, group_metrics, zoos, fits, masks, tickets, ticket_transfer) and return
-        a polars DataFrame. `params` fill `?` placeholders."""
+        metrics_wide, group_metrics, zoos, fits, masks, tickets, ticket_transfer, tags) and
+        return a polars DataFrame (`pandas=True`: a pandas DataFrame). `params` fill `?`
+        placeholders.
+
+        A polars, pandas or pyarrow table that the caller holds in a variable can be named in
+        the query like a view (`SELECT ... FROM runs JOIN my_frame USING (run_id)`), as DuckDB's
+        replacement scans do; the store's own views win over a variable of the same name."""
+        frames = _callers_frames(query, _outside_caller(inspect.currentframe()))
         con = self.catalog.refresh(query)
+        for name, table in frames.items():
+            con.register(name, table)
+        try:
+            frame = self._sql(con, query, params)
+        finally:
+            for name in frames:
+                con.unregister(name)
+        if pandas:
+            try:
+                return frame.to_pandas()
+            except ModuleNotFoundError as e:
+                raise QueryError(f"pandas=True needs pandas (and pyarrow) installed: {e}"
+                                 ) from None
+        return frame
+
+    def _sql(self, con: duckdb.DuckDBPyConnection, query: str, params: list | None
+             ) -> pl.DataFrame:
         check_read_only(con, query)
         try:
             relation = con.sql(query, params=params)
@@ -116,17 +140,31 @@ class Store:
         except duckdb.Error as e:
             raise QueryError(one_line(e)) from None
 
+    def close(self) -> None:
+        """Close the DuckDB connection (the store's files need no closing)."""
+        self.catalog.con.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def runs(self, zoo: str | None = None) -> pl.DataFrame:
         if zoo is None:
             return self.sql("SELECT * FROM runs ORDER BY zoo, run_id")
         return self.sql("SELECT * FROM runs WHERE zoo = ? ORDER BY run_id", [zoo])
 
     def run(self, run_id: str) -> dict:
-        """The runs row of one run, as a dict."""
+        """The runs row of one run, as a dict; `config` (the full run config) and `tags` are
+        dicts too."""
         rows = self._lookup("SELECT * FROM runs WHERE run_id = ?", [run_id])
         if not rows:
             raise NotFoundError(f"no run {run_id!r} in store {self.root}")
-        return rows[0]
+        row = rows[0]
+        row["config"] = json.loads(row["config"]) if row.get("config") else {}
+        row["tags"] = dict(row.get("tags") or [])
+        return row
 
     def run_ids(self) -> set[str]:
         return {r["run_id"] for r in self._lookup("SELECT run_id FROM runs", [])}
@@ -200,7 +238,7 @@ class Store:
         from dlstore.zoo.models import parse_arch_options
 
         run = self.run(run_id)
-        config = json.loads(run["config"])
+        config = run["config"]
         model = parse_arch_options(config["model"]).build(tuple(run["input_shape"]),
                                                           run["n_classes"])
         model.load_state_dict(self.load_state_dict(run_id, step))
@@ -212,7 +250,7 @@ class Store:
         from dlstore.zoo.data import parse_dataset_options, run_data
 
         run = self.run(run_id)
-        config = json.loads(run["config"])
+        config = run["config"]
         data = run_data(parse_dataset_options(config["dataset"]), config["seed"])
         if data.fingerprint != run["data_hash"]:
             raise DataMismatchError(
@@ -421,11 +459,38 @@ class Store:
                                        "commit_id": [commits[r] for r in columns["run_id"]]})
 
     def record_fit(self, row: dict) -> str:
-        """Append an analysis result to the fits table; returns its fit id."""
+        """Append an analysis result to the fits table; returns its fit id. A row whose `label`
+        an earlier fit has replaces that one in the fits view (the table keeps both)."""
         row = {"fit_id": uuid.uuid4().hex[:16], "created_at": dt.datetime.now(dt.timezone.utc),
                **row}
         self.tables.append("fits", [row])
         return row["fit_id"]
+
+    def remove_runs(self, run_ids: list[str], zoo: str | None = None) -> int:
+        """Hide runs from every view by one commit of `removed` rows (their shards stay until
+        `gc`); `zoo` given: the zoo's spec rows leave the zoos view too. A later rebuild of a
+        removed run shows again. Returns the number of runs removed."""
+        known = {r["run_id"]: r["zoo"] for r in self._lookup(
+            "SELECT run_id, zoo FROM runs WHERE list_contains(?, run_id)", [sorted(set(run_ids))])}
+        missing = sorted(set(run_ids) - set(known))
+        if missing:
+            raise NotFoundError(f"no run {missing[0]!r} in store {self.root}")
+        commit_id = uuid.uuid4().hex
+        now = dt.datetime.now(dt.timezone.utc)
+        rows = [{"run_id": r, "zoo": z, "removed_at": now, "commit_id": commit_id}
+                for r, z in sorted(known.items())]
+        if zoo is not None:
+            rows.append({"run_id": None, "zoo": zoo, "removed_at": now, "commit_id": commit_id})
+        self.tables.append("removed", rows)
+        return len(known)
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        """Tag a run (`{key: value}`; the latest value of a key wins, "" removes the key), in
+        one commit; the runs view shows them as its `tags` map."""
+        self.run(run_id)  # NotFoundError for an unknown run
+        now = dt.datetime.now(dt.timezone.utc)
+        self.tables.append("tags", [{"run_id": run_id, "key": k, "value": v, "created_at": now}
+                                    for k, v in tags.items()])
 
     def record_group_metrics(self, columns: dict[str, list]) -> None:
         """Append group metric rows (columns of the group_metrics table but created_at) in one
@@ -499,3 +564,46 @@ def open(path: str | Path,  # noqa: A001 - mirrors dlstore.open
          storage_options: dict[str, str] | None = None) -> Store:
     """Open the store at a local path or object-store URI (StoreError if there is none)."""
     return Store(path, storage_options=storage_options)
+
+
+def _outside_caller(frame):
+    """The first frame up the stack that is not dlstore's own code: whoever called the public
+    API (`sql`, `weights`, `runs`, ...)."""
+    frame = frame.f_back if frame is not None else None
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "dlstore":
+        frame = frame.f_back
+    return frame
+
+
+def _callers_frames(query: str, frame) -> dict:
+    """Arrow tables of the polars, pandas and pyarrow objects the calling code holds in
+    variables (locals, then globals) that `query` names, but the store's own view and table
+    names: what DuckDB's replacement scan would find if the caller ran the query itself."""
+    import re
+
+    from dlstore.schemas import TABLES
+    from dlstore.store.catalog import VIEWS
+
+    if frame is None:
+        return {}
+    ours = {*VIEWS, "metrics_wide", *TABLES, *(f"_{t}" for t in TABLES)}
+    found = {}
+    for name in set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", query)) - ours:
+        value = frame.f_locals.get(name, frame.f_globals.get(name))
+        table = _as_arrow(value)
+        if table is not None:
+            found[name] = table
+    return found
+
+
+def _as_arrow(value):
+    import pyarrow as pa
+
+    if isinstance(value, (pl.DataFrame, pl.LazyFrame)):
+        return (value.collect() if isinstance(value, pl.LazyFrame) else value).to_arrow()
+    if isinstance(value, (pa.Table, pa.RecordBatch)):
+        return value
+    module = type(value).__module__
+    if module.startswith("pandas") and type(value).__name__ == "DataFrame":
+        return pa.Table.from_pandas(value, preserve_index=False)
+    return None

@@ -11,7 +11,6 @@ skipped, so the command can be rerun after an interruption.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 
 import torch
@@ -114,7 +113,7 @@ def _evaluate(spec: ZooSpec, store: Store, blob: str, step: int, members: list[d
     params = {k: v.to(device) for k, v in
               store.load_members(blob, [m["member"] for m in members]).items()}
     run = store.run(members[0]["run_id"])
-    config = json.loads(run["config"])
+    config = run["config"]
     kernel = kernel_for(parse_arch_options(config["model"]), tuple(run["input_shape"]),
                         run["n_classes"])
     datas = [store.load_dataset(m["run_id"]) for m in members]

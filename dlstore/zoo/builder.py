@@ -275,10 +275,12 @@ def plan_build(spec: ZooSpec, device: str = "auto", backend: str = "local",
 def build_zoo(spec: ZooSpec, store: Store, device: str = "auto",
               progress: Callable[[int, int], None] | None = None, backend: str = "local",
               address: str | None = None, shard: tuple[int, int] | None = None,
-              grow: bool = False, plan: BuildPlan | None = None) -> BuildReport:
+              grow: bool = False, plan: BuildPlan | None = None,
+              runs_progress: Callable[[int, int], None] | None = None) -> BuildReport:
     """Train every run of `spec` that `store` does not hold yet and commit it, phase by phase.
 
-    `progress(done, total)` is called with optimizer steps done (summed over cohorts).
+    `progress(done, total)` is called with optimizer steps done (summed over cohorts),
+    `runs_progress(done, total)` with runs trained of runs to train (first with 0, total).
     `backend` "ray" trains the cohorts as tasks on the Ray cluster at `address` (`ray_backend`);
     `shard` (I, N) builds only the I-th of N contiguous blocks of the runs, so that N processes
     can share a zoo. A zoo name the store already holds from another spec (other runs) is
@@ -292,13 +294,15 @@ def build_zoo(spec: ZooSpec, store: Store, device: str = "auto",
     if not grow:
         check_same_zoo(spec, store)
     with BuildLease(store.location, spec.name):
-        return _build_zoo(spec, store, device, progress, backend, address, shard, plan)
+        return _build_zoo(spec, store, device, progress, backend, address, shard, plan,
+                          runs_progress)
 
 
 def _build_zoo(spec: ZooSpec, store: Store, device: str,
                progress: Callable[[int, int], None] | None, backend: str,
                address: str | None, shard: tuple[int, int] | None,
-               plan: BuildPlan | None) -> BuildReport:
+               plan: BuildPlan | None,
+               runs_progress: Callable[[int, int], None] | None) -> BuildReport:
     started = time.perf_counter()
     dev = resolve_device(device)
     store.check_writable()
@@ -317,6 +321,8 @@ def _build_zoo(spec: ZooSpec, store: Store, device: str,
                          0, 0.0, 0.0)
     committer = _Committer(store, spec.build.commit_every)
     done = 0
+    if runs_progress:
+        runs_progress(0, plan.n_new)
     try:
         for cohorts, cohort_steps in zip(plan.cohorts, plan.steps):
             phase = TicketPhase(spec, store) if spec.tickets is not None else None
@@ -330,6 +336,8 @@ def _build_zoo(spec: ZooSpec, store: Store, device: str,
                     row["spec_hash"] = spec.spec_hash
                 committer.add(result)
                 report.runs_built += len(result.runs)
+                if runs_progress:
+                    runs_progress(report.runs_built, plan.n_new)
                 report.runs_diverged += sum(r["status"] == "diverged" for r in result.runs)
                 report.checkpoints += result.n_checkpoints
                 report.train_seconds += result.train_seconds
