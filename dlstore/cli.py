@@ -311,19 +311,39 @@ def show(run_id: str = typer.Argument(..., help="A run id, as listed by `dlstore
 
 @app.command()
 def verify(store: str = StoreOption,
-           storage_option: list[str] = StorageOptions) -> None:
-    """Check every shard's hash and header, every checkpoint reference, every table."""
+           storage_option: list[str] = StorageOptions,
+           repair: bool = typer.Option(False, "--repair", help="Hide the runs whose shards are "
+                                       "lost or damaged (and remove the damaged files), so "
+                                       "that the next build-zoo of their spec trains them "
+                                       "again.")) -> None:
+    """Check every table's log and files, every shard's hash and header, every checkpoint
+    reference; list each problem; exit 1 if there is any."""
+    from dlstore.store.maintenance import repair as repair_store
     from dlstore.store.maintenance import verify as verify_store
-    report = verify_store(_open(store, storage_option))
-    for problem in report.problems:
-        out.print(f"[red]problem:[/] {problem}", highlight=False, soft_wrap=True)
-    for note in report.notes:
-        out.print(f"note: {note}", highlight=False)
-    rows = ", ".join(f"{name} {n}" for name, n in report.table_rows.items())
-    verdict = "[green]ok[/]" if report.ok else f"[red]{len(report.problems)} problems[/]"
-    out.print(f"{verdict}: {report.shards} shards, {report.checkpoints} checkpoints; rows: {rows}")
+
+    s = _open(store, storage_option)
+    report = verify_store(s)
+    _print_verify(report)
+    if repair and (report.damaged_runs or report.bad_shards):
+        done = repair_store(s, report)
+        out.print(f"repaired: {len(done.runs)} runs hidden (rebuild their zoos with `dlstore "
+                  f"build-zoo SPEC` to train them again), {len(done.shards)} damaged shards "
+                  "removed; checking again", highlight=False, soft_wrap=True)
+        report = verify_store(_open(store, storage_option))
+        _print_verify(report)
     if not report.ok:
         raise typer.Exit(1)
+
+
+def _print_verify(report) -> None:
+    for problem in report.problems:
+        out.print(f"[red]problem:[/] {escape(problem)}", highlight=False, soft_wrap=True)
+    for note in report.notes:
+        out.print(f"note: {escape(note)}", highlight=False)
+    rows = ", ".join(f"{name} {n}" for name, n in report.table_rows.items())
+    verdict = "[green]ok[/]" if report.ok else f"[red]{len(report.problems)} problems[/]"
+    out.print(f"{verdict}: {report.shards} shards, {report.checkpoints} checkpoints; rows: {rows}",
+              highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -430,9 +450,7 @@ def rm(
                   "; rerun with --yes to remove them", markup=False, highlight=False,
                   soft_wrap=True)
         return
-    # Nothing is written before this line: a check that no build of these runs' zoos is
-    # running (a build lease) goes here, before the removal commit.
-    s.remove_runs(ids, zoo=zoo)
+    s.remove_runs(ids, zoo=zoo)  # refused while a build of their zoo runs
     out.print(f"removed {what}; `dlstore gc` frees the shards only they used", markup=False,
               highlight=False, soft_wrap=True)
 

@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from dlstore.store.leases import TTL_SECONDS, BuildLease, live_leases
@@ -122,3 +123,49 @@ def test_gc_of_table_files_counts_exactly_and_adds_no_commits(built_store, tmp_p
     assert {p: p.read_bytes() for p in root.glob("tables/*/_delta_log/*")} == logs
     assert verify(Store(root)).ok
     assert Store(root).sql("SELECT count(*) AS n FROM metrics WHERE metric LIKE 'm_'")["n"][0] == 3
+
+
+def test_verify_repair_makes_a_lost_shard_rebuildable(built_store, tiny_spec, tmp_path):
+    import subprocess
+    import sys
+
+    root = tmp_path / "s"
+    shutil.copytree(built_store.root, root)
+    store = Store(root)
+    final = store.sql("SELECT run_id, blob FROM checkpoints JOIN runs USING (run_id) "
+                      "WHERE step = final_step ORDER BY run_id")
+    blob = final["blob"][0]
+    hit = sorted(final.filter(final["blob"] == blob)["run_id"])
+    path = Path(store.blobs.path(blob))
+    path.write_bytes(path.read_bytes()[:-8] + b"\0" * 8)  # corrupted in place
+    plain = subprocess.run([sys.executable, "-m", "dlstore.cli", "verify", "--store", str(root)],
+                           capture_output=True, text=True)
+    assert plain.returncode == 1 and "corrupted" in plain.stdout
+    fixed = subprocess.run([sys.executable, "-m", "dlstore.cli", "verify", "--repair",
+                            "--store", str(root)], capture_output=True, text=True)
+    assert fixed.returncode == 0, fixed.stdout
+    assert f"repaired: {len(hit)} runs hidden" in fixed.stdout
+    assert sorted(set(Store(root).run_ids()) ^ set(built_store.run_ids())) == hit
+    # the next build trains exactly those runs again, and they end as before (1e-5: they now
+    # share a cohort only with each other)
+    report = build_zoo(tiny_spec, Store(root), device="cpu")
+    assert report.runs_built == len(hit)
+    rebuilt = Store(root)
+    assert verify(rebuilt).ok
+    for run in hit:
+        got, want = rebuilt.load_state_dict(run), built_store.load_state_dict(run)
+        assert all(torch.allclose(got[k], want[k], atol=1e-5) for k in want)
+
+
+def test_rm_is_refused_while_a_build_of_the_zoo_runs(built_store, tmp_path):
+    from dlstore.errors import StoreError
+
+    root = tmp_path / "s"
+    shutil.copytree(built_store.root, root)
+    store = Store(root)
+    run = sorted(store.run_ids())[0]
+    with BuildLease(store.location, "tiny"):
+        with pytest.raises(StoreError, match="a build of zoo 'tiny' is running"):
+            store.remove_runs([run])
+    with BuildLease(store.location, "another-zoo"):
+        assert store.remove_runs([run]) == 1

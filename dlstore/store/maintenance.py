@@ -31,6 +31,8 @@ class VerifyReport:
     shards: int = 0
     checkpoints: int = 0
     table_rows: dict[str, int] = field(default_factory=dict)
+    damaged_runs: set[str] = field(default_factory=set)  # runs pointing into lost shards
+    bad_shards: set[str] = field(default_factory=set)  # shards present but damaged
 
     @property
     def ok(self) -> bool:
@@ -67,8 +69,8 @@ def verify(store: Store) -> VerifyReport:
         report.notes.append(f"{len(temporary)} temporary files of interrupted shard writes "
                             "(harmless; nothing refers to them)")
     references = {"checkpoints": "SELECT 'checkpoint ' || run_id || ' step ' || step, blob, "
-                                 "member FROM checkpoints",
-                  "masks": "SELECT 'mask ' || mask_id, blob, member FROM masks"}
+                                 "member, run_id FROM checkpoints",
+                  "masks": "SELECT 'mask ' || mask_id, blob, member, run_id FROM masks"}
     for table, query in references.items():
         if table not in report.table_rows or "runs" not in report.table_rows:
             continue
@@ -79,14 +81,39 @@ def verify(store: Store) -> VerifyReport:
             continue
         if table == "checkpoints":
             report.checkpoints = rows.height
-        for what, blob, member in rows.iter_rows():
+        for what, blob, member, run_id in rows.iter_rows():
             if blob not in members:
                 state = "missing" if blob not in blobs else "corrupted"
                 report.problems.append(f"{what}: shard {blob} is {state}")
             elif member >= members[blob]:
                 report.problems.append(f"{what}: shard {blob} has {members[blob]} members, "
                                        f"not member {member}")
+            else:
+                continue
+            report.damaged_runs.add(run_id)
+            if blob in blobs:
+                report.bad_shards.add(blob)
     return report
+
+
+@dataclass
+class RepairReport:
+    runs: list[str] = field(default_factory=list)  # hidden, so that a rebuild trains them
+    shards: list[str] = field(default_factory=list)  # damaged files removed
+
+
+def repair(store: Store, report: VerifyReport) -> RepairReport:
+    """Make the runs whose weights are lost buildable again: remove the damaged shard files
+    (a rebuild writes them anew under the same names: a file present under its hash is never
+    rewritten) and hide the runs that point into missing or damaged shards (`remove_runs`), so
+    that the next `build-zoo` of their spec trains them again. Damage to the tables' logs is not
+    repaired: it needs a person (a backup of the store, or the lost log entry)."""
+    done = RepairReport(runs=sorted(report.damaged_runs), shards=sorted(report.bad_shards))
+    if done.runs:
+        store.remove_runs(done.runs)  # first: refused while a build of their zoo runs
+    for blob in done.shards:
+        store.blobs.remove(blob)
+    return done
 
 
 def _table_problems(store: Store, name: str) -> list[str]:

@@ -32,6 +32,7 @@ from dlstore.errors import (
 )
 from dlstore.store.blobs import BlobStore, MappedShard, as_torch
 from dlstore.store.catalog import Catalog
+from dlstore.store.leases import live_leases
 from dlstore.store.location import open_location
 from dlstore.store.sandbox import check_read_only, one_line
 from dlstore.store.tables import Tables
@@ -469,12 +470,17 @@ class Store:
     def remove_runs(self, run_ids: list[str], zoo: str | None = None) -> int:
         """Hide runs from every view by one commit of `removed` rows (their shards stay until
         `gc`); `zoo` given: the zoo's spec rows leave the zoos view too. A later rebuild of a
-        removed run shows again. Returns the number of runs removed."""
+        removed run shows again. Refused while a build of their zoo runs (its lease is live).
+        Returns the number of runs removed."""
         known = {r["run_id"]: r["zoo"] for r in self._lookup(
             "SELECT run_id, zoo FROM runs WHERE list_contains(?, run_id)", [sorted(set(run_ids))])}
         missing = sorted(set(run_ids) - set(known))
         if missing:
             raise NotFoundError(f"no run {missing[0]!r} in store {self.root}")
+        building = {b.get("zoo") for b in live_leases(self.location)} & {*known.values(), zoo}
+        if building:
+            raise StoreError(f"a build of zoo {sorted(building)[0]!r} is running in this store; "
+                             "remove its runs once it has finished")
         commit_id = uuid.uuid4().hex
         now = dt.datetime.now(dt.timezone.utc)
         rows = [{"run_id": r, "zoo": z, "removed_at": now, "commit_id": commit_id}
