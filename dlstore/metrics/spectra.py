@@ -81,7 +81,7 @@ def powerlaw_alpha(evals: torch.Tensor, threshold: float = EVALS_THRESHOLD,
     distance = torch.where(candidate, _chunked_ks(x, alphas, n_tail), torch.inf)
     alpha = alphas.gather(1, distance.argmin(1)[:, None]).squeeze(1)
     small = n_valid < SMALL_N
-    if small.any():  # every row is cheap here: K is small whenever a member's n is
+    if small.any():  # computed for the whole stack, kept where n < 20
         alpha = torch.where(small, _small_sample_alpha(x, log_ratio_sum, n_tail, candidate,
                                                        first), alpha)
     return torch.where(n_valid > 1, alpha, torch.nan)
