@@ -120,9 +120,11 @@ class _Selected(BaseModel):
 class HessianOptions(_Selected):
     subsample: int = Field(default=512, ge=1, description="first n training examples of each "
                            "member (its own labels)")
-    iterations: int = Field(default=100, ge=1, description="most power-iteration steps")
-    tolerance: float = Field(default=1e-3, gt=0, description="relative change that stops the "
-                             "power iteration")
+    iterations: int = Field(default=100, ge=1, description="most iterations of the top-eigenvalue "
+                            "search (block LOBPCG: each costs a few Hessian-vector products)")
+    tolerance: float = Field(default=1e-3, gt=0, description="residual bound that stops it: "
+                             "||Hv - lambda v|| <= tolerance |lambda| for every vector of the "
+                             "block, so an eigenvalue lies within tolerance |lambda| of the value")
     probes: int = Field(default=10, ge=1, description="Rademacher probes of the Hutchinson trace")
 
 
