@@ -40,7 +40,7 @@ from dlstore.metrics.spectra import is_weight_matrix, spectral_metrics
 from dlstore.metrics.weights import tensor_statistics
 from dlstore.zoo.data import gaussian_clone
 from dlstore.zoo.kernels import kernel_for
-from dlstore.zoo.models import ArchOptions
+from dlstore.zoo.models import Architecture
 from dlstore.zoo.schedule import BatchOrder, lr_factor
 from dlstore.zoo.spec import MetricsOptions, checkpoint_metric_steps
 
@@ -74,7 +74,7 @@ class CohortPlan:
     widest member's architecture; members' `init` tensors carry their own (possibly smaller)
     shapes."""
 
-    arch: ArchOptions
+    arch: Architecture
     input_shape: tuple[int, ...]
     n_classes: int
     optimizer: str  # "sgd" | "adam" | "adamw"

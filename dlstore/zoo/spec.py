@@ -43,7 +43,7 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10
     import tomli as tomllib
 from dlstore.zoo.data import DatasetOptions, parse_dataset_options
-from dlstore.zoo.models import ArchOptions, parse_arch_options
+from dlstore.zoo.models import Architecture, parse_arch_options
 
 SECTIONS = ("dataset", "model", "train")
 DEFAULT_CHECKPOINTS = "log:10"
@@ -306,7 +306,7 @@ class RunConfig:
 
     zoo: str
     dataset: DatasetOptions
-    model: ArchOptions
+    model: Architecture
     train: TrainOptions
     checkpoints: str | tuple[int, ...]
     seed: int
@@ -461,8 +461,28 @@ class ZooSpec:
         if len(set(ids)) != len(ids):
             raise SpecError("grid: two grid points describe the same run (repeated value?)")
         conditions = _transfer_conditions(top, runs, seeds)
+        _check_declared(top, runs)
         return cls(top.name, text if text is not None else json.dumps(raw), tuple(runs), top.build,
                    top.metrics, top.phases, top.tickets, top.transfer, conditions)
+
+
+def _check_declared(top: _SpecFile, runs: list[RunConfig]) -> None:
+    """Refuse, before anything trains, a feature whose architecture lacks a property it needs."""
+    needs = []
+    if top.tickets is not None:
+        needs.append(("prunable_tensors", "tickets"))
+    if top.metrics.neural_collapse is not None:
+        needs += [("features_method", "metrics.neural_collapse"),
+                  ("classifier_layer", "metrics.neural_collapse")]
+    if top.metrics.groups is not None:
+        needs.append(("features_method", "metrics.groups (CKA)"))
+    seen = set()
+    for run in runs:
+        if type(run.model) in seen:
+            continue
+        seen.add(type(run.model))
+        for prop, feature in needs:
+            run.model.require(prop, feature)
 
 
 def _check_table_sizes(raw: dict[str, Any]) -> None:
@@ -545,7 +565,7 @@ def _under_condition(run: RunConfig, overrides: list[tuple[tuple, Any]], where: 
                      run.extra_checkpoints)
 
 
-def _parse_sections(sections: dict[str, Any]) -> tuple[DatasetOptions, ArchOptions, TrainOptions]:
+def _parse_sections(sections: dict[str, Any]) -> tuple[DatasetOptions, Architecture, TrainOptions]:
     dataset = parse_dataset_options(sections["dataset"])
     model = parse_arch_options(sections["model"])
     try:
