@@ -1,11 +1,11 @@
-"""Where a spec's names of architectures and datasets come from: the built-in registries,
-installed packages' entry points, or an import path.
+"""Where a spec's names of architectures, datasets and metric families come from: the built-in
+registries, installed packages' entry points, or an import path.
 
 A name that contains ':' is an import path, `package.module:Class`, imported as it stands; any
 other name is looked up among the built-ins and then the entry points that installed packages
-declare in the groups `dlstore.architectures` and `dlstore.datasets` (importlib.metadata). The
-built-ins are registered the same way a plugin's class is found, so nothing downstream tells them
-apart.
+declare in the groups `dlstore.architectures`, `dlstore.datasets` and `dlstore.metrics`
+(importlib.metadata). The built-ins are registered the same way a plugin's class is found, so
+nothing downstream tells them apart.
 
 Kept free of torch so that `import dlstore` stays fast.
 """
@@ -18,7 +18,8 @@ from importlib.metadata import entry_points
 
 from dlstore.errors import DlstoreError, SpecError
 
-GROUPS = {"architecture": "dlstore.architectures", "dataset": "dlstore.datasets"}
+GROUPS = {"architecture": "dlstore.architectures", "dataset": "dlstore.datasets",
+          "metric family": "dlstore.metrics"}
 HOW_TO_IMPORT = "pip install it or add its directory to PYTHONPATH"
 
 
