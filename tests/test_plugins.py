@@ -200,3 +200,21 @@ def test_import_dlstore_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "False"
+
+
+SPLITS = {"train": 0.5, "test": 0.5}
+
+
+def test_weight_space_canonical_forms_need_declared_permutation_symmetries(plugin_store):
+    from dlstore.analysis.wsl import WeightDataset, WeightSpaceError
+
+    _, store = plugin_store
+    query = ("SELECT c.run_id, c.step FROM checkpoints c JOIN runs r USING (run_id) "
+             "WHERE r.arch = 'resmlp'")
+    with pytest.raises(WeightSpaceError) as e:
+        WeightDataset(store, query, features="canonical", splits=SPLITS)
+    assert "\n" not in str(e.value)
+    assert "'resmlp'" in str(e.value) and "permutation_symmetries" in str(e.value)
+    flat = WeightDataset(store, query, features="flat", splits=SPLITS)  # needs no symmetry
+    with pytest.raises(WeightSpaceError, match="'resmlp' does not declare"):
+        flat.split("train", augment=True)

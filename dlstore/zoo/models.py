@@ -88,6 +88,16 @@ class Architecture(BaseModel):
         last; None = undeclared."""
         return None
 
+    def permutation_symmetries(self, shapes: dict[str, tuple[int, ...]]
+                               ) -> list[tuple[tuple[str, ...], str]] | None:
+        """The hidden units whose order does not change the network's function, for the weight
+        space (`dlstore.analysis.wsl`: canonical features, permutation augmentation): per hidden
+        layer, the tensors whose axis 0 indexes its units (weight, bias) and the next tensor
+        whose axis 1 takes them (in equal blocks where channels are flattened), as UNF's
+        perm_spec says per tensor axis. `shapes`: the state dict's names and shapes, in order.
+        None = undeclared."""
+        return None
+
     def cohort_kernel(self, input_shape: tuple[int, ...], n_classes: int):
         """The cohort kernel (`dlstore.zoo.kernels`): the generic `vmap` one unless an
         architecture declares a faster one."""
@@ -100,7 +110,9 @@ class Architecture(BaseModel):
         declared = {"features_method": self.features_method is not None,
                     "classifier_layer": self.classifier_layer() is not None,
                     "prunable_tensors": (type(self).prunable_tensors
-                                         is not Architecture.prunable_tensors)}[prop]
+                                         is not Architecture.prunable_tensors),
+                    "permutation_symmetries": (type(self).permutation_symmetries
+                                               is not Architecture.permutation_symmetries)}[prop]
         if not declared:
             raise UndeclaredProperty(f"{feature}: architecture {self.arch!r} does not declare "
                                      f"`{prop}`, which {feature} needs")
@@ -177,6 +189,9 @@ class MLPOptions(Architecture):
     def prunable_tensors(self, state: dict[str, torch.Tensor]) -> list[str]:
         return _weights(state)
 
+    def permutation_symmetries(self, shapes: dict[str, tuple[int, ...]]):
+        return _chain_symmetries(shapes)
+
     def cohort_kernel(self, input_shape: tuple[int, ...], n_classes: int):
         # batched matmuls written out: several times faster than vmap on a CPU
         from dlstore.zoo.kernels import MLPKernel
@@ -237,6 +252,9 @@ class CNN1dOptions(Architecture):
     def prunable_tensors(self, state: dict[str, torch.Tensor]) -> list[str]:
         return _weights(state)
 
+    def permutation_symmetries(self, shapes: dict[str, tuple[int, ...]]):
+        return _chain_symmetries(shapes)
+
     def build(self, input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
         in_channels, length = _sequence_shape(input_shape)
         return CNN1d(length, in_channels, self.width, self.depth, self.kernel, n_classes,
@@ -264,6 +282,15 @@ class CNN1dOptions(Architecture):
 def _weights(state: dict[str, torch.Tensor]) -> list[str]:
     """Every tensor of two or more dimensions: weight matrices and kernels, not biases."""
     return [k for k, v in state.items() if v.dim() >= 2]
+
+
+def _chain_symmetries(shapes: dict[str, tuple[int, ...]]) -> list[tuple[tuple[str, ...], str]]:
+    """A chain of layers, each a weight then a bias (the built-ins' state dicts): the units of
+    every layer but the last are permutable together with the next layer's inputs."""
+    names = list(shapes)
+    pairs = list(zip(names[0::2], names[1::2]))
+    return [((weight, bias), next_weight)
+            for (weight, bias), (next_weight, _) in zip(pairs[:-1], pairs[1:])]
 
 
 def _sequence_shape(input_shape: tuple[int, ...]) -> tuple[int, int]:
