@@ -218,3 +218,21 @@ def test_weight_space_canonical_forms_need_declared_permutation_symmetries(plugi
     flat = WeightDataset(store, query, features="flat", splits=SPLITS)  # needs no symmetry
     with pytest.raises(WeightSpaceError, match="'resmlp' does not declare"):
         flat.split("train", augment=True)
+
+
+def test_backfill_adds_a_plugin_family_to_runs_built_without_it(tmp_path):
+    from dlstore.zoo.backfill import backfill_checkpoint_metrics, missing_checkpoint_metrics
+
+    base = spec_with('arch = "resmlp"', extra='checkpoints = [0, 4]')
+    store = Store(tmp_path / "s", create=True)
+    build_zoo(ZooSpec.from_text(base), store, device="cpu")
+    measured = ZooSpec.from_text(base + '"dlstore_example_plugin.probes:Margin" = '
+                                 '{ at = "all", scale = 2.0 }')
+    assert missing_checkpoint_metrics(measured, store) == {
+        (measured.runs[0].run_id, 0): {"dlstore_example_plugin.probes:Margin"},
+        (measured.runs[0].run_id, 4): {"dlstore_example_plugin.probes:Margin"}}
+    assert backfill_checkpoint_metrics(measured, store) == 2
+    rows = store.sql("SELECT step, value FROM metrics WHERE metric = 'test_margin' "
+                     "ORDER BY step").to_dicts()
+    assert [r["step"] for r in rows] == [0, 4] and all(r["value"] > 0 for r in rows)
+    assert missing_checkpoint_metrics(measured, store) == {}
