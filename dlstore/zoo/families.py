@@ -80,16 +80,21 @@ def register_family(name: str) -> Callable[[type[MetricFamily]], type[MetricFami
     return add
 
 
-@register_family("statistics")
-class Statistics(MetricFamily):
-    """Per-tensor mean, std and quantiles."""
+class _CheapPerTensor(MetricFamily):
+    """Per-tensor values, cheap enough to be on at every checkpoint unless turned off."""
 
     at: CheckpointSelection = "all"
-    values: ClassVar[tuple[str, ...]] = STATISTICS
-    marker: ClassVar[str] = "mean"
     per_tensor: ClassVar[bool] = True
     on_by_default: ClassVar[bool] = True
     shorthand: ClassVar[bool] = True
+
+
+@register_family("statistics")
+class Statistics(_CheapPerTensor):
+    """Per-tensor mean, std and quantiles."""
+
+    values: ClassVar[tuple[str, ...]] = STATISTICS
+    marker: ClassVar[str] = "mean"
 
     def compute(self, cohort, params, step):
         from dlstore.metrics.weights import tensor_statistics
@@ -98,15 +103,11 @@ class Statistics(MetricFamily):
 
 
 @register_family("spectra")
-class Spectra(MetricFamily):
+class Spectra(_CheapPerTensor):
     """Per weight matrix norms, ranks and power-law alpha."""
 
-    at: CheckpointSelection = "all"
     values: ClassVar[tuple[str, ...]] = SPECTRA
     marker: ClassVar[str] = "spectral_norm"
-    per_tensor: ClassVar[bool] = True
-    on_by_default: ClassVar[bool] = True
-    shorthand: ClassVar[bool] = True
 
     def compute(self, cohort, params, step):
         from dlstore.metrics.spectra import is_weight_matrix, spectral_metrics
