@@ -7,9 +7,9 @@
 `families`: one trained checkpoint of a cohort of MNIST-1D MLPs (SGD, 200 steps), evaluated
 family by family with the spec's defaults (`basic`: losses and accuracies on the full splits,
 weight norm, distance from init; `statistics`, `spectra`: per tensor; `hessian`: subsample 512,
-power iteration and 10 Hutchinson probes; `neural_collapse`: subsample 2048). Each family is
-timed `--repeats` times in turn (round robin) and the median kept; prints seconds per checkpoint
-for the cohort and the ratio to `basic`.
+the top eigenvalue by block LOBPCG (tolerance 1e-3) and 10 Hutchinson probes;
+`neural_collapse`: subsample 2048). Each family is timed `--repeats` times in turn (round robin)
+and the median kept; prints seconds per checkpoint for the cohort and the ratio to `basic`.
 
 `build`: builds the spec into fresh temporary stores with `[metrics]` set to each of `--variants`
 (first `before`: the defaults before per-tensor metrics existed; see --help), each `--repeats`

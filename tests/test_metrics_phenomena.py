@@ -17,7 +17,7 @@ from dlstore.metrics.spectra import SPECTRA, powerlaw_alpha, spectral_metrics
 from dlstore.zoo.builder import cohort_plan, plan_cohorts
 from dlstore.zoo.data import gaussian_clone
 from dlstore.zoo.population import CohortTrainer, member_slices
-from dlstore.zoo.spec import ZooSpec
+from dlstore.zoo.spec import HessianOptions, ZooSpec
 
 G = torch.Generator().manual_seed(0)
 
@@ -73,6 +73,51 @@ def test_masked_hessian_is_the_principal_submatrix():
         sub = h[rows][:, rows]
         assert out["hessian_top_eig"][i].item() == pytest.approx(
             torch.linalg.eigvalsh(sub).max().item(), rel=1e-6)
+
+
+def _twin_towers(p, x, y, w):
+    """Two identical tanh MLP towers on the same data, the second's loss weighted 1 + EPS: the
+    Hessian is blockdiag(H, (1 + EPS) H), so its top two eigenvalues are EPS apart."""
+    def tower(prefix):
+        h = torch.tanh(x @ p[f"{prefix}1"] + p[f"{prefix}b"]) @ p[f"{prefix}2"]
+        return (F.cross_entropy(h, y, reduction="none") * w).sum() / w.sum()
+    return tower("a") + (1 + TWIN_EPS) * tower("b")
+
+
+TWIN_EPS = 0.004
+
+
+def test_top_eigenvalue_is_within_its_bound_when_the_top_two_are_close():
+    """On these, power iteration stopped on the change of its estimate fell short by up to 1.4%
+    and ended nearer the second eigenvalue than the top for most members; the residual test
+    bounds the error by `tolerance` (0.1%, below the 0.4% gap, so the second cannot pass)."""
+    members, n, d, hidden, classes = 8, 24, 5, 4, 3
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, d, generator=g)
+    y = torch.randint(0, classes, (members, n), generator=g)
+    one = {"1": torch.randn(members, d, hidden, generator=g),
+           "b": torch.randn(members, hidden, generator=g) * 0.5,
+           "2": torch.randn(members, hidden, classes, generator=g)}
+    params = {f"{t}{k}": v.clone() for t in "ab" for k, v in one.items()}
+    weight = torch.ones(members, n)
+    out = hessian_spectrum(_twin_towers, params, x, y, weight, probes=1)  # the defaults
+    tolerance = HessianOptions().tolerance
+    names = list(params)
+    for i in range(members):
+        flat = torch.cat([params[k][i].flatten() for k in names]).double()
+
+        def loss(f, i=i):
+            parts = torch.split(f, [params[k][i].numel() for k in names])
+            p = {k: t.view(params[k].shape[1:]) for k, t in zip(names, parts)}
+            return _twin_towers(p, x.double(), y[i], weight[i].double())
+
+        eigenvalues = torch.linalg.eigvalsh(torch.func.hessian(loss)(flat))
+        by_size = eigenvalues[eigenvalues.abs().argsort(descending=True)]
+        first, second = by_size[0].item(), by_size[1].item()
+        assert 0.99 <= abs(second / first) <= 1  # the hard case: top two within 1%
+        got = out["hessian_top_eig"][i].item()
+        assert abs(got - first) <= tolerance * abs(first)
+        assert abs(got - first) < abs(got - second)
 
 
 def _tiny_cohort(metrics: str, widths=(3, 5), activation="tanh"):
@@ -171,18 +216,28 @@ def test_vectorised_hvp_equals_full_hessian_products():
 # -- spectra -----------------------------------------------------------------------------------
 
 def _ww_alpha(evals: np.ndarray) -> float:
-    """WeightWatcher's fit written as a plain loop (WW_powerlaw.WWFit), for one matrix."""
+    """WeightWatcher 0.7.7's fit written as a plain loop (WW_powerlaw.WWFit), for one matrix:
+    the standard fit from 20 eigenvalues above 1e-5, the small-sample fit (tails of 8 or more,
+    bias-corrected exponent; whole spectrum if none) below; none under 8 eigenvalues."""
     data = np.sort(evals[evals > 1e-5])
-    if len(data) < 10:
+    if len(evals) < 8 or len(data) < 2:
         return float("nan")
     n_all, log = len(data), np.log(data)
+    small = n_all < 20
     alphas, distances = np.zeros(n_all - 1), np.ones(n_all - 1)
     for i, xmin in enumerate(data[:-1]):
         n = n_all - i
-        alphas[i] = 1 + n / (log[i:].sum() - n * log[i])
+        s = log[i:].sum() - n * log[i]
+        if small and (n < 8 or s <= 1e-12):
+            continue
+        alphas[i] = 1 + (n - 1 if small else n) / s
         if alphas[i] > 1:
             distances[i] = np.abs(1 - (data[i:] / xmin) ** (1 - alphas[i])
                                   - np.arange(n) / n).max()
+    if small and not alphas.any():  # no tail of 8: the whole spectrum
+        alphas[0] = 1 + (n_all - 1) / (log.sum() - n_all * log[0])
+        distances[0] = np.abs(1 - (data / data[0]) ** (1 - alphas[0])
+                              - np.arange(n_all) / n_all).max()
     return float(alphas[np.argmin(distances)])
 
 
@@ -212,9 +267,9 @@ def test_spectra_match_a_per_matrix_computation():
             got = out[name][i].item()
             assert (math.isnan(got) and math.isnan(value)) or got == pytest.approx(value,
                                                                                  rel=1e-9)
-    # 12 x 15 has 12 singular values: alpha is fitted; member 1 (rank 6) has too few, as has
-    # any 5 x 15 matrix
-    assert torch.isnan(out["alpha"]).tolist() == [False, True, False, False]
+    # 12 x 15 has 12 singular values: alpha is fitted (by the small-sample fit), for member 1
+    # (rank 6) on its 6 nonzero eigenvalues; any 5 x 15 matrix has too few
+    assert not torch.isnan(out["alpha"]).any()
     assert torch.isnan(spectral_metrics(torch.randn(2, 5, 15))["alpha"]).all()
 
 

@@ -474,7 +474,7 @@ def metric_columns(values: dict, step: int, ids: list[str], members: list[int]
     """Metric rows of `members` (positions in the stack; `ids` their run ids) at `step`, as
     columns, from an evaluator's [P] values; per-tensor metrics carry the state-dict name in
     `tensor`. A NaN value means the metric is undefined for that member (e.g. `alpha`
-    of a matrix with fewer than 10 eigenvalues): it gets no row."""
+    of a matrix with fewer than 8 eigenvalues): it gets no row."""
     metrics = _metric_columns()
     for key, column in values.items():
         name, tensor = key if isinstance(key, tuple) else (key, None)

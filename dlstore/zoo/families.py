@@ -118,13 +118,15 @@ class Spectra(_CheapPerTensor):
 
 @register_family("hessian")
 class HessianOptions(MetricFamily):
-    """Top eigenvalue (power iteration) and trace (Hutchinson) of each member's loss Hessian."""
+    """Top eigenvalue (block LOBPCG) and trace (Hutchinson) of each member's loss Hessian."""
 
     subsample: int = Field(default=512, ge=1, description="first n training examples of each "
                            "member (its own labels)")
-    iterations: int = Field(default=100, ge=1, description="most power-iteration steps")
-    tolerance: float = Field(default=1e-3, gt=0, description="relative change that stops the "
-                             "power iteration")
+    iterations: int = Field(default=100, ge=1, description="most iterations of the top-eigenvalue "
+                            "search (block LOBPCG: each costs a few Hessian-vector products)")
+    tolerance: float = Field(default=1e-3, gt=0, description="residual bound that stops it: "
+                             "||Hv - lambda v|| <= tolerance |lambda| for every vector of the "
+                             "block, so an eigenvalue lies within tolerance |lambda| of the value")
     probes: int = Field(default=10, ge=1, description="Rademacher probes of the Hutchinson trace")
     values: ClassVar[tuple[str, ...]] = ("hessian_top_eig", "hessian_trace")
     needs_grad: ClassVar[bool] = True
