@@ -1,5 +1,6 @@
 import itertools
 import os
+import sys
 import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -7,10 +8,19 @@ from dataclasses import dataclass
 import pytest
 from hypothesis import settings
 
-from dlstore.store.store import Store
-from dlstore.zoo.builder import build_zoo
-from dlstore.zoo.spec import ZooSpec
-from tests.s3server import start_s3_server
+# The example plugin (tests/plugins/dlstore_example_plugin) lives outside the package: its
+# directory goes on the path, where its committed .dist-info declares its entry points as
+# `pip install` would, before anything reads the registries (test parameters list them), and
+# into PYTHONPATH for the subprocesses the tests start.
+PLUGIN_DIR = os.path.join(os.path.dirname(__file__), "plugins", "dlstore_example_plugin")
+sys.path.insert(0, PLUGIN_DIR)
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (PLUGIN_DIR, os.environ.get("PYTHONPATH"))
+                                           if p)
+
+from dlstore.store.store import Store  # noqa: E402
+from dlstore.zoo.builder import build_zoo  # noqa: E402
+from dlstore.zoo.spec import ZooSpec  # noqa: E402
+from tests.s3server import start_s3_server  # noqa: E402
 
 # Property-based tests draw the same examples on every run, so that CI is reproducible; set
 # HYPOTHESIS_PROFILE=explore to draw fresh ones.

@@ -5,8 +5,10 @@ import textwrap
 import pytest
 import torch
 
+from dlstore.plugins import known_names
 from dlstore.zoo.builder import cohort_plan, plan_cohorts
 from dlstore.zoo.data import run_data
+from dlstore.zoo.models import ARCHS
 from dlstore.zoo.population import CohortTrainer
 from dlstore.zoo.reference import train_reference
 from dlstore.zoo.spec import ZooSpec
@@ -202,3 +204,31 @@ def test_padded_entries_stay_exactly_zero():
     assert torch.count_nonzero(w0[4:]) == 0 and torch.count_nonzero(w1[:, 4:]) == 0
     assert torch.count_nonzero(w1[4:]) == 0
     assert torch.count_nonzero(w0[:4]) == 40  # the true units did train
+
+
+# every registered architecture (built-ins and installed plugins' entry points), and a plugin
+# named by import path: each trained in a cohort by the kernel it declares must match the
+# reference loop
+REGISTERED = [*known_names("architecture", ARCHS), "dlstore_example_plugin.nets:ResMLP"]
+
+
+@pytest.mark.parametrize("arch", REGISTERED)
+def test_every_registered_architecture_matches_reference(arch):
+    spec = ZooSpec.from_text(textwrap.dedent(f"""
+        name = "reg"
+        seeds = 2
+        checkpoints = "every:5"
+        [dataset]
+        name = "gaussian_mixture"
+        n_samples = 300
+        [model]
+        arch = "{arch}"
+        [train]
+        batch_size = 20
+        steps = 15
+        lr = 0.1
+        [grid]
+        train.lr = [0.05, 0.2]
+    """))
+    assert len(plan_cohorts(list(spec.runs), cohort_size=64)) == 1
+    assert_matches_reference(spec)

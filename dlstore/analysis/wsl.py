@@ -75,8 +75,12 @@ _MLP = re.compile(r"layers\.(\d+)\.(weight|bias)")
 _CNN = re.compile(r"(?:convs\.(\d+)|out)\.(weight|bias)")
 
 
-def hidden_layers(layout: Layout) -> list[HiddenLayer]:
-    """The permutable hidden layers of an `mlp` or `cnn1d` network with this layout."""
+def hidden_layers(layout: Layout, arch=None) -> list[HiddenLayer]:
+    """The permutable hidden layers of a network with this layout: as its architecture declares
+    them (`Architecture.permutation_symmetries`), or, without one, those of an `mlp` or `cnn1d`
+    read from the tensor names."""
+    if arch is not None:
+        return _declared_layers(layout, arch)
     layers = weight_bias_pairs(layout)
     names = layout.names
     if all(_MLP.fullmatch(n) for n in names):
@@ -95,6 +99,33 @@ def hidden_layers(layout: Layout) -> list[HiddenLayer]:
                                    f"{units} units of {weight} ({family})")
         out.append(HiddenLayer(units, (weight, bias), next_weight, fan_in // units))
     return out
+
+
+def _declared_layers(layout: Layout, arch) -> list[HiddenLayer]:
+    spec = arch.permutation_symmetries({e.name: e.shape for e in layout.entries})
+    if spec is None:
+        raise WeightSpaceError(f"architecture {arch.arch!r} does not declare "
+                               "`permutation_symmetries`, which canonical features and "
+                               "permutation augmentation need")
+    out = []
+    for incoming, outgoing in spec:
+        units = layout[incoming[0]].shape[0]
+        fan_in = layout[outgoing].shape[1]
+        if fan_in % units:
+            raise WeightSpaceError(f"{outgoing} takes {fan_in} inputs, not a multiple of the "
+                                   f"{units} units of {incoming[0]} ({arch.arch})")
+        out.append(HiddenLayer(units, tuple(incoming), outgoing, fan_in // units))
+    return out
+
+
+def runs_architecture(store: Store, run_ids: Sequence[str]):
+    """The architecture of the runs, which declares their permutation symmetries (the plugin
+    that defines it must be importable); runs of several share one layout, so any will do."""
+    from dlstore.zoo.models import parse_arch_options
+
+    row = store.sql("SELECT run_id FROM runs WHERE list_contains(?, run_id) LIMIT 1",
+                    [sorted(set(run_ids))]).to_dicts()
+    return parse_arch_options(store.run(row[0]["run_id"])["config"]["model"]) if row else None
 
 
 def weight_bias_pairs(layout: Layout) -> list[tuple[str, str]]:
@@ -155,9 +186,10 @@ def canonicalize(params: Mapping[str, torch.Tensor], layers: Sequence[HiddenLaye
     return out
 
 
-def canonical_flat(flat: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """Rows of flattened weights [n, d] -> their canonical form, same layout."""
-    layers = hidden_layers(layout)
+def canonical_flat(flat: torch.Tensor, layout: Layout, arch=None) -> torch.Tensor:
+    """Rows of flattened weights [n, d] -> their canonical form, same layout (`arch`: the
+    architecture that declares the permutations; None = mlp / cnn1d by tensor names)."""
+    layers = hidden_layers(layout, arch)
     return layout.flatten(canonicalize(layout.unflatten(flat), layers))
 
 
@@ -203,12 +235,15 @@ class WeightDataset(Dataset):
             raise QueryError("the query returned no checkpoints")
         values = target_values(store, frame, target)
         keys = frame.select("run_id", "step")
+        self._arch = None
         if features == "stats":
             x, names = _pull_stats(store, keys, batch_size)
             pulled_layout = None
         else:
+            self._arch = runs_architecture(store, keys["run_id"].to_list())
             flat, pulled_layout = store.weights(keys, layout=layout)
-            x = canonical_flat(flat, pulled_layout) if features == "canonical" else flat
+            x = (canonical_flat(flat, pulled_layout, self._arch) if features == "canonical"
+                 else flat)
             names = [f"{e.name}[{i}]" for e in pulled_layout.entries for i in range(e.size)]
         self._setup(x, values, keys["run_id"].to_list(), keys["step"].to_list(), target, task,
                     splits, seed, names, features, pulled_layout)
@@ -221,6 +256,7 @@ class WeightDataset(Dataset):
                     feature_names: Sequence[str] | None = None) -> WeightDataset:
         """A dataset of given feature rows (e.g. computed elsewhere), split by `run_ids`."""
         ds = cls.__new__(cls)
+        ds._arch = None
         x = torch.as_tensor(np.asarray(features))
         if x.dim() != 2 or x.shape[0] != len(run_ids) or len(targets) != len(run_ids):
             raise WeightSpaceError(f"features must be [n, f] with one target and run id per row; "
@@ -275,7 +311,7 @@ class WeightDataset(Dataset):
             raise WeightSpaceError(f"{self.features_kind} features are invariant to permutations "
                                    "of hidden units; augmentation applies to flat features")
         if augment and self._layers is None:
-            self._layers = hidden_layers(self.layout)
+            self._layers = hidden_layers(self.layout, self._arch)
         return WeightSubset(self, self.rows(name), augment, generator)
 
     def split_frame(self) -> pl.DataFrame:
@@ -287,7 +323,7 @@ class WeightDataset(Dataset):
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """Flat features of `rows`, each under a fresh random permutation of hidden units."""
         if self._layers is None:
-            self._layers = hidden_layers(self.layout)
+            self._layers = hidden_layers(self.layout, self._arch)
         flat = self.features[torch.as_tensor(np.asarray(rows), dtype=torch.long)]
         return self.layout.flatten(random_permutation(self.layout.unflatten(flat), self._layers,
                                                       generator))

@@ -37,6 +37,7 @@ from dlstore.analysis.wsl import (
     DEFAULT_SPLITS,
     WeightSpaceError,
     canonical_flat,
+    runs_architecture,
     split_runs,
     weight_bias_pairs,
 )
@@ -158,9 +159,10 @@ def _write_weights(store: Store, keys: pl.DataFrame, layout: Layout,
             arrays[f"weight_{i}.npy"] = _array(directory / f"weight_{i}.npy", (n, w[1], w[0], 1))
             arrays[f"bias_{i}.npy"] = _array(directory / f"bias_{i}.npy", (n, *b, 1))
     start = 0
+    arch = runs_architecture(store, keys["run_id"].to_list()) if canonical else None
     for _, flat in store.iter_weights(keys, batch_size=batch_size, layout=layout):
         if canonical:
-            flat = canonical_flat(flat, layout)
+            flat = canonical_flat(flat, layout, arch)
         stop = start + flat.shape[0]
         if format == "unterthiner":
             arrays["weights.npy"][start:stop] = flat.numpy()

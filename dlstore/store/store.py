@@ -236,12 +236,27 @@ class Store:
 
     def load_model(self, run_id: str, step: int | None = None) -> nn.Module:
         """The run's network at `step` (None = last checkpoint), in eval mode, on the CPU."""
+        from dlstore.errors import SpecError
+        from dlstore.plugins import HOW_TO_IMPORT, PluginImportError, is_import_path
         from dlstore.zoo.models import parse_arch_options
 
         run = self.run(run_id)
         config = run["config"]
-        model = parse_arch_options(config["model"]).build(tuple(run["input_shape"]),
-                                                          run["n_classes"])
+        arch = config["model"].get("arch")
+        try:
+            options = parse_arch_options(config["model"])
+        except PluginImportError as e:
+            raise PluginImportError(f"run {run_id}: {e} (load_state_dict needs no plugin)"
+                                    ) from None
+        except SpecError as e:
+            if isinstance(arch, str) and not is_import_path(arch) and "unknown" in str(e):
+                # a name an installed plugin registered, and that plugin is gone
+                raise PluginImportError(
+                    f"run {run_id}: architecture {arch!r} is registered by no installed package "
+                    f"(entry point group dlstore.architectures); {HOW_TO_IMPORT} (load_state_dict "
+                    "needs no plugin)") from None
+            raise
+        model = options.build(tuple(run["input_shape"]), run["n_classes"])
         model.load_state_dict(self.load_state_dict(run_id, step))
         return model.eval()
 

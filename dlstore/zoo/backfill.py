@@ -20,11 +20,7 @@ from dlstore.zoo.builder import metric_columns
 from dlstore.zoo.kernels import kernel_for
 from dlstore.zoo.models import parse_arch_options
 from dlstore.zoo.population import CheckpointEvaluator
-from dlstore.zoo.spec import CHECKPOINT_FAMILIES, ZooSpec, checkpoint_metric_steps
-
-# a metric whose row marks a family as recorded at a (run, step)
-MARKERS = {"statistics": "mean", "spectra": "spectral_norm", "hessian": "hessian_top_eig",
-           "neural_collapse": "nc1", "gaussian_clone": "clone_acc"}
+from dlstore.zoo.spec import ZooSpec, checkpoint_metric_steps
 
 
 def missing_checkpoint_metrics(spec: ZooSpec, store: Store) -> dict[tuple[str, int], set[str]]:
@@ -36,12 +32,15 @@ def missing_checkpoint_metrics(spec: ZooSpec, store: Store) -> dict[tuple[str, i
     present = set(total_steps)
     if not present:
         return {}
+    # a metric whose row marks a family as recorded at a (run, step): each family declares it
+    markers = {name: family.marker_name() for name, family in spec.metrics.families}
     checkpoints = store.sql("SELECT run_id, list(step ORDER BY step) AS steps FROM checkpoints "
                             "WHERE list_contains(?, run_id) GROUP BY run_id",
                             [sorted(present)]).to_dicts()
     have = {(r["run_id"], r["step"], r["metric"]) for r in store.sql(
         "SELECT DISTINCT run_id, step, metric FROM metrics WHERE list_contains(?, run_id) "
-        "AND list_contains(?, metric)", [sorted(present), list(MARKERS.values())]).to_dicts()}
+        "AND list_contains(?, metric)",
+        [sorted(present), sorted(set(markers.values()))]).to_dicts()}
     configs = {r.run_id: r for r in spec.runs}
     missing: dict[tuple[str, int], set[str]] = {}
     for row in checkpoints:
@@ -49,9 +48,9 @@ def missing_checkpoint_metrics(spec: ZooSpec, store: Store) -> dict[tuple[str, i
         run = configs[row["run_id"]]
         planned = run.checkpoint_steps(total_steps[row["run_id"]])
         selected = checkpoint_metric_steps(spec.metrics, planned)
-        for family in CHECKPOINT_FAMILIES:
+        for family, marker in markers.items():
             for step in selected[family] & set(row["steps"]):
-                if (row["run_id"], step, MARKERS[family]) not in have:
+                if (row["run_id"], step, marker) not in have:
                     missing.setdefault((row["run_id"], step), set()).add(family)
     return missing
 
@@ -77,7 +76,7 @@ def backfill_checkpoint_metrics(spec: ZooSpec, store: Store, device: str | torch
         columns = _empty_columns()
         for family in families:
             keep = [i for i, m in enumerate(members) if family in missing[(m["run_id"], step)]]
-            part = metric_columns(_family_values(values, family), step,
+            part = metric_columns(_family_values(values, spec.metrics.get(family)), step,
                                   [members[i]["run_id"] for i in keep], keep)
             for name, items in part.items():
                 columns[name] += items
@@ -92,19 +91,12 @@ def _empty_columns() -> dict[str, list]:
     return {k: [] for k in ("run_id", "step", "metric", "tensor", "value")}
 
 
-def _family_values(values: dict, family: str) -> dict:
-    """The evaluator's values that belong to `family`."""
-    from dlstore.metrics.collapse import COLLAPSE
-    from dlstore.metrics.spectra import SPECTRA
-    from dlstore.metrics.weights import STATISTICS
-
-    names = {"statistics": STATISTICS, "spectra": SPECTRA, "neural_collapse": COLLAPSE,
-             "hessian": ("hessian_top_eig", "hessian_trace"),
-             "gaussian_clone": ("clone_loss", "clone_acc")}[family]
-    per_tensor = family in ("statistics", "spectra")
+def _family_values(values: dict, family) -> dict:
+    """The evaluator's values that belong to `family` (the names it declares)."""
+    names = set(family.values)
     return {k: v for k, v in values.items()
-            if (isinstance(k, tuple) and per_tensor and k[0] in names)
-            or (not isinstance(k, tuple) and not per_tensor and k in names)}
+            if (isinstance(k, tuple) and family.per_tensor and k[0] in names)
+            or (not isinstance(k, tuple) and not family.per_tensor and k in names)}
 
 
 def _evaluate(spec: ZooSpec, store: Store, blob: str, step: int, members: list[dict],

@@ -104,7 +104,7 @@ def plan_cohorts(runs: list[RunConfig], cohort_size: int | str = "auto", device:
     for members in groups.values():
         size = cohort_size
         if size == "auto":
-            run, data = max(members, key=lambda m: m[0].model.width)
+            run, data = max(members, key=lambda m: m[0].model.width or 0)
             net = run.model.size(data.input_shape, data.n_classes)
             size = auto_cohort_size(net.params, net.activations, run.train.batch_size,
                                     resolve_device(device))
@@ -132,7 +132,7 @@ def cohort_plan(runs: list[RunConfig], datas: list[DatasetTensors],
     largest = max(range(len(datas)), key=lambda i: datas[i].x_train.shape[0])
     total = first.train.total_steps(data.x_train.shape[0])
     return CohortPlan(
-        arch=max((r.model for r in runs), key=lambda m: m.width),
+        arch=max((r.model for r in runs), key=lambda m: m.width or 0),
         input_shape=data.input_shape, n_classes=data.n_classes,
         optimizer=first.train.optimizer, schedule=first.train.schedule,
         batch_size=first.train.batch_size, total_steps=total,

@@ -72,8 +72,11 @@ class DataShape:
         return 3 * 8 * self.n_examples * (math.prod(self.input_shape) + 1) + self.extra_bytes
 
 
-class DatasetOptions(BaseModel):
-    """Options every dataset takes; subclasses add `name: Literal[...]` and generation options."""
+class Dataset(BaseModel):
+    """A dataset's options, validated like a spec's other tables (unknown fields refused).
+    Subclasses add their generation options as fields and implement `generate`; the built-ins
+    name themselves with `name: Literal[...]`, a plugin by its entry point or import path.
+    `shape` is optional (the memory check skips a dataset without it)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str
@@ -91,7 +94,9 @@ class DatasetOptions(BaseModel):
         return None
 
 
-DATASETS: dict[str, type[DatasetOptions]] = {}
+DatasetOptions = Dataset  # the name this base had before plugins
+
+DATASETS: dict[str, type[Dataset]] = {}
 
 
 def register_dataset(name: str) -> Callable[[type[DatasetOptions]], type[DatasetOptions]]:
@@ -265,18 +270,22 @@ class GaussianMixtureOptions(DatasetOptions):
         return DataShape(self.n_samples, (self.dim,), self.n_classes, 8 * self.n_classes * self.dim)
 
 
-def parse_dataset_options(raw: dict) -> DatasetOptions:
-    """Validate a spec's [dataset] table against its dataset's options, naming bad fields."""
+def parse_dataset_options(raw: dict) -> Dataset:
+    """Validate a spec's [dataset] table against its dataset's options, naming bad fields.
+    `name` is a built-in's or an entry point's name, or an import path `package.module:Class`."""
+    from dlstore import plugins
+
     if not isinstance(raw, dict):
         raise SpecError(f"dataset: expected a table, got {type(raw).__name__}")
     name = raw.get("name")
-    known = ", ".join(sorted(DATASETS))
     if name is None:
+        known = ", ".join(plugins.known_names("dataset", DATASETS))
         raise SpecError(f"dataset.name: missing; known datasets: {known}")
-    if not isinstance(name, str) or name not in DATASETS:
-        raise SpecError(f"dataset.name: unknown dataset {name!r}; known: {known}")
+    if not isinstance(name, str):
+        raise SpecError(f"dataset.name: expected a name or an import path, got {name!r}")
+    cls = plugins.resolve("dataset", name, DATASETS, Dataset, "dataset.name")
     try:
-        return DATASETS[name].model_validate(raw)
+        return cls.model_validate(raw)
     except ValidationError as e:
         raise SpecError(format_validation_error(e, "dataset")) from None
 

@@ -8,11 +8,12 @@ parameters that `torch.func` can differentiate twice), and name the classifier l
 
 Two implementations:
 - `VmapKernel`, for any architecture: `torch.func.vmap(grad_and_value(...))` over
-  `functional_call` of the registry's module;
-- `MLPKernel`, for `mlp`: the forward and backward pass written out with batched matmuls
-  (`baddbmm`/`bmm`). On a CPU it is several times faster than the generic path at the sizes of a
-  model zoo, because autograd's layouts make the elementwise backward ops and `log_softmax` over
-  ten classes slow there. Equivalence tests pin both against the `torch.optim` reference.
+  `functional_call` of the architecture's module;
+- `MLPKernel`, the fast kernel `mlp` declares (`Architecture.cohort_kernel`): the forward and
+  backward pass written out with batched matmuls (`baddbmm`/`bmm`). On a CPU it is several
+  times faster than the generic path at the sizes of a model zoo, because autograd's layouts
+  make the elementwise backward ops and `log_softmax` over ten classes slow there. Equivalence
+  tests pin both against the `torch.optim` reference.
 """
 
 from __future__ import annotations
@@ -22,28 +23,31 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from dlstore.zoo.models import ArchOptions, MLPOptions
+from dlstore.zoo.models import Architecture, MLPOptions
 
 Params = dict[str, torch.Tensor]
 
 
 class _Features(nn.Module):
-    """Calls a registry module's `features` through `functional_call` (which calls `forward`)."""
+    """Calls the module's declared features method through `functional_call` (which calls
+    `forward`)."""
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: nn.Module, method: str | None):
         super().__init__()
         self.net = net
+        self.method = method
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.features(x)
+        return getattr(self.net, self.method)(x)
 
 
 class VmapKernel:
-    def __init__(self, arch: ArchOptions, input_shape: tuple[int, ...], n_classes: int):
+    def __init__(self, arch: Architecture, input_shape: tuple[int, ...], n_classes: int):
         with torch.device("meta"):
             self.template = arch.build(input_shape, n_classes)
-        self._features_module = _Features(self.template)
-        self.classifier = self.template.classifier_name()
+        self.arch = arch
+        self._features_module = _Features(self.template, arch.features_method)
+        self.classifier = arch.classifier_layer()
         self._grad = vmap(grad_and_value(self._loss))
         self._eval = vmap(self.forward_one, in_dims=(0, None))
         self._features = vmap(self._features_one, in_dims=(0, None))
@@ -68,7 +72,9 @@ class VmapKernel:
         return self._eval(params, x)
 
     def features_shared(self, params: Params, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate features [P, N, d] (the module's `features`) of every member."""
+        """Penultimate features [P, N, d] (the module's declared features method) of every
+        member."""
+        self.arch.require("features_method", "penultimate features")
         return self._features(params, x)
 
 
@@ -169,7 +175,7 @@ class MLPKernel:
         return losses, grads
 
 
-def kernel_for(arch: ArchOptions, input_shape: tuple[int, ...], n_classes: int):
-    if isinstance(arch, MLPOptions):
-        return MLPKernel(arch)
-    return VmapKernel(arch, input_shape, n_classes)
+def kernel_for(arch: Architecture, input_shape: tuple[int, ...], n_classes: int):
+    """The kernel the architecture declares (`Architecture.cohort_kernel`; by default the
+    generic VmapKernel)."""
+    return arch.cohort_kernel(input_shape, n_classes)

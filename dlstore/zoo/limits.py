@@ -4,7 +4,7 @@ store, and rough estimates of what a build will cost (`build-zoo --dry-run`).
 A spec that would exhaust memory (a width, depth, kernel, input dimension, class count or sample
 count too large) or never end (`epochs = 1e12`, a checkpoint at every one of 10^9 steps) is a
 one-line SpecError stating the estimate, instead of minutes of swapping or an endless loop.
-Sizes come from the options alone (`ArchOptions.size`, `DatasetOptions.shape`): nothing is built
+Sizes come from the options alone (`Architecture.size`, `DatasetOptions.shape`): nothing is built
 or generated to find out that it is too large.
 """
 
@@ -18,7 +18,7 @@ import torch
 
 from dlstore.errors import SpecError
 from dlstore.zoo.data import DatasetTensors, DataShape, clean_split
-from dlstore.zoo.models import SizeEstimate
+from dlstore.zoo.models import Architecture, SizeEstimate
 from dlstore.zoo.population import member_memory
 from dlstore.zoo.spec import RunConfig, parse_checkpoints
 
@@ -160,12 +160,14 @@ def estimate_cohorts(cohorts: list[tuple[list[RunConfig], list[DatasetTensors]]]
             shape = DataShape(data.x_train.shape[0], data.input_shape, data.n_classes)
             size = network_size(run, shape)
             total = run.train.total_steps(data.x_train.shape[0])
+            # the benchmark measured the mlp's declared fast kernel and the generic vmap one
+            fast = type(run.model).cohort_kernel is not Architecture.cohort_kernel
             rate = FLOPS[(device.type if device.type == "cuda" else "cpu",
-                          "mlp" if run.model.arch == "mlp" else "other")]
+                          "mlp" if fast else "other")]
             seconds += (OVERHEAD * 6 * size.macs * run.train.batch_size
                         * (total - run.start_step) / rate)
             n = checkpoint_count(run.checkpoints, total)
-            n_tensors = 2 * (run.model.depth + 1)  # a weight and a bias per layer
+            n_tensors = 2 * ((run.model.depth or 0) + 1)  # a weight and a bias per layer
             rows = METRIC_ROWS_FIXED + METRIC_ROWS_PER_TENSOR * n_tensors
             stored += n * (4 * size.params + rows * METRIC_ROW_BYTES)
             n_checkpoints += n
@@ -175,6 +177,8 @@ def estimate_cohorts(cohorts: list[tuple[list[RunConfig], list[DatasetTensors]]]
 def _describe(run: RunConfig) -> str:
     m = run.model
     extra = f", kernel {m.kernel:,}" if hasattr(m, "kernel") else ""
+    if m.width is None or m.depth is None:  # a plugin architecture without these notions
+        return f"{m.arch} on {run.dataset.name}"
     return f"{m.arch} width {m.width:,}, depth {m.depth:,}{extra} on {run.dataset.name}"
 
 

@@ -30,17 +30,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from dlstore.errors import DlstoreError
 from dlstore.metrics.basic import dist_from_init, loss_and_accuracy, weight_norm
-from dlstore.metrics.collapse import neural_collapse
-from dlstore.metrics.hessian import hessian_spectrum
-from dlstore.metrics.spectra import is_weight_matrix, spectral_metrics
-from dlstore.metrics.weights import tensor_statistics
-from dlstore.zoo.data import gaussian_clone
 from dlstore.zoo.kernels import kernel_for
-from dlstore.zoo.models import ArchOptions
+from dlstore.zoo.models import Architecture
 from dlstore.zoo.schedule import BatchOrder, lr_factor
 from dlstore.zoo.spec import MetricsOptions, checkpoint_metric_steps
 
@@ -74,7 +68,7 @@ class CohortPlan:
     widest member's architecture; members' `init` tensors carry their own (possibly smaller)
     shapes."""
 
-    arch: ArchOptions
+    arch: Architecture
     input_shape: tuple[int, ...]
     n_classes: int
     optimizer: str  # "sgd" | "adam" | "adamw"
@@ -133,22 +127,20 @@ class CheckpointEvaluator:
     options: MetricsOptions
     steps: dict[str, set[int]]
     member_chunk: int = 256  # members per Hessian / collapse computation (bounds memory)
+    _cache: dict = field(default_factory=dict, repr=False)
 
     def __call__(self, params: Params, step: int) -> dict[MetricKey, torch.Tensor]:
         metrics: dict[MetricKey, torch.Tensor] = {}
+        selected = [f for name, f in self.options.families if step in self.steps.get(name, ())]
         with torch.no_grad():
             if step in self.steps.get("basic", ()):
                 metrics.update(self._basic(params))
-            metrics.update(self._per_tensor(params, step))
-            if step in self.steps.get("neural_collapse", ()):
-                metrics.update(self._chunked(self._collapse, params))
-            if step in self.steps.get("gaussian_clone", ()):
-                clone_loss, clone_acc = loss_and_accuracy(
-                    self.kernel.forward_shared, params, self._clone, self.y_test,
-                    chunk=self.chunk)
-                metrics.update({"clone_loss": clone_loss, "clone_acc": clone_acc})
-        if step in self.steps.get("hessian", ()):
-            metrics.update(self._chunked(functools.partial(self._hessian, seed=step), params))
+            for family in selected:
+                if not family.needs_grad:
+                    metrics.update(family.compute(self, params, step))
+        for family in selected:  # the Hessian differentiates twice: autograd on
+            if family.needs_grad:
+                metrics.update(family.compute(self, params, step))
         return {k: v.cpu() for k, v in metrics.items()}
 
     def _basic(self, params: Params) -> dict[MetricKey, torch.Tensor]:
@@ -162,32 +154,30 @@ class CheckpointEvaluator:
                 "weight_norm": weight_norm(params),
                 "dist_from_init": dist_from_init(params, self.init)}
 
-    @functools.cached_property
-    def _clone(self) -> torch.Tensor:
-        """The Gaussian clone of the test inputs (labels: `y_test`), drawn once per cohort."""
-        return gaussian_clone(self.x_test, self.y_test, self.n_classes,
-                              self.options.gaussian_clone.seed)
+    # What metric families compute with (`dlstore.MetricFamily.compute`):
 
-    def _per_tensor(self, params: Params, step: int) -> dict[MetricKey, torch.Tensor]:
-        statistics = step in self.steps.get("statistics", ())
-        spectra = step in self.steps.get("spectra", ())
+    def cached(self, key, make: Callable[[], object]):
+        """`make()`, computed once per cohort (a family's fixed inputs)."""
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    def per_tensor(self, params: Params, compute: Callable[[torch.Tensor], dict]
+                   ) -> dict[MetricKey, torch.Tensor]:
+        """{(value, tensor): [P]} from `compute(stack)` -> {value: [members]} over each tensor's
+        stack of members with identical true shapes, cut to those shapes (padding never counts)."""
         out: dict[MetricKey, torch.Tensor] = {}
-        if not (statistics or spectra):
-            return out
         n_members = next(iter(params.values())).shape[0]
         for members, shapes in zip(self.shape_groups, self.shapes):
             index = torch.tensor(members, device=next(iter(params.values())).device)
             for name, stack in member_slices(params, shapes, members).items():
-                values = tensor_statistics(stack) if statistics else {}
-                if spectra and is_weight_matrix(stack):
-                    values.update(spectral_metrics(stack))
-                for metric, value in values.items():
+                for metric, value in compute(stack).items():
                     column = out.setdefault((metric, name), torch.full(
                         (n_members,), torch.nan, dtype=torch.float64, device=value.device))
                     column[index] = value
         return out
 
-    def _training_sample(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def training_sample(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The first `size` training examples (a fixed subsample), each member's own labels,
         and weights that leave out examples beyond a member's training set."""
         size = min(size, self.x_train.shape[0])
@@ -195,32 +185,14 @@ class CheckpointEvaluator:
                   < self.n_train[:, None]).to(torch.float32)
         return self.x_train[:size], self.y_train[:, :size], weight
 
-    def _chunked(self, compute, params: Params) -> dict[MetricKey, torch.Tensor]:
+    def chunked(self, compute, params: Params) -> dict[MetricKey, torch.Tensor]:
+        """`compute(params of a chunk of members, their slice)` over chunks of `member_chunk`
+        members (bounds memory), concatenated."""
         n_members = next(iter(params.values())).shape[0]
         parts = [compute({k: v[s:s + self.member_chunk] for k, v in params.items()},
                          slice(s, s + self.member_chunk))
                  for s in range(0, n_members, self.member_chunk)]
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-
-    def _hessian(self, params: Params, members: slice, seed: int) -> dict[str, torch.Tensor]:
-        opts = self.options.hessian
-        x, y, weight = self._training_sample(opts.subsample)
-        forward_one = self.kernel.forward_one
-
-        def loss_one(p: Params, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor):
-            return (F.cross_entropy(forward_one(p, x), y, reduction="none") * w).sum() / w.sum()
-
-        masks = {k: m[members] for k, m in self.masks.items()}
-        return hessian_spectrum(loss_one, params, x, y[members], weight[members],
-                                iterations=opts.iterations, tolerance=opts.tolerance,
-                                probes=opts.probes, masks=masks, seed=seed)
-
-    def _collapse(self, params: Params, members: slice) -> dict[str, torch.Tensor]:
-        x, y, weight = self._training_sample(self.options.neural_collapse.subsample)
-        head = self.kernel.classifier
-        return neural_collapse(self.kernel.features_shared(params, x), y[members],
-                               params[f"{head}.weight"], params[f"{head}.bias"], self.n_classes,
-                               weight=weight[members])
 
 
 def shape_groups(members: list[MemberPlan]) -> list[list[int]]:

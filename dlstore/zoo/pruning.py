@@ -16,13 +16,16 @@ Params = dict[str, torch.Tensor]
 Mask = dict[str, torch.Tensor]
 
 
-def prunable(state: Params) -> list[str]:
-    """Names of the prunable tensors, in state-dict order; the last is the output layer."""
-    return [k for k, v in state.items() if v.dim() >= 2]
+def prunable(state: Params, arch=None) -> list[str]:
+    """Names of the prunable tensors, in state-dict order; the last is the output layer. What
+    the architecture declares (`Architecture.prunable_tensors`); without one, every tensor of two or
+    more dimensions, as the built-ins declare."""
+    names = arch.prunable_tensors(state) if arch is not None else None
+    return names if names is not None else [k for k, v in state.items() if v.dim() >= 2]
 
 
-def full_mask(state: Params) -> Mask:
-    return {k: torch.ones_like(state[k], dtype=torch.bool) for k in prunable(state)}
+def full_mask(state: Params, arch=None) -> Mask:
+    return {k: torch.ones_like(state[k], dtype=torch.bool) for k in prunable(state, arch)}
 
 
 def removed_count(fraction: float, remaining: int) -> int:

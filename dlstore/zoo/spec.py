@@ -32,7 +32,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -43,7 +43,15 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10
     import tomli as tomllib
 from dlstore.zoo.data import DatasetOptions, parse_dataset_options
-from dlstore.zoo.models import ArchOptions, parse_arch_options
+from dlstore.zoo.families import (  # noqa: F401 (GroupOptions and the options are public here)
+    CheckpointSelection,
+    CloneOptions,
+    CollapseOptions,
+    GroupOptions,
+    HessianOptions,
+    MetricsOptions,
+)
+from dlstore.zoo.models import Architecture, parse_arch_options
 
 SECTIONS = ("dataset", "model", "train")
 DEFAULT_CHECKPOINTS = "log:10"
@@ -105,85 +113,6 @@ class BuildOptions(BaseModel):
         if value != "auto" and value < 1:
             raise ValueError("give a positive number of members or 'auto'")
         return value
-
-
-CheckpointSelection = Literal["all", "last"] | list[Annotated[int, Field(ge=0)]]
-
-
-class _Selected(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    at: CheckpointSelection = Field(
-        default="last", description="checkpoints to compute at: all, last, or a list of steps "
-        "(each a checkpoint step of every run)")
-
-
-class HessianOptions(_Selected):
-    subsample: int = Field(default=512, ge=1, description="first n training examples of each "
-                           "member (its own labels)")
-    iterations: int = Field(default=100, ge=1, description="most iterations of the top-eigenvalue "
-                            "search (block LOBPCG: each costs a few Hessian-vector products)")
-    tolerance: float = Field(default=1e-3, gt=0, description="residual bound that stops it: "
-                             "||Hv - lambda v|| <= tolerance |lambda| for every vector of the "
-                             "block, so an eigenvalue lies within tolerance |lambda| of the value")
-    probes: int = Field(default=10, ge=1, description="Rademacher probes of the Hutchinson trace")
-
-
-class CollapseOptions(_Selected):
-    subsample: int = Field(default=2048, ge=1, description="first n training examples of each "
-                           "member (its own labels)")
-
-
-class CloneOptions(_Selected):
-    at: CheckpointSelection = Field(
-        default="all", description="checkpoints to compute at (cheap: one pass over a "
-        "test-sized set)")
-    seed: int = Field(default=0, description="draws the clone; the same for every run of a "
-                      "dataset, so runs are compared on one clone")
-
-
-class GroupOptions(_Selected):
-    points: int = Field(default=11, ge=2, description="points on the line between two members")
-    pairs: int = Field(default=10, ge=1, description="most pairs of seeds per group")
-    subsample: int = Field(default=4096, ge=1, description="first n training examples for the "
-                           "train-split barriers")
-
-
-class MetricsOptions(BaseModel):
-    """What is measured, chosen per zoo. Not part of any run id (metrics never change weights),
-    so adding a metric to a built spec renames nothing; runs already in a store keep the metrics
-    they were built with until `dlstore metrics compute SPEC` adds the missing ones.
-
-    Cheap metrics (`statistics`, `spectra`) take a checkpoint selection or false; costly ones
-    (`hessian`, `neural_collapse`, `gaussian_clone`, `groups`) are off unless given, as true
-    (defaults) or a table."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    statistics: CheckpointSelection | None = Field(
-        default="all", description="per-tensor mean, std and quantiles")
-    spectra: CheckpointSelection | None = Field(
-        default="all", description="per weight matrix norms, ranks and power-law alpha")
-    hessian: HessianOptions | None = None
-    neural_collapse: CollapseOptions | None = None
-    gaussian_clone: CloneOptions | None = Field(
-        default=None, description="loss and accuracy on a Gaussian clone of the test split "
-        "(each class resampled from its mean and covariance)")
-    groups: GroupOptions | None = Field(
-        default=None, description="over the seeds of each config: barriers, mode connectivity, "
-        "CKA, disagreement")
-
-    @field_validator("statistics", "spectra", mode="before")
-    @classmethod
-    def _cheap_switch(cls, value):
-        if value is True:
-            return "all"
-        return None if value is False else value
-
-    @field_validator("hessian", "neural_collapse", "gaussian_clone", "groups", mode="before")
-    @classmethod
-    def _costly_switch(cls, value):
-        if value is True:
-            return {}
-        return None if value is False else value
 
 
 class PhaseOptions(BaseModel):
@@ -296,7 +225,7 @@ class _SpecFile(BaseModel):
     train: dict[str, Any]
     grid: dict[str, Any] = {}
     build: BuildOptions = BuildOptions()
-    metrics: MetricsOptions = MetricsOptions()
+    metrics: dict[str, Any] = {}
     phases: PhaseOptions = PhaseOptions()
     tickets: TicketOptions | None = None
     transfer: TransferOptions | None = None
@@ -308,7 +237,7 @@ class RunConfig:
 
     zoo: str
     dataset: DatasetOptions
-    model: ArchOptions
+    model: Architecture
     train: TrainOptions
     checkpoints: str | tuple[int, ...]
     seed: int
@@ -463,8 +392,28 @@ class ZooSpec:
         if len(set(ids)) != len(ids):
             raise SpecError("grid: two grid points describe the same run (repeated value?)")
         conditions = _transfer_conditions(top, runs, seeds)
+        metrics = MetricsOptions(top.metrics)
+        _check_declared(top, metrics, runs)
         return cls(top.name, text if text is not None else json.dumps(raw), tuple(runs), top.build,
-                   top.metrics, top.phases, top.tickets, top.transfer, conditions)
+                   metrics, top.phases, top.tickets, top.transfer, conditions)
+
+
+def _check_declared(top: _SpecFile, metrics: MetricsOptions, runs: list[RunConfig]) -> None:
+    """Refuse, before anything trains, a feature whose architecture lacks a property it needs."""
+    needs = []
+    if top.tickets is not None:
+        needs.append(("prunable_tensors", "tickets"))
+    for name, family in metrics.families:
+        needs += [(prop, f"metrics.{name}") for prop in family.needs]
+    if metrics.groups is not None:
+        needs.append(("features_method", "metrics.groups (CKA)"))
+    seen = set()
+    for run in runs:
+        if type(run.model) in seen:
+            continue
+        seen.add(type(run.model))
+        for prop, feature in needs:
+            run.model.require(prop, feature)
 
 
 def _check_table_sizes(raw: dict[str, Any]) -> None:
@@ -547,7 +496,7 @@ def _under_condition(run: RunConfig, overrides: list[tuple[tuple, Any]], where: 
                      run.extra_checkpoints)
 
 
-def _parse_sections(sections: dict[str, Any]) -> tuple[DatasetOptions, ArchOptions, TrainOptions]:
+def _parse_sections(sections: dict[str, Any]) -> tuple[DatasetOptions, Architecture, TrainOptions]:
     dataset = parse_dataset_options(sections["dataset"])
     model = parse_arch_options(sections["model"])
     try:
@@ -655,17 +604,10 @@ def selected_steps(selection: CheckpointSelection | None, steps: list[int], fiel
     return set(selection)
 
 
-CHECKPOINT_FAMILIES = ("statistics", "spectra", "hessian", "neural_collapse", "gaussian_clone")
-
-
 def checkpoint_metric_steps(options: MetricsOptions, steps: list[int]) -> dict[str, set[int]]:
-    """For each family of checkpoint metrics, the steps (among a cohort's checkpoint `steps`)
-    at which the spec asks for it; a SpecError names a selected step that is no checkpoint."""
-    out = {}
-    for family in CHECKPOINT_FAMILIES:
-        value = getattr(options, family)
-        if isinstance(value, _Selected):
-            out[family] = selected_steps(value.at, steps, f"metrics.{family}.at")
-        else:
-            out[family] = selected_steps(value, steps, f"metrics.{family}")
-    return out
+    """For each selected family of checkpoint metrics, the steps (among a cohort's checkpoint
+    `steps`) at which the spec asks for it; a SpecError names a selected step that is no
+    checkpoint."""
+    return {name: selected_steps(family.at, steps, f"metrics.{name}" if family.shorthand
+                                 else f"metrics.{name}.at")
+            for name, family in options.families}

@@ -284,7 +284,7 @@ class TicketPhase:
         o = self.options
         for key, run in prune.items():
             weights = states[(run.prune_from, None)]
-            before = (full_mask(weights) if run.level == 1
+            before = (full_mask(weights, run.model) if run.level == 1
                       else previous[mask_id_of(run.prune_from)])
             self._masks[key] = magnitude_prune(before, weights, o.prune_fraction,
                                                o.output_fraction, o.scope)
