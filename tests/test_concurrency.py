@@ -15,10 +15,12 @@ from dlstore.zoo.spec import ZooSpec
 from tests.conftest import TINY_SPEC
 
 CREATE = """
-import sys, time
+import os, sys, time
 import dlstore
-path, start, i = sys.argv[1], float(sys.argv[2]), sys.argv[3]
-time.sleep(max(0.0, start - time.time()))
+path, gate, i = sys.argv[1], sys.argv[2], sys.argv[3]
+open(f"{gate}.ready-{i}", "w").close()
+while not os.path.exists(gate):  # every process has imported dlstore: all start at once
+    time.sleep(0.001)
 store = dlstore.Store(path, create=True)
 store.record_zoo({"zoo": f"z{i}", "spec": "", "spec_hash": i, "n_runs": 0,
                   "dlstore_version": "test"})
@@ -27,9 +29,15 @@ store.record_zoo({"zoo": f"z{i}", "spec": "", "spec_hash": i, "n_runs": 0,
 
 def test_eight_processes_create_one_store_at_once(tmp_path):
     root = tmp_path / "store"
-    start = time.time() + 8  # every process has imported dlstore by then
-    procs = [subprocess.Popen([sys.executable, "-c", CREATE, str(root), str(start), str(i)],
+    gate = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", CREATE, str(root), str(gate), str(i)],
                               stderr=subprocess.PIPE, text=True) for i in range(8)]
+    deadline = time.time() + 120
+    while len(list(tmp_path.glob("go.ready-*"))) < 8 and time.time() < deadline:
+        if any(p.poll() is not None for p in procs):
+            break  # one failed to start: its error is reported below
+        time.sleep(0.01)
+    gate.touch()
     errors = [p.communicate()[1] for p in procs]
     assert [p.returncode for p in procs] == [0] * 8, errors
     store = Store(root)

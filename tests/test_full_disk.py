@@ -35,6 +35,7 @@ def _fill(mount: Path) -> None:
     (mount / "filler").write_bytes(b"\0" * max(0, free - (1 << 20)))
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_a_one_line_error(small_disk, tmp_path):
     spec = tmp_path / "tiny.toml"
     spec.write_text(TINY_SPEC.replace("train.lr = [0.05, 0.2]", ""))
