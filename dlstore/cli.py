@@ -5,7 +5,9 @@ Errors a user can cause print as one line on stderr with exit status 1, never a 
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import io
 import json
 import sys
 from pathlib import Path
@@ -1045,8 +1047,14 @@ def tickets_report(
                                                "tickets_transfer.png."),
     max_density: float = typer.Option(0.2, min=0.0, max=1.0,
                                       help="Densities at or below this count as sparse."),
+    format: Format = typer.Option(Format.table, "--format", "-f",
+                                  help="table, or json: every table of the report in one object "
+                                       "(csv: query the tickets and ticket_transfer views)."),
 ) -> None:
     """Accuracy vs density of tickets, controls and dense runs; instability; transfer matrix."""
+    if format is Format.csv:
+        raise UsageError("tickets report holds several tables: give --format json, or dlstore "
+                         "sql --format csv on the tickets and ticket_transfer views")
     from dlstore.analysis.tickets import (
         accuracy_by_density,
         instability,
@@ -1058,13 +1066,19 @@ def tickets_report(
     from dlstore.plots import ticket_density_figure, transfer_heatmap
 
     s = _open(store, storage_option)
-    # tables of ten columns: a report written to a file or pipe is not cut at 80 characters
-    console = out if out.is_terminal else Console(width=140)
+    # tables of ten columns: a report written to a file or pipe is not cut at 80 characters;
+    # with --format json the text goes nowhere and one JSON object goes to stdout
+    as_json = format is Format.json
+    console = (Console(file=io.StringIO()) if as_json
+               else out if out.is_terminal else Console(width=140))
+    report: dict = {}
     frame = accuracy_by_density(s, zoo)
     zoos = sorted(set(frame["zoo"]))
     if len(zoos) > 1:
         raise QueryError(f"the store holds tickets of zoos {', '.join(zoos)}; pick one with --zoo")
     zoo = zoos[0]
+    report["zoo"] = zoo
+    report["accuracy_by_density"] = frame.to_dicts()
     try:
         plots.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -1073,6 +1087,7 @@ def tickets_report(
     _print_frame(_round(frame.drop("zoo", *(c for c in frame.columns if c.endswith("_std")))),
                  Format.table, console)
     sigs = signatures(s, zoo, max_density)
+    report["signatures"] = [dataclasses.asdict(sig) for sig in sigs]
     if not sigs:
         console.print(f"no level reaches a density <= {max_density:.0%}")
     for sig in sigs:
@@ -1084,6 +1099,7 @@ def tickets_report(
                   f"reinit {_rounded(sig.reinit)}, random mask {_rounded(sig.random_mask)}{beats}",
                   highlight=False, soft_wrap=True)
     barriers = instability(s, zoo)
+    report["instability"] = barriers.to_dicts()
     if barriers.height:
         console.print("[bold]instability[/]: error barrier between copies trained from the same "
                   "weights with another data order")
@@ -1091,6 +1107,7 @@ def tickets_report(
     _save(ticket_density_figure(frame), plots / "tickets_density.png", 120)
     written = [plots / "tickets_density.png"]
     transfer = transfer_table(s, zoo)
+    report["transfer"] = transfer.to_dicts()
     if transfer.height:
         console.print("[bold]transfer[/]: mean test accuracy of tickets trained under another "
                   "condition, their controls there, and the tickets found there")
@@ -1114,6 +1131,9 @@ def tickets_report(
             console.print(table)
         _save(transfer_heatmap(matrices), plots / "tickets_transfer.png", 120)
         written.append(plots / "tickets_transfer.png")
+    if as_json:
+        sys.stdout.write(json_text({**report, "figures": [str(p) for p in written]}) + "\n")
+        return
     console.print("figures -> " + ", ".join(map(str, written)))
 
 

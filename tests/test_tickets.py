@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from dlstore.cli import app
-from dlstore.errors import NotFoundError, SpecError, StoreError
+from dlstore.errors import NotFoundError, SpecError, StoreError, UsageError
 from dlstore.store.maintenance import verify
 from dlstore.store.store import Store
 from dlstore.zoo.builder import build_zoo, cohort_plan, plan_cohorts
@@ -382,3 +382,23 @@ def test_tickets_report_prints_tables_and_writes_figures(ticket_store, tmp_path)
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     plain = runner.invoke(app, ["tickets", "report", "--store", str(tmp_path / "none")])
     assert isinstance(plain.exception, StoreError)  # printed in one line by dlstore.cli.main
+
+
+def test_tickets_report_as_json_holds_every_table(ticket_store, tmp_path):
+    import json
+
+    runner = CliRunner()
+    done = runner.invoke(app, ["tickets", "report", "--store", str(ticket_store.root),
+                               "--plots", str(tmp_path), "--max-density", "0.7",
+                               "--format", "json"])
+    assert done.exit_code == 0, done.output
+    report = json.loads(done.stdout)
+    frame = ticket_store.sql("SELECT DISTINCT level FROM tickets WHERE level > 0")
+    assert {r["level"] for r in report["accuracy_by_density"]} == set(frame["level"])
+    assert report["signatures"][0]["condition"] == "base" and report["instability"]
+    assert {r["target_condition"] for r in report["transfer"]} >= {"adam"}
+    assert sorted(report["figures"]) == sorted(str(tmp_path / n) for n in (
+        "tickets_density.png", "tickets_transfer.png"))
+    refused = runner.invoke(app, ["tickets", "report", "--store", str(ticket_store.root),
+                                  "--format", "csv"])
+    assert isinstance(refused.exception, UsageError)
