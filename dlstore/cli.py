@@ -469,43 +469,8 @@ def export(
     storage_option: list[str] = StorageOptions,
 ) -> None:
     """Write one checkpoint as a file others can load without dlstore."""
-    import os
-    import tempfile
-
-    suffix = out_path.suffix.lower()
-    if suffix not in (".safetensors", ".pt"):
-        raise UsageError(f"--out {out_path}: give a file ending in .safetensors or .pt")
-    if out_path.is_dir() or (out_path.exists() and not force):
-        raise UsageError(f"--out {out_path} exists; give --force to overwrite it")
-    if not out_path.parent.is_dir():
-        raise UsageError(f"--out {out_path}: directory {out_path.parent} does not exist")
-    s = _open(store, storage_option)
-    run = s.run(run_id)
-    row = s.checkpoint(run_id, step)
-    state = {name: tensor.clone().contiguous()
-             for name, tensor in s.load_state_dict(run_id, row["step"]).items()}
-    handle, temporary = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.")
-    os.close(handle)
-    try:
-        if suffix == ".safetensors":
-            from safetensors.torch import save_file
-
-            save_file(state, temporary, metadata={
-                "run_id": run_id, "step": str(row["step"]), "zoo": run["zoo"],
-                "model": json.dumps(run["config"].get("model", {})),
-                "input_shape": json.dumps(run["input_shape"]),
-                "n_classes": str(run["n_classes"]), "dlstore_version": _version()})
-        else:
-            import torch
-
-            torch.save(state, temporary)
-        os.replace(temporary, out_path)
-    except OSError as e:
-        raise UsageError(f"cannot write {out_path}: {e.strerror or e}") from None
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-    out.print(f"run {run_id} step {row['step']}: {len(state)} tensors -> {out_path}",
+    row, n_tensors = _open(store, storage_option).export(run_id, out_path, step, force)
+    out.print(f"run {run_id} step {row['step']}: {n_tensors} tensors -> {out_path}",
               markup=False, highlight=False)
 
 

@@ -29,6 +29,7 @@ from dlstore.errors import (
     NotFoundError,
     QueryError,
     StoreError,
+    UsageError,
 )
 from dlstore.store.blobs import BlobStore, MappedShard, as_torch
 from dlstore.store.catalog import Catalog
@@ -217,6 +218,52 @@ class Store:
             row = where[(run_id, step)]
             out.append(self.blobs.read_member(row["blob"], row["member"]))
         return out
+
+    def export(self, run_id: str, path: str | Path, step: int | None = None,
+               force: bool = False) -> tuple[dict, int]:
+        """Write one checkpoint as a file others load without dlstore: `.safetensors` (with
+        metadata: run, step, zoo, architecture config, input shape, classes) or `.pt`
+        (torch.save of the plain state dict). Never overwrites unless `force`; written through
+        a temporary name. Returns (the checkpoints row, tensors written)."""
+        import os
+        import tempfile
+
+        path = Path(path)
+        suffix = path.suffix.lower()
+        if suffix not in (".safetensors", ".pt"):
+            raise UsageError(f"--out {path}: give a file ending in .safetensors or .pt")
+        if path.is_dir() or (path.exists() and not force):
+            raise UsageError(f"--out {path} exists; give --force to overwrite it")
+        if not path.parent.is_dir():
+            raise UsageError(f"--out {path}: directory {path.parent} does not exist")
+        run = self.run(run_id)
+        row = self.checkpoint(run_id, step)
+        state = {name: tensor.clone().contiguous()
+                 for name, tensor in self.load_state_dict(run_id, row["step"]).items()}
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        os.close(handle)
+        try:
+            if suffix == ".safetensors":
+                from safetensors.torch import save_file
+
+                from dlstore import __version__
+
+                save_file(state, temporary, metadata={
+                    "run_id": run_id, "step": str(row["step"]), "zoo": run["zoo"],
+                    "model": json.dumps(run["config"].get("model", {})),
+                    "input_shape": json.dumps(run["input_shape"]),
+                    "n_classes": str(run["n_classes"]), "dlstore_version": __version__})
+            else:
+                import torch
+
+                torch.save(state, temporary)
+            os.replace(temporary, path)
+        except OSError as e:
+            raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
+        finally:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+        return row, len(state)
 
     def load_mask(self, mask_id: str) -> dict[str, torch.Tensor]:
         """A lottery-ticket mask: {prunable tensor name: bool tensor}, True = kept."""

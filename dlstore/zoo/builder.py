@@ -305,7 +305,6 @@ def _build_zoo(spec: ZooSpec, store: Store, device: str,
                runs_progress: Callable[[int, int], None] | None) -> BuildReport:
     started = time.perf_counter()
     dev = resolve_device(device)
-    store.check_writable()
     check_backend(spec, backend, shard)
     done_ids = frozenset(store.run_ids())
     if backend == "ray":
