@@ -31,10 +31,12 @@ from pathlib import Path
 
 import torch
 
+from dlstore.building.build import build_zoo
+from dlstore.building.plan import cohort_plan, plan_cohorts
+from dlstore.metrics.families import CollapseOptions, GroupOptions, HessianOptions, MetricsOptions
+from dlstore.spec import ZooSpec
 from dlstore.store.store import Store
-from dlstore.zoo.builder import build_zoo, cohort_plan, plan_cohorts
-from dlstore.zoo.population import CohortTrainer
-from dlstore.zoo.spec import CollapseOptions, GroupOptions, HessianOptions, MetricsOptions, ZooSpec
+from dlstore.training.cohort import CohortTrainer
 
 FAMILIES = ("basic", "statistics", "spectra", "hessian", "neural_collapse")
 

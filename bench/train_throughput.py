@@ -23,10 +23,11 @@ import time
 
 import torch
 
-from dlstore.zoo.builder import cohort_plan, plan_cohorts
-from dlstore.zoo.population import CohortTrainer, resolve_device
-from dlstore.zoo.reference import train_reference
-from dlstore.zoo.spec import ZooSpec
+from dlstore.building.plan import cohort_plan, plan_cohorts
+from dlstore.spec import ZooSpec
+from dlstore.training.cohort import CohortTrainer
+from dlstore.training.device import resolve_device
+from dlstore.training.reference import train_reference
 
 
 def matmul_peak(device: torch.device, n: int = 2048, repeats: int = 10) -> float:

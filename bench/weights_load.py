@@ -144,9 +144,9 @@ def prepare(args, workdir: Path) -> tuple[int, Path]:
     import torch
 
     import dlstore
+    from dlstore.building.build import build_zoo
+    from dlstore.spec import ZooSpec
     from dlstore.store.store import Store
-    from dlstore.zoo.builder import build_zoo
-    from dlstore.zoo.spec import ZooSpec
 
     if not (Path(args.store) / "dlstore.json").is_file():
         print(f"building {args.runs} runs x {args.checkpoints} checkpoints into {args.store} ...",

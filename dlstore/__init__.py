@@ -17,10 +17,10 @@ from dlstore.store.store import Store, open  # noqa: E402,A004
 
 # The plugin bases need torch; importing them on first use keeps `import dlstore` fast.
 _LAZY = {
-    "Architecture": "dlstore.zoo.models",
-    "Dataset": "dlstore.zoo.data",
-    "DatasetTensors": "dlstore.zoo.data",
-    "MetricFamily": "dlstore.zoo.families",
+    "Architecture": "dlstore.architectures.base",
+    "Dataset": "dlstore.datasets.base",
+    "DatasetTensors": "dlstore.datasets.base",
+    "MetricFamily": "dlstore.metrics.families",
 }
 
 

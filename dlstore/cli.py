@@ -115,7 +115,7 @@ def build_zoo_command(
     """Train every run of SPEC that STORE does not hold yet (resumable, idempotent).
 
     Ctrl-C or SIGTERM keeps every finished cohort (exit status 130 / 143); rerunning resumes."""
-    from dlstore.zoo.spec import ZooSpec
+    from dlstore.spec import ZooSpec
 
     zoo = ZooSpec.from_toml(spec)
     part = _parse_shard(shard) if shard is not None else None
@@ -133,7 +133,8 @@ def build_zoo_command(
 def _build_zoo(zoo, store: str, storage_option: list[str] | None, device: Device,
                backend: Backend, address: str | None, part: tuple[int, int] | None,
                grow: bool, dry_run: bool, yes: bool) -> None:
-    from dlstore.zoo.builder import build_zoo, check_same_zoo, plan_build
+    from dlstore.building.build import build_zoo, check_same_zoo
+    from dlstore.building.plan import plan_build
 
     try:
         target = _open(store, storage_option)
@@ -187,7 +188,7 @@ def _interactive() -> bool:
 
 
 def _print_plan(zoo: str, plan, store: str | None) -> None:
-    from dlstore.zoo.limits import human_bytes
+    from dlstore.building.limits import human_bytes
 
     estimate = plan.estimate()
     held = f"{plan.n_runs - plan.n_new:,} already in the store" if store is not None else (
@@ -746,10 +747,10 @@ def metrics_compute(
 ) -> None:
     """Add the metrics SPEC's [metrics] asks for to its runs already in STORE (a rebuild skips
     complete runs, so metrics added to a spec later are computed here); resumable."""
-    from dlstore.zoo.backfill import backfill_checkpoint_metrics
-    from dlstore.zoo.groups import compute_group_metrics
-    from dlstore.zoo.population import resolve_device
-    from dlstore.zoo.spec import ZooSpec
+    from dlstore.metrics.backfill import backfill_checkpoint_metrics
+    from dlstore.metrics.groups import compute_group_metrics
+    from dlstore.spec import ZooSpec
+    from dlstore.training.device import resolve_device
 
     zoo = ZooSpec.from_toml(spec)
     s = _open(store, storage_option)
@@ -776,9 +777,9 @@ def metrics_groups(
 ) -> None:
     """Record group metrics (barriers, mode connectivity, CKA, disagreement) of a zoo's groups
     that the store lacks; groups already recorded are skipped."""
-    from dlstore.zoo.groups import compute_group_metrics
-    from dlstore.zoo.population import resolve_device
-    from dlstore.zoo.spec import GroupOptions
+    from dlstore.metrics.families import GroupOptions
+    from dlstore.metrics.groups import compute_group_metrics
+    from dlstore.training.device import resolve_device
 
     options = GroupOptions(at=_selection(at), pairs=pairs, points=points, subsample=subsample)
     s = _open(store, storage_option)

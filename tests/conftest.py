@@ -17,9 +17,9 @@ sys.path.insert(0, PLUGIN_DIR)
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (PLUGIN_DIR, os.environ.get("PYTHONPATH"))
                                            if p)
 
+from dlstore.building.build import build_zoo  # noqa: E402
+from dlstore.spec import ZooSpec  # noqa: E402
 from dlstore.store.store import Store  # noqa: E402
-from dlstore.zoo.builder import build_zoo  # noqa: E402
-from dlstore.zoo.spec import ZooSpec  # noqa: E402
 from tests.s3server import start_s3_server  # noqa: E402
 
 # Property-based tests draw the same examples on every run, so that CI is reproducible; set

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import dlstore
 from dlstore.errors import CorruptBlobError, DlstoreError, SpecError
-from dlstore.zoo.spec import ZooSpec
+from dlstore.spec import ZooSpec
 from tests.conftest import TINY_SPEC
 
 SETTINGS = settings(max_examples=100, deadline=None,
@@ -179,8 +179,8 @@ def _tree(root) -> dict:
 
 
 def test_read_only_store_is_a_one_line_error_and_stays_as_it_was(tmp_path, tiny_spec):
+    from dlstore.building.build import build_zoo
     from dlstore.store.store import Store
-    from dlstore.zoo.builder import build_zoo
 
     store = Store(tmp_path / "s", create=True)
     spec_file = tmp_path / "tiny.toml"

@@ -186,7 +186,7 @@ def test_rm_is_a_dry_run_first_then_hides_runs_until_a_rebuild(capsys, store_cop
     code, _, err = cli(capsys, "rm", "no-such-run", "--yes", "--store", store_copy)
     assert code == 1 and "no run 'no-such-run'" in err
     # a rebuild trains the removed runs again, and they show
-    from dlstore.zoo.builder import build_zoo
+    from dlstore.building.build import build_zoo
 
     counts = []
     report = build_zoo(tiny_spec, store, device="cpu",

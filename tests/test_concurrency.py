@@ -7,11 +7,11 @@ import time
 
 import pytest
 
+from dlstore.building.build import build_zoo
 from dlstore.errors import SpecError
+from dlstore.spec import ZooSpec
 from dlstore.store.maintenance import verify
 from dlstore.store.store import Store
-from dlstore.zoo.builder import build_zoo
-from dlstore.zoo.spec import ZooSpec
 from tests.conftest import TINY_SPEC
 
 CREATE = """

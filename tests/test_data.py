@@ -5,18 +5,17 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from dlstore.errors import DlstoreError, SpecError
-from dlstore.zoo.data import (
-    DATASETS,
+from dlstore.datasets.base import (
     DatasetOptions,
     DatasetTensors,
     apply_label_noise,
     clean_split,
     gaussian_clone,
-    parse_dataset_options,
     run_data,
 )
-from dlstore.zoo.seeds import derive_seed
+from dlstore.datasets.registry import DATASETS, parse_dataset_options
+from dlstore.errors import DlstoreError, SpecError
+from dlstore.seeds import derive_seed
 
 # name -> (raw options kept small for speed, input shape, n_classes, n_train, n_test)
 SHAPES = {

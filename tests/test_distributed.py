@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import dlstore
+from dlstore.building.build import build_zoo
+from dlstore.building.plan import shard_runs
 from dlstore.cli import _parse_shard
 from dlstore.errors import SpecError, UsageError
 from dlstore.store.maintenance import verify
-from dlstore.zoo.builder import build_zoo, shard_runs
 from tests.conftest import TINY_SPEC
 
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from dlstore.building.build import build_zoo
+from dlstore.spec import ZooSpec
 from dlstore.store.leases import TTL_SECONDS, BuildLease, live_leases
 from dlstore.store.maintenance import compact, gc, verify
 from dlstore.store.store import Store
-from dlstore.zoo.builder import build_zoo
-from dlstore.zoo.spec import ZooSpec
 from tests.conftest import TINY_SPEC
 
 # one run per cohort: four cohorts, each writing shards long before the single commit at the end

@@ -9,14 +9,15 @@ import torch
 from typer.testing import CliRunner
 
 from dlstore.analysis.phases import metric_table, phase_of, phase_table
+from dlstore.building.build import build_zoo
 from dlstore.cli import app
+from dlstore.metrics.families import GroupOptions
+from dlstore.metrics.groups import GROUP_METRICS, compute_group_metrics
 from dlstore.metrics.similarity import linear_cka
 from dlstore.metrics.spectra import SPECTRA
 from dlstore.metrics.weights import STATISTICS, tensor_statistics
+from dlstore.spec import PhaseOptions, ZooSpec
 from dlstore.store.store import Store
-from dlstore.zoo.builder import build_zoo
-from dlstore.zoo.groups import GROUP_METRICS, compute_group_metrics
-from dlstore.zoo.spec import GroupOptions, PhaseOptions, ZooSpec
 
 ZOO = textwrap.dedent("""
     name = "{name}"
@@ -183,7 +184,7 @@ def test_plot_commands_write_figures_and_name_bad_input(group_store, tmp_path):
 def test_metrics_added_to_a_built_spec_are_backfilled_as_a_build_computes_them(tmp_path):
     """A rebuild skips complete runs; `backfill_checkpoint_metrics` adds what the spec now asks
     for, equal to what a build with those metrics records, and adds nothing when rerun."""
-    from dlstore.zoo.backfill import backfill_checkpoint_metrics
+    from dlstore.metrics.backfill import backfill_checkpoint_metrics
 
     base = ZOO.format(name="late", seeds=2, model="", train="")
     plain = base.replace('spectra = "last"', "spectra = false").replace(

@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from dlstore.zoo.builder import plan_cohorts
-from dlstore.zoo.models import MLPOptions, init_state
+from dlstore.architectures.base import init_state
+from dlstore.architectures.mlp import MLPOptions
+from dlstore.building.plan import plan_cohorts
 from tests.test_population import assert_matches_reference, make_spec
 
 SCHEMES = ["kaiming_uniform", "kaiming_normal", "xavier_uniform", "xavier_normal", "orthogonal"]

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 import dlstore.cli
 from dlstore.errors import SpecError
 from dlstore.interrupts import deferred_interrupts
+from dlstore.spec import ZooSpec
 from dlstore.store.store import Store
-from dlstore.zoo.spec import ZooSpec
 from tests.conftest import TINY_SPEC
 
 # one run per cohort and no commit before the end unless interrupted: an interrupt after the

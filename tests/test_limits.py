@@ -3,10 +3,11 @@ allocated; the sizes behind that check, and the dry run's estimates, match what 
 
 import pytest
 
+from dlstore.architectures.base import ArchOptions
+from dlstore.architectures.registry import parse_arch_options
+from dlstore.building.plan import plan_build
 from dlstore.errors import SpecError
-from dlstore.zoo.builder import plan_build
-from dlstore.zoo.models import ArchOptions, parse_arch_options
-from dlstore.zoo.spec import ZooSpec
+from dlstore.spec import ZooSpec
 from tests.conftest import TINY_SPEC
 
 

@@ -8,16 +8,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dlstore.building.plan import cohort_plan, plan_cohorts
+from dlstore.datasets.base import gaussian_clone
 from dlstore.errors import SpecError
 from dlstore.metrics.collapse import COLLAPSE, neural_collapse
 from dlstore.metrics.connectivity import mode_connectivity
+from dlstore.metrics.families import HessianOptions
 from dlstore.metrics.hessian import hessian_spectrum, hessian_vector_product
 from dlstore.metrics.similarity import disagreement, linear_cka
 from dlstore.metrics.spectra import SPECTRA, powerlaw_alpha, spectral_metrics
-from dlstore.zoo.builder import cohort_plan, plan_cohorts
-from dlstore.zoo.data import gaussian_clone
-from dlstore.zoo.population import CohortTrainer, member_slices
-from dlstore.zoo.spec import HessianOptions, ZooSpec
+from dlstore.spec import ZooSpec
+from dlstore.stacks import member_slices
+from dlstore.training.cohort import CohortTrainer
 
 G = torch.Generator().manual_seed(0)
 

@@ -5,10 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dlstore.architectures.mlp import MLPKernel, MLPOptions
 from dlstore.metrics.connectivity import interpolation_barrier
 from dlstore.metrics.weights import STATISTICS, tensor_statistics
-from dlstore.zoo.kernels import MLPKernel
-from dlstore.zoo.models import MLPOptions
 
 
 def test_tensor_statistics_match_numpy_per_member():

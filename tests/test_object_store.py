@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import dlstore
+from dlstore.building.build import build_zoo
 from dlstore.errors import StoreError
+from dlstore.spec import ZooSpec
 from dlstore.store.maintenance import compact, gc, verify
-from dlstore.zoo.builder import build_zoo
-from dlstore.zoo.spec import ZooSpec
 from tests.conftest import TINY_SPEC
 
 METRICS = "SELECT run_id, step, metric, value FROM metrics ORDER BY ALL"

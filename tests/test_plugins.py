@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 import dlstore
+from dlstore.building.build import build_zoo
+from dlstore.building.plan import plan_cohorts
 from dlstore.errors import DlstoreError, SpecError
+from dlstore.spec import ZooSpec
 from dlstore.store.store import Store
-from dlstore.zoo.builder import build_zoo, plan_cohorts
-from dlstore.zoo.spec import ZooSpec
 
 ARCH_PATH = "dlstore_example_plugin.nets:ResMLP"
 
@@ -221,7 +222,7 @@ def test_weight_space_canonical_forms_need_declared_permutation_symmetries(plugi
 
 
 def test_backfill_adds_a_plugin_family_to_runs_built_without_it(tmp_path):
-    from dlstore.zoo.backfill import backfill_checkpoint_metrics, missing_checkpoint_metrics
+    from dlstore.metrics.backfill import backfill_checkpoint_metrics, missing_checkpoint_metrics
 
     base = spec_with('arch = "resmlp"', extra='checkpoints = [0, 4]')
     store = Store(tmp_path / "s", create=True)

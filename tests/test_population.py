@@ -5,13 +5,13 @@ import textwrap
 import pytest
 import torch
 
+from dlstore.architectures.registry import ARCHS
+from dlstore.building.plan import cohort_plan, plan_cohorts
+from dlstore.datasets.base import run_data
 from dlstore.plugins import known_names
-from dlstore.zoo.builder import cohort_plan, plan_cohorts
-from dlstore.zoo.data import run_data
-from dlstore.zoo.models import ARCHS
-from dlstore.zoo.population import CohortTrainer
-from dlstore.zoo.reference import train_reference
-from dlstore.zoo.spec import ZooSpec
+from dlstore.spec import ZooSpec
+from dlstore.training.cohort import CohortTrainer
+from dlstore.training.reference import train_reference
 
 # Float tolerance of cohort-vs-alone weights after training: batched matmuls sum in a different
 # order than single ones, so bit equality is not expected; drift stays ~1e-6 for these runs.

@@ -4,8 +4,7 @@ pruned weights that stay exactly zero in the weights and the optimizer state."""
 import pytest
 import torch
 
-from dlstore.zoo.population import MemberPlan, StackedOptimizer
-from dlstore.zoo.pruning import (
+from dlstore.experiments.pruning import (
     apply_mask,
     density,
     full_mask,
@@ -14,6 +13,8 @@ from dlstore.zoo.pruning import (
     random_mask_like,
     removed_count,
 )
+from dlstore.training.optim import StackedOptimizer
+from dlstore.training.plan import MemberPlan
 
 
 def state(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import dlstore
-from dlstore.zoo.builder import build_zoo
-from dlstore.zoo.spec import ZooSpec
+from dlstore.building.build import build_zoo
+from dlstore.spec import ZooSpec
 
 SPEC = Path(__file__).parent.parent / "zoo" / "quickstart.toml"
 

@@ -20,13 +20,13 @@ from dlstore.analysis.phenomena import (
     simplicity_signature,
     simplicity_table,
 )
+from dlstore.building.build import build_zoo
 from dlstore.cli import app
+from dlstore.datasets.base import gaussian_clone
 from dlstore.errors import NotFoundError
+from dlstore.metrics.backfill import backfill_checkpoint_metrics
+from dlstore.spec import ZooSpec
 from dlstore.store.store import Store
-from dlstore.zoo.backfill import backfill_checkpoint_metrics
-from dlstore.zoo.builder import build_zoo
-from dlstore.zoo.data import gaussian_clone
-from dlstore.zoo.spec import ZooSpec
 
 ZOO_DIR = Path(__file__).resolve().parent.parent / "zoo"
 RECIPES = ("double-descent", "grokking", "neural-collapse", "simplicity-bias")

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import dlstore
+from dlstore.building.build import build_zoo
 from dlstore.errors import QueryError
+from dlstore.spec import ZooSpec
 from dlstore.store.maintenance import compact, gc, verify
-from dlstore.zoo.builder import build_zoo
-from dlstore.zoo.spec import ZooSpec
 from tests.conftest import TINY_SPEC
 from tests.test_cli import dlstore as run_cli
 

@@ -3,7 +3,7 @@ import textwrap
 import pytest
 
 from dlstore.errors import SpecError
-from dlstore.zoo.spec import ZooSpec, checkpoint_steps
+from dlstore.spec import ZooSpec, checkpoint_steps
 
 BASE = """
 name = "t"

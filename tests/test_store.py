@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 
 import dlstore
+from dlstore.building.build import build_zoo
 from dlstore.errors import (
     CorruptBlobError,
     NotFoundError,
     QueryError,
     StoreError,
 )
-from dlstore.zoo.builder import build_zoo
 
 
 def test_runs_view_has_typed_hyperparameters(built_store, tiny_spec):
@@ -197,7 +197,7 @@ def test_corrupted_shard_is_reported(tmp_path, built_store):
 
 
 def test_diverged_runs_are_stored_as_data(tmp_path):
-    from dlstore.zoo.spec import ZooSpec
+    from dlstore.spec import ZooSpec
 
     text = (
         'name = "blowup"\nseeds = 1\ncheckpoints = "every:5"\n'

@@ -10,18 +10,19 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from dlstore.architectures.base import init_state
+from dlstore.building.build import build_zoo
+from dlstore.building.plan import cohort_plan, plan_cohorts
 from dlstore.cli import app
+from dlstore.datasets.base import run_data
 from dlstore.errors import NotFoundError, SpecError, StoreError, UsageError
+from dlstore.experiments.pruning import full_mask, magnitude_prune, random_mask_like, removed_count
+from dlstore.experiments.tickets import TicketRun, ticket_phases
+from dlstore.spec import RunConfig, ZooSpec
 from dlstore.store.maintenance import verify
 from dlstore.store.store import Store
-from dlstore.zoo.builder import build_zoo, cohort_plan, plan_cohorts
-from dlstore.zoo.data import run_data
-from dlstore.zoo.models import init_state
-from dlstore.zoo.population import CohortTrainer
-from dlstore.zoo.pruning import full_mask, magnitude_prune, random_mask_like, removed_count
-from dlstore.zoo.reference import train_reference
-from dlstore.zoo.spec import RunConfig, ZooSpec
-from dlstore.zoo.tickets import TicketRun, ticket_phases
+from dlstore.training.cohort import CohortTrainer
+from dlstore.training.reference import train_reference
 
 ATOL = 1e-5  # cohort vs alone, as in test_population
 

@@ -10,9 +10,9 @@ import textwrap
 import pytest
 
 from dlstore.analysis.tickets import accuracy_by_density, signatures
+from dlstore.building.build import build_zoo
+from dlstore.spec import ZooSpec
 from dlstore.store.store import Store
-from dlstore.zoo.builder import build_zoo
-from dlstore.zoo.spec import ZooSpec
 
 # zoo/tickets.toml made smaller: one rewind step, no transfer or stability, half the steps,
 # 8 levels (18.5 % of the weights left), 2 seeds

@@ -17,9 +17,10 @@ from dlstore.analysis.wsl import (
     split_runs,
     stats_features,
 )
+from dlstore.architectures.cnn1d import CNN1dOptions
+from dlstore.architectures.mlp import MLPOptions
 from dlstore.errors import NotFoundError, QueryError
 from dlstore.layout import Layout
-from dlstore.zoo.models import CNN1dOptions, MLPOptions
 
 ALL = "SELECT run_id, step FROM checkpoints ORDER BY run_id, step"
 WIDE = ("SELECT run_id, step FROM checkpoints JOIN runs USING (run_id) WHERE width = 16 "

@@ -24,10 +24,10 @@ from __future__ import annotations
 import polars as pl
 
 from dlstore.errors import NotFoundError, QueryError
+from dlstore.metrics.groups import GROUP_METRICS
 from dlstore.schemas import HYPERPARAMETER_COLUMNS
+from dlstore.spec import PhaseOptions, ZooSpec
 from dlstore.store.store import Store
-from dlstore.zoo.groups import GROUP_METRICS
-from dlstore.zoo.spec import PhaseOptions, ZooSpec
 
 PHASES = ("I", "II", "III", "IV-A", "IV-B")
 # grid axes a diagram may use: the typed run columns that describe what was trained

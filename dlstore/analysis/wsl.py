@@ -121,7 +121,7 @@ def _declared_layers(layout: Layout, arch) -> list[HiddenLayer]:
 def runs_architecture(store: Store, run_ids: Sequence[str]):
     """The architecture of the runs, which declares their permutation symmetries (the plugin
     that defines it must be importable); runs of several share one layout, so any will do."""
-    from dlstore.zoo.models import parse_arch_options
+    from dlstore.architectures.registry import parse_arch_options
 
     row = store.sql("SELECT run_id FROM runs WHERE list_contains(?, run_id) LIMIT 1",
                     [sorted(set(run_ids))]).to_dicts()

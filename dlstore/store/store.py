@@ -283,9 +283,9 @@ class Store:
 
     def load_model(self, run_id: str, step: int | None = None) -> nn.Module:
         """The run's network at `step` (None = last checkpoint), in eval mode, on the CPU."""
+        from dlstore.architectures.registry import parse_arch_options
         from dlstore.errors import SpecError
         from dlstore.plugins import HOW_TO_IMPORT, PluginImportError, is_import_path
-        from dlstore.zoo.models import parse_arch_options
 
         run = self.run(run_id)
         config = run["config"]
@@ -310,7 +310,8 @@ class Store:
     def load_dataset(self, run_id: str) -> dict[str, torch.Tensor]:
         """The tensors the run trained on (its subset, its label noise) and was evaluated on,
         regenerated and checked against the fingerprint recorded at training time."""
-        from dlstore.zoo.data import parse_dataset_options, run_data
+        from dlstore.datasets.base import run_data
+        from dlstore.datasets.registry import parse_dataset_options
 
         run = self.run(run_id)
         config = run["config"]

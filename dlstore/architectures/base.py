@@ -11,19 +11,18 @@ registered by name with `@register_arch`; a plugin's class is found by import pa
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from dlstore.errors import SpecError, format_validation_error
-from dlstore.zoo.seeds import derive_seed
+from dlstore.errors import SpecError
+from dlstore.seeds import derive_seed
 
 Activation = Literal["relu", "tanh", "gelu"]
-_ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
 # Initialisation schemes for every weight matrix / kernel (biases start at zero); "default" keeps
 # PyTorch's own init (biases included), so specs without `init` train exactly as before.
 Init = Literal["default", "kaiming_uniform", "kaiming_normal", "xavier_uniform", "xavier_normal",
@@ -101,7 +100,7 @@ class Architecture(BaseModel):
     def cohort_kernel(self, input_shape: tuple[int, ...], n_classes: int):
         """The cohort kernel (`dlstore.zoo.kernels`): the generic `vmap` one unless an
         architecture declares a faster one."""
-        from dlstore.zoo.kernels import VmapKernel
+        from dlstore.architectures.kernels import VmapKernel
 
         return VmapKernel(self, input_shape, n_classes)
 
@@ -138,153 +137,24 @@ class Architecture(BaseModel):
 
 ArchOptions = Architecture  # the name this base had before plugins
 
-ARCHS: dict[str, type[Architecture]] = {}
 
 
-def register_arch(name: str):
-    def add(cls: type[Architecture]) -> type[Architecture]:
-        ARCHS[name] = cls
-        return cls
-
-    return add
 
 
-class MLP(nn.Module):
-    def __init__(self, n_in: int, width: int, depth: int, n_classes: int, activation: str):
-        super().__init__()
-        sizes = [n_in] + [width] * depth + [n_classes]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
-        self.act = _ACTIVATIONS[activation]()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers[-1](self.features(x))
-
-    def classifier_name(self) -> str:
-        """State-dict prefix of the layer that maps `features` to logits."""
-        return f"layers.{len(self.layers) - 1}"
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate-layer representation (input to the classifier)."""
-        x = x.flatten(1)
-        for layer in self.layers[:-1]:
-            x = self.act(layer(x))
-        return x
 
 
-@register_arch("mlp")
-class MLPOptions(Architecture):
-    arch: Literal["mlp"]
-    width: int = Field(default=64, ge=1, description="units per hidden layer")
-    depth: int = Field(default=2, ge=0, description="number of hidden layers")
-    activation: Activation = "relu"
-    features_method: ClassVar[str] = "features"
-    pads_to_wider: ClassVar[bool] = True
-
-    def build(self, input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
-        return MLP(math.prod(input_shape), self.width, self.depth, n_classes, self.activation)
-
-    def classifier_layer(self) -> str:
-        return f"layers.{self.depth}"
-
-    def prunable_tensors(self, state: dict[str, torch.Tensor]) -> list[str]:
-        return _weights(state)
-
-    def permutation_symmetries(self, shapes: dict[str, tuple[int, ...]]):
-        return _chain_symmetries(shapes)
-
-    def cohort_kernel(self, input_shape: tuple[int, ...], n_classes: int):
-        # batched matmuls written out: several times faster than vmap on a CPU
-        from dlstore.zoo.kernels import MLPKernel
-
-        return MLPKernel(self)
-
-    def size(self, input_shape: tuple[int, ...], n_classes: int) -> SizeEstimate:
-        # closed forms, not a sum over layers: a spec may ask for a depth of 10^9
-        n_in, w, d = math.prod(input_shape), self.width, self.depth
-        macs = (n_in * w + (d - 1) * w * w + w * n_classes) if d else n_in * n_classes
-        # each hidden layer's linear output and its activation's, then the logits
-        return SizeEstimate(macs + d * w + n_classes, 2 * w * d + n_classes, macs)
 
 
-class CNN1d(nn.Module):
-    """Strided 1-D convolutions then a linear classifier, the MNIST-1D paper's CNN family."""
-
-    def __init__(self, length: int, in_channels: int, channels: int, depth: int, kernel: int,
-                 n_classes: int, activation: str):
-        super().__init__()
-        convs = []
-        c_in = in_channels
-        for _ in range(depth):
-            convs.append(nn.Conv1d(c_in, channels, kernel, stride=2, padding=kernel // 2))
-            c_in = channels
-            length = (length + 2 * (kernel // 2) - kernel) // 2 + 1
-        self.convs = nn.ModuleList(convs)
-        self.act = _ACTIVATIONS[activation]()
-        self.out = nn.Linear(c_in * length, n_classes)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2:  # [N, L] sequences get a channel axis
-            x = x.unsqueeze(1)
-        for conv in self.convs:
-            x = self.act(conv(x))
-        return x.flatten(1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.features(x))
-
-    def classifier_name(self) -> str:
-        return "out"
 
 
-@register_arch("cnn1d")
-class CNN1dOptions(Architecture):
-    arch: Literal["cnn1d"]
-    width: int = Field(default=32, ge=1, description="channels of every convolution")
-    depth: int = Field(default=3, ge=1, description="number of convolution layers")
-    kernel: int = Field(default=5, ge=1)
-    activation: Activation = "relu"
-    features_method: ClassVar[str] = "features"
-    pads_to_wider: ClassVar[bool] = True
-
-    def classifier_layer(self) -> str:
-        return "out"
-
-    def prunable_tensors(self, state: dict[str, torch.Tensor]) -> list[str]:
-        return _weights(state)
-
-    def permutation_symmetries(self, shapes: dict[str, tuple[int, ...]]):
-        return _chain_symmetries(shapes)
-
-    def build(self, input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
-        in_channels, length = _sequence_shape(input_shape)
-        return CNN1d(length, in_channels, self.width, self.depth, self.kernel, n_classes,
-                     self.activation)
-
-    def size(self, input_shape: tuple[int, ...], n_classes: int) -> SizeEstimate:
-        c_in, length = _sequence_shape(input_shape)
-        params = macs = activations = 0
-        layers = self.depth
-        while layers:  # as CNN1d.__init__ shapes its layers
-            after = (length + 2 * (self.kernel // 2) - self.kernel) // 2 + 1
-            # once the length stops shrinking (at 1) every further layer is the same: count
-            # them at once, as a spec may ask for a depth of 10^9
-            same = layers if after == length and c_in == self.width else 1
-            length, layers = after, layers - same
-            params += same * (c_in * self.width * self.kernel + self.width)
-            macs += same * c_in * self.width * self.kernel * length
-            activations += same * 2 * self.width * length  # the convolution's and activation's
-            c_in = self.width
-        flat = c_in * length
-        return SizeEstimate(params + flat * n_classes + n_classes, activations + n_classes,
-                            macs + flat * n_classes)
 
 
-def _weights(state: dict[str, torch.Tensor]) -> list[str]:
+def weight_tensors(state: dict[str, torch.Tensor]) -> list[str]:
     """Every tensor of two or more dimensions: weight matrices and kernels, not biases."""
     return [k for k, v in state.items() if v.dim() >= 2]
 
 
-def _chain_symmetries(shapes: dict[str, tuple[int, ...]]) -> list[tuple[tuple[str, ...], str]]:
+def chain_symmetries(shapes: dict[str, tuple[int, ...]]) -> list[tuple[tuple[str, ...], str]]:
     """A chain of layers, each a weight then a bias (the built-ins' state dicts): the units of
     every layer but the last are permutable together with the next layer's inputs."""
     names = list(shapes)
@@ -293,33 +163,8 @@ def _chain_symmetries(shapes: dict[str, tuple[int, ...]]) -> list[tuple[tuple[st
             for (weight, bias), (next_weight, _) in zip(pairs[:-1], pairs[1:])]
 
 
-def _sequence_shape(input_shape: tuple[int, ...]) -> tuple[int, int]:
-    """(channels, length) of a cnn1d input."""
-    if len(input_shape) == 1:
-        return 1, input_shape[0]
-    if len(input_shape) == 2:
-        return input_shape[0], input_shape[1]
-    raise SpecError(f"model.arch: cnn1d needs 1-D inputs, the dataset gives {input_shape}")
 
 
-def parse_arch_options(raw: dict) -> Architecture:
-    """Validate a spec's [model] table against its architecture's options, naming bad fields.
-    `arch` is a built-in's or an entry point's name, or an import path `package.module:Class`."""
-    from dlstore import plugins
-
-    if not isinstance(raw, dict):
-        raise SpecError(f"model: expected a table, got {type(raw).__name__}")
-    name = raw.get("arch")
-    if name is None:
-        known = ", ".join(plugins.known_names("architecture", ARCHS))
-        raise SpecError(f"model.arch: missing; known architectures: {known}")
-    if not isinstance(name, str):
-        raise SpecError(f"model.arch: expected a name or an import path, got {name!r}")
-    cls = plugins.resolve("architecture", name, ARCHS, Architecture, "model.arch")
-    try:
-        return cls.model_validate(raw)
-    except ValidationError as e:
-        raise SpecError(format_validation_error(e, "model")) from None
 
 
 def init_state(options: Architecture, input_shape: tuple[int, ...], n_classes: int,

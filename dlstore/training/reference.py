@@ -9,11 +9,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dlstore.zoo.data import DatasetTensors
-from dlstore.zoo.models import init_state
-from dlstore.zoo.schedule import BatchOrder, lr_factor
-from dlstore.zoo.seeds import derive_seed
-from dlstore.zoo.spec import RunConfig
+from dlstore.architectures.base import init_state
+from dlstore.datasets.base import DatasetTensors
+from dlstore.seeds import derive_seed
+from dlstore.spec import RunConfig
+from dlstore.training.schedule import BatchOrder, lr_factor
 
 
 def train_reference(run: RunConfig, data: DatasetTensors, device: str | torch.device = "cpu",

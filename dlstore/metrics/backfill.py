@@ -15,12 +15,12 @@ from collections.abc import Callable
 
 import torch
 
+from dlstore.architectures.kernels import kernel_for
+from dlstore.architectures.registry import parse_arch_options
+from dlstore.metrics.evaluate import CheckpointEvaluator, metric_columns
+from dlstore.metrics.steps import checkpoint_metric_steps
+from dlstore.spec import ZooSpec
 from dlstore.store.store import Store
-from dlstore.zoo.builder import metric_columns
-from dlstore.zoo.kernels import kernel_for
-from dlstore.zoo.models import parse_arch_options
-from dlstore.zoo.population import CheckpointEvaluator
-from dlstore.zoo.spec import ZooSpec, checkpoint_metric_steps
 
 
 def missing_checkpoint_metrics(spec: ZooSpec, store: Store) -> dict[tuple[str, int], set[str]]:

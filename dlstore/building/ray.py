@@ -13,10 +13,13 @@ import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from dlstore.building.cohort import CohortResult, build_cohort
+from dlstore.building.plan import Cohorts
+from dlstore.building.runners import Runner
 from dlstore.errors import StoreError, UsageError
+from dlstore.metrics.families import MetricsOptions
+from dlstore.spec import RunConfig
 from dlstore.store.store import Store
-from dlstore.zoo.builder import CohortResult, Cohorts, Runner, build_cohort
-from dlstore.zoo.spec import MetricsOptions, RunConfig
 
 RETRIES = 3
 
@@ -64,8 +67,8 @@ def cohort_runner(store: Store, device: str, address: str | None, metrics: Metri
 
 def _cohort_task(root: str | Path, storage_options: dict[str, str], zoo: str,
                  runs: list[RunConfig], device: str, metrics: MetricsOptions) -> CohortResult:
-    from dlstore.zoo.data import run_data
-    from dlstore.zoo.population import resolve_device
+    from dlstore.datasets.base import run_data
+    from dlstore.training.device import resolve_device
 
     store = Store(root, storage_options=storage_options)
     datas = [run_data(r.dataset, r.seed) for r in runs]  # regenerated here: nothing large travels

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
+from dlstore.architectures.base import Architecture, SizeEstimate
+from dlstore.datasets.base import DatasetTensors, DataShape, clean_split
 from dlstore.errors import SpecError
-from dlstore.zoo.data import DatasetTensors, DataShape, clean_split
-from dlstore.zoo.models import Architecture, SizeEstimate
-from dlstore.zoo.population import member_memory
-from dlstore.zoo.spec import RunConfig, parse_checkpoints
+from dlstore.spec import RunConfig, parse_checkpoints
+from dlstore.training.device import member_memory
 
 # A run of 10^9 steps would train for days even at the fastest measured rate (28k model-steps/s
 # for a whole cohort of 2.7k-parameter MLPs on the project's CPU).

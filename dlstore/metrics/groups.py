@@ -26,12 +26,13 @@ from dataclasses import dataclass
 
 import torch
 
+from dlstore.architectures.kernels import kernel_for
+from dlstore.architectures.registry import parse_arch_options
 from dlstore.metrics.connectivity import interpolation_barrier, mode_connectivity
+from dlstore.metrics.families import GroupOptions
 from dlstore.metrics.similarity import disagreement, linear_cka
+from dlstore.metrics.steps import selected_steps
 from dlstore.store.store import Store
-from dlstore.zoo.kernels import kernel_for
-from dlstore.zoo.models import parse_arch_options
-from dlstore.zoo.spec import GroupOptions, selected_steps
 
 GROUP_METRICS = ("train_loss_barrier", "train_error_barrier", "test_loss_barrier",
                  "test_error_barrier", "mode_connectivity", "cka", "disagreement")

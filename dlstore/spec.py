@@ -42,16 +42,13 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # Python 3.10
     import tomli as tomllib
-from dlstore.zoo.data import DatasetOptions, parse_dataset_options
-from dlstore.zoo.families import (  # noqa: F401 (GroupOptions and the options are public here)
-    CheckpointSelection,
-    CloneOptions,
-    CollapseOptions,
-    GroupOptions,
-    HessianOptions,
+from dlstore.architectures.base import Architecture
+from dlstore.architectures.registry import parse_arch_options
+from dlstore.datasets.base import DatasetOptions
+from dlstore.datasets.registry import parse_dataset_options
+from dlstore.metrics.families import (
     MetricsOptions,
 )
-from dlstore.zoo.models import Architecture, parse_arch_options
 
 SECTIONS = ("dataset", "model", "train")
 DEFAULT_CHECKPOINTS = "log:10"
@@ -588,26 +585,5 @@ def checkpoint_steps(value: str | tuple[int, ...] | list[int], total_steps: int)
     return [0, *steps]
 
 
-def selected_steps(selection: CheckpointSelection | None, steps: list[int], field: str
-                   ) -> set[int]:
-    """The checkpoint steps a metric's `at` selects among a run's checkpoint `steps` (sorted)."""
-    if selection is None:
-        return set()
-    if selection == "all":
-        return set(steps)
-    if selection == "last":
-        return {steps[-1]}
-    missing = sorted(set(selection) - set(steps))
-    if missing:
-        raise SpecError(f"{field}: step {missing[0]} is not a checkpoint step of every run "
-                        f"(checkpoints at {steps})")
-    return set(selection)
 
 
-def checkpoint_metric_steps(options: MetricsOptions, steps: list[int]) -> dict[str, set[int]]:
-    """For each selected family of checkpoint metrics, the steps (among a cohort's checkpoint
-    `steps`) at which the spec asks for it; a SpecError names a selected step that is no
-    checkpoint."""
-    return {name: selected_steps(family.at, steps, f"metrics.{name}" if family.shorthand
-                                 else f"metrics.{name}.at")
-            for name, family in options.families}

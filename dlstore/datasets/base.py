@@ -13,17 +13,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-import random
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from dlstore.errors import SpecError, format_validation_error
-from dlstore.zoo.seeds import derive_seed
+from dlstore.errors import SpecError
+from dlstore.seeds import derive_seed
 
 RUN_LEVEL = frozenset({"n_train", "label_noise", "noise_seed"})
 
@@ -96,22 +93,11 @@ class Dataset(BaseModel):
 
 DatasetOptions = Dataset  # the name this base had before plugins
 
-DATASETS: dict[str, type[Dataset]] = {}
 
 
-def register_dataset(name: str) -> Callable[[type[DatasetOptions]], type[DatasetOptions]]:
-    """Class decorator: make `name` (the class's `name` literal) valid in a spec's [dataset]."""
-
-    def add(cls: type[DatasetOptions]) -> type[DatasetOptions]:
-        if name in DATASETS:
-            raise ValueError(f"dataset {name!r} is already registered")
-        DATASETS[name] = cls
-        return cls
-
-    return add
 
 
-def _tensors(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
+def as_tensors(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
              n_classes: int) -> DatasetTensors:
     return DatasetTensors(
         torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32),
@@ -122,7 +108,7 @@ def _tensors(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.ndarra
     )
 
 
-def _n_test(n: int, test_fraction: float) -> int:
+def test_size(n: int, test_fraction: float) -> int:
     """Test-set size, refusing a split that leaves either side empty (nothing to train or score)."""
     n_test = int(round(n * test_fraction))
     if not 0 < n_test < n:
@@ -131,168 +117,26 @@ def _n_test(n: int, test_fraction: float) -> int:
     return n_test
 
 
-def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, rng: np.random.Generator,
+def split(x: np.ndarray, y: np.ndarray, test_fraction: float, rng: np.random.Generator,
            n_classes: int) -> DatasetTensors:
     order = rng.permutation(len(y))
-    n_test = _n_test(len(y), test_fraction)
+    n_test = test_size(len(y), test_fraction)
     test, train = order[:n_test], order[n_test:]
-    return _tensors(x[train], y[train], x[test], y[test], n_classes)
+    return as_tensors(x[train], y[train], x[test], y[test], n_classes)
 
 
-@register_dataset("mnist1d")
-class MNIST1dOptions(DatasetOptions):
-    """MNIST-1D (Greydanus 2020), generated locally: 40-point sequences, 10 classes."""
-
-    name: Literal["mnist1d"]
-    num_samples: int = Field(default=5000, ge=20,
-                             description="train + test (80/20), rounded down to a multiple of 10")
-    data_seed: int = Field(default=42, description="generation seed (the package's default)")
-    shuffle_seq: bool = Field(default=False, description="permute the sequence positions")
-
-    def generate(self) -> DatasetTensors:
-        from mnist1d.data import get_dataset_args, make_dataset
-
-        args = get_dataset_args()
-        args.num_samples, args.seed, args.shuffle_seq = (self.num_samples, self.data_seed,
-                                                         self.shuffle_seq)
-        # make_dataset seeds Python's and numpy's global generators; leave callers' streams alone
-        py_state, np_state = random.getstate(), np.random.get_state()
-        try:
-            d = make_dataset(args)
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-        return _tensors(d["x"], d["y"], d["x_test"], d["y_test"], 10)
-
-    def shape(self) -> DataShape:
-        return DataShape(self.num_samples, (40,), 10)  # the package's final_seq_length
 
 
-@register_dataset("digits")
-class DigitsOptions(DatasetOptions):
-    """scikit-learn's 8x8 handwritten digits (1,797 images), scaled to [0, 1], shape [1, 8, 8]."""
-
-    name: Literal["digits"]
-    test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
-    split_seed: int = 0
-
-    def generate(self) -> DatasetTensors:
-        from sklearn.datasets import load_digits  # bundled with scikit-learn, no download
-
-        digits = load_digits()
-        x = (digits.images / 16.0).astype(np.float32)[:, None, :, :]
-        rng = np.random.default_rng(self.split_seed)
-        return _split(x, digits.target, self.test_fraction, rng, 10)
-
-    def shape(self) -> DataShape:
-        return DataShape(1797, (1, 8, 8), 10)
 
 
-@register_dataset("modular")
-class ModularOptions(DatasetOptions):
-    """All pairs (a, b) of Z_p with label a op b mod p; inputs are two concatenated one-hots."""
-
-    name: Literal["modular"]
-    p: int = Field(default=97, ge=2)
-    operation: Literal["add", "sub", "mul"] = "add"
-    train_fraction: float = Field(default=0.5, gt=0.0, lt=1.0)
-    split_seed: int = 0
-
-    def generate(self) -> DatasetTensors:
-        p = self.p
-        a, b = (g.ravel() for g in np.meshgrid(np.arange(p), np.arange(p), indexing="ij"))
-        y = np.mod({"add": a + b, "sub": a - b, "mul": a * b}[self.operation], p)
-        x = np.zeros((p * p, 2 * p), dtype=np.float32)
-        x[np.arange(p * p), a] = 1.0
-        x[np.arange(p * p), p + b] = 1.0
-        rng = np.random.default_rng(self.split_seed)
-        return _split(x, y, 1.0 - self.train_fraction, rng, p)
-
-    def shape(self) -> DataShape:
-        return DataShape(self.p * self.p, (2 * self.p,), self.p)
 
 
-@register_dataset("teacher_student")
-class TeacherStudentOptions(DatasetOptions):
-    """Gaussian inputs labelled by the argmax of a random one-hidden-layer tanh teacher."""
-
-    name: Literal["teacher_student"]
-    dim: int = Field(default=20, ge=1)
-    teacher_width: int = Field(default=64, ge=1)
-    n_classes: int = Field(default=10, ge=2)
-    n_samples: int = Field(default=5000, ge=2)
-    test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
-    data_seed: int = Field(default=0, description="draws the teacher, the inputs and the split")
-
-    def generate(self) -> DatasetTensors:
-        rng = np.random.default_rng(self.data_seed)
-        w1 = rng.standard_normal((self.dim, self.teacher_width)) / np.sqrt(self.dim)
-        w2 = rng.standard_normal((self.teacher_width, self.n_classes)) / np.sqrt(
-            self.teacher_width)
-        x = rng.standard_normal((self.n_samples, self.dim)).astype(np.float32)
-        y = np.argmax(np.tanh(x @ w1) @ w2, axis=1)
-        return _split(x, y, self.test_fraction, rng, self.n_classes)
-
-    def shape(self) -> DataShape:
-        teacher = 8 * self.teacher_width * (self.dim + self.n_classes + self.n_samples)
-        return DataShape(self.n_samples, (self.dim,), self.n_classes, teacher)
 
 
-@register_dataset("gaussian_mixture")
-class GaussianMixtureOptions(DatasetOptions):
-    """Isotropic unit-variance Gaussian classes whose means lie `separation` from the origin.
-
-    Labels cycle through the classes in each split, so train, test and every train prefix (an
-    `n_train` subset) are balanced to within one example per class."""
-
-    name: Literal["gaussian_mixture"]
-    n_classes: int = Field(default=4, ge=2)
-    dim: int = Field(default=10, ge=1)
-    n_samples: int = Field(default=3000, ge=2, description="train + test")
-    separation: float = Field(default=3.0, ge=0.0, description="norm of each class mean")
-    test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
-    data_seed: int = Field(default=0, description="draws the means and the samples")
-
-    def generate(self) -> DatasetTensors:
-        rng = np.random.default_rng(self.data_seed)
-        means = rng.standard_normal((self.n_classes, self.dim))
-        means *= self.separation / np.linalg.norm(means, axis=1, keepdims=True)
-        n_test = _n_test(self.n_samples, self.test_fraction)
-
-        def sample(n: int) -> tuple[np.ndarray, np.ndarray]:
-            y = np.arange(n) % self.n_classes
-            return means[y] + rng.standard_normal((n, self.dim)), y
-
-        (x, y), (x_test, y_test) = sample(self.n_samples - n_test), sample(n_test)
-        return _tensors(x, y, x_test, y_test, self.n_classes)
-
-    def shape(self) -> DataShape:
-        return DataShape(self.n_samples, (self.dim,), self.n_classes, 8 * self.n_classes * self.dim)
 
 
-def parse_dataset_options(raw: dict) -> Dataset:
-    """Validate a spec's [dataset] table against its dataset's options, naming bad fields.
-    `name` is a built-in's or an entry point's name, or an import path `package.module:Class`."""
-    from dlstore import plugins
-
-    if not isinstance(raw, dict):
-        raise SpecError(f"dataset: expected a table, got {type(raw).__name__}")
-    name = raw.get("name")
-    if name is None:
-        known = ", ".join(plugins.known_names("dataset", DATASETS))
-        raise SpecError(f"dataset.name: missing; known datasets: {known}")
-    if not isinstance(name, str):
-        raise SpecError(f"dataset.name: expected a name or an import path, got {name!r}")
-    cls = plugins.resolve("dataset", name, DATASETS, Dataset, "dataset.name")
-    try:
-        return cls.model_validate(raw)
-    except ValidationError as e:
-        raise SpecError(format_validation_error(e, "dataset")) from None
 
 
-@functools.lru_cache(maxsize=16)
-def _generate_cached(cls: type[DatasetOptions], generation_json: str) -> DatasetTensors:
-    return cls.model_validate_json(generation_json).generate()
 
 
 def clean_split(options: DatasetOptions) -> DatasetTensors:
@@ -369,3 +213,8 @@ def _run_data(cls: type[DatasetOptions], options_json: str,
     if noise_seed is not None:
         y = apply_label_noise(y, full.n_classes, options.label_noise, noise_seed)
     return DatasetTensors(full.x_train[:n], y, full.x_test, full.y_test, full.n_classes)
+
+
+@functools.lru_cache(maxsize=16)
+def _generate_cached(cls: type[DatasetOptions], generation_json: str) -> DatasetTensors:
+    return cls.model_validate_json(generation_json).generate()

@@ -185,8 +185,8 @@ class CloneOptions(MetricFamily):
     values: ClassVar[tuple[str, ...]] = ("clone_loss", "clone_acc")
 
     def compute(self, cohort, params, step):
+        from dlstore.datasets.base import gaussian_clone
         from dlstore.metrics.basic import loss_and_accuracy
-        from dlstore.zoo.data import gaussian_clone
 
         # drawn once per cohort
         clone = cohort.cached(("gaussian_clone", self.seed), lambda: gaussian_clone(

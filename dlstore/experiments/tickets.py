@@ -24,13 +24,10 @@ from typing import Any
 
 import torch
 
+from dlstore.architectures.kernels import kernel_for
+from dlstore.datasets.base import run_data
 from dlstore.errors import SpecError
-from dlstore.metrics.connectivity import interpolation_barrier
-from dlstore.store.store import Store
-from dlstore.zoo.data import run_data
-from dlstore.zoo.kernels import kernel_for
-from dlstore.zoo.population import CohortPlan
-from dlstore.zoo.pruning import (
+from dlstore.experiments.pruning import (
     Mask,
     density,
     full_mask,
@@ -38,8 +35,11 @@ from dlstore.zoo.pruning import (
     random_mask_like,
     tensor_densities,
 )
-from dlstore.zoo.seeds import derive_seed
-from dlstore.zoo.spec import RunConfig, ZooSpec, hashed_id
+from dlstore.metrics.connectivity import interpolation_barrier
+from dlstore.seeds import derive_seed
+from dlstore.spec import RunConfig, ZooSpec, hashed_id
+from dlstore.store.store import Store
+from dlstore.training.plan import CohortPlan
 
 MASK_FORMAT = "dlstore-masks/1"
 BASE = "base"  # the condition of the spec's own runs

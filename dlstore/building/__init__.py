@@ -1,0 +1,1 @@
+"""Building a zoo: planning, running cohorts (locally or on Ray), committing their rows."""

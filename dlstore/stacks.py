@@ -1,0 +1,32 @@
+"""Stacked parameters: a cohort's state dicts as one tensor per name with a leading member axis
+[P, ...], narrower members zero-padded into the widest's shape.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Params = dict[str, torch.Tensor]
+
+
+def member_slices(params: Params, shapes: Params, members: list[int]) -> Params:
+    """The stacks [len(members), ...] of `members`, each tensor cut to the true shapes of
+    `shapes` (from a padded cohort stack)."""
+    index = torch.tensor(members, device=next(iter(params.values())).device)
+    return {k: v.index_select(0, index)[(slice(None), *(slice(0, n) for n in shapes[k].shape))]
+            .contiguous() for k, v in params.items()}
+
+
+def pad_stack(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stack tensors of possibly different shapes, each zero-padded at the end of every axis to
+    the largest shape. Returns the stack and a 0/1 mask of true entries (None if all equal)."""
+    shape = [max(sizes) for sizes in zip(*(t.shape for t in tensors))]
+    if all(list(t.shape) == shape for t in tensors):
+        return torch.stack(tensors), None
+    out = tensors[0].new_zeros((len(tensors), *shape))
+    mask = torch.zeros_like(out)
+    for i, t in enumerate(tensors):
+        region = (i, *(slice(0, n) for n in t.shape))
+        out[region] = t
+        mask[region] = 1.0
+    return out, mask
