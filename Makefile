@@ -23,8 +23,10 @@ demo: setup
 	  "SELECT width, lr, round(avg(value), 3) AS test_acc, count(*) AS runs \
 	   FROM final WHERE metric = 'test_acc' GROUP BY width, lr ORDER BY width, lr"
 
+# ruff, then the layering contracts of pyproject.toml ([tool.importlinter])
 lint: setup
 	$(BIN)/ruff check dlstore tests bench
+	$(BIN)/lint-imports --no-cache
 
 # two workers: most tests wait on subprocesses and disks, so two cores run them in 3/4 the time
 test: lint

@@ -143,7 +143,7 @@ def _build_zoo(zoo, store: str, storage_option: list[str] | None, device: Device
     done = frozenset(target.run_ids()) if target is not None else frozenset()
     if target is not None and not grow:
         check_same_zoo(zoo, target)  # build_zoo checks it again, for callers of the library
-    plan = plan_build(zoo, device.value, backend.value, part, done)
+    plan = plan_build(zoo, device.value, part, done)
     if dry_run:
         _print_plan(zoo.name, plan, store if target is not None else None)
         return
@@ -562,7 +562,9 @@ def fit_scaling(
     else:
         figure = scaling_figure(result, cols[0], cols[2], d=cols[1])
     _save(figure, plot)
-    fit_id = s.record_fit({
+    from dlstore.store.writer import StoreWriter
+
+    fit_id = StoreWriter(s).record_fit({
         "kind": result.kind, "query": query, "params": json.dumps(info["params"]),
         "ci": json.dumps(info["ci"]), "ci_level": level, "objective": result.objective,
         "n": result.n, "dlstore_version": _version(), "label": label, "warnings": warnings})
@@ -668,7 +670,9 @@ def wsl_fit(
     label = label or _fit_label("wsl", [query, target, features.value, model.value, task.value,
                                         split, seed, pad])
     _save(wsl_figure(result), plot)
-    fit_id = s.record_fit({"kind": "wsl", "query": query, "params": json.dumps(info),
+    from dlstore.store.writer import StoreWriter
+
+    fit_id = StoreWriter(s).record_fit({"kind": "wsl", "query": query, "params": json.dumps(info),
                            "n": len(dataset), "dlstore_version": _version(), "label": label})
     if format is not Format.table:
         sys.stdout.write(json_text({"fit_id": fit_id, "label": label, **info,
@@ -750,15 +754,18 @@ def metrics_compute(
     from dlstore.metrics.backfill import backfill_checkpoint_metrics
     from dlstore.metrics.groups import compute_group_metrics
     from dlstore.spec import ZooSpec
+    from dlstore.store.writer import StoreWriter
     from dlstore.training.device import resolve_device
 
     zoo = ZooSpec.from_toml(spec)
     s = _open(store, storage_option)
     dev = resolve_device(device.value)
-    checkpoints = backfill_checkpoint_metrics(zoo, s, device=dev)
+    writer = StoreWriter(s)
+    checkpoints = backfill_checkpoint_metrics(writer, zoo.name, zoo.runs, zoo.metrics,
+                                              device=dev)
     groups = 0
     if zoo.metrics.groups is not None:
-        groups = compute_group_metrics(s, zoo.name, zoo.metrics.groups,
+        groups = compute_group_metrics(writer, zoo.name, zoo.metrics.groups,
                                        {r.run_id for r in zoo.runs}, device=dev)
     out.print(f"zoo [bold]{zoo.name}[/]: metrics added at {checkpoints} checkpoints, group "
               f"metrics of {groups} groups x steps")
@@ -779,13 +786,15 @@ def metrics_groups(
     that the store lacks; groups already recorded are skipped."""
     from dlstore.metrics.families import GroupOptions
     from dlstore.metrics.groups import compute_group_metrics
+    from dlstore.store.writer import StoreWriter
     from dlstore.training.device import resolve_device
 
     options = GroupOptions(at=_selection(at), pairs=pairs, points=points, subsample=subsample)
     s = _open(store, storage_option)
     if not s.sql("SELECT 1 FROM runs WHERE zoo = ? LIMIT 1", [zoo]).height:
         raise NotFoundError(f"no runs of zoo {zoo!r} in store {store}")
-    computed = compute_group_metrics(s, zoo, options, device=resolve_device(device.value))
+    computed = compute_group_metrics(StoreWriter(s), zoo, options,
+                                     device=resolve_device(device.value))
     out.print(f"zoo [bold]{zoo}[/]: group metrics of {computed} groups x steps computed "
               "(SELECT * FROM group_metrics)")
 

@@ -37,6 +37,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dlstore.errors import SpecError, format_validation_error
+from dlstore.ids import hashed_id
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -286,10 +287,6 @@ class RunConfig:
         return sorted(set(steps) | set(self.extra_checkpoints))
 
 
-def hashed_id(zoo: str, payload: dict[str, Any]) -> str:
-    """`<zoo>-<12 hex>`: a sha256 of the zoo name and a canonical JSON payload."""
-    text = json.dumps({"zoo": zoo, **payload}, sort_keys=True, separators=(",", ":"))
-    return f"{zoo}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
 @dataclass(frozen=True)

@@ -17,12 +17,19 @@ def member_slices(params: Params, shapes: Params, members: list[int]) -> Params:
             .contiguous() for k, v in params.items()}
 
 
-def pad_stack(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Stack tensors of possibly different shapes, each zero-padded at the end of every axis to
-    the largest shape. Returns the stack and a 0/1 mask of true entries (None if all equal)."""
+def pad_stack(tensors: list[torch.Tensor], axes: tuple[int, ...] = ()
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stack tensors whose shapes may differ along `axes`, each zero-padded at the end of those
+    axes to the largest size. Returns the stack and a 0/1 mask of true entries (None if all
+    shapes are equal). A difference along any other axis is a ValueError."""
     shape = [max(sizes) for sizes in zip(*(t.shape for t in tensors))]
     if all(list(t.shape) == shape for t in tensors):
         return torch.stack(tensors), None
+    for t in tensors:
+        fixed = [a for a, (n, m) in enumerate(zip(t.shape, shape)) if n != m and a not in axes]
+        if len(t.shape) != len(shape) or fixed:
+            raise ValueError(f"cannot stack shapes {list(t.shape)} and {shape}: they differ "
+                             f"along axes {fixed or 'count'}, padding is declared along {axes}")
     out = tensors[0].new_zeros((len(tensors), *shape))
     mask = torch.zeros_like(out)
     for i, t in enumerate(tensors):
@@ -30,3 +37,13 @@ def pad_stack(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor |
         out[region] = t
         mask[region] = 1.0
     return out, mask
+
+
+def stack_labels(labels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Members' label vectors of different lengths as one [P, N_max] stack (zero-padded) and
+    their lengths [P]."""
+    n = torch.tensor([y.shape[0] for y in labels])
+    out = torch.zeros((len(labels), int(n.max())), dtype=torch.long)
+    for i, y in enumerate(labels):
+        out[i, :y.shape[0]] = y
+    return out, n

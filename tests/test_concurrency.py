@@ -17,12 +17,13 @@ from tests.conftest import TINY_SPEC
 CREATE = """
 import os, sys, time
 import dlstore
+from dlstore.store.writer import StoreWriter
 path, gate, i = sys.argv[1], sys.argv[2], sys.argv[3]
 open(f"{gate}.ready-{i}", "w").close()
 while not os.path.exists(gate):  # every process has imported dlstore: all start at once
     time.sleep(0.001)
 store = dlstore.Store(path, create=True)
-store.record_zoo({"zoo": f"z{i}", "spec": "", "spec_hash": i, "n_runs": 0,
+StoreWriter(store).record_zoo({"zoo": f"z{i}", "spec": "", "spec_hash": i, "n_runs": 0,
                   "dlstore_version": "test"})
 """
 

@@ -12,6 +12,7 @@ import pytest
 from dlstore.errors import StoreError
 from dlstore.store.maintenance import verify
 from dlstore.store.store import Store
+from dlstore.store.writer import StoreWriter
 
 
 def _log(root: Path, table: str) -> list[Path]:
@@ -51,8 +52,8 @@ def pristine(built_store, tmp_path_factory):
     shutil.copytree(built_store.root, root)
     store = Store(root)
     run = store.runs()["run_id"][0]
-    store.add_metrics({"run_id": [run], "step": [0], "metric": ["extra"], "tensor": [None],
-                       "value": [1.0]})
+    StoreWriter(store).add_metrics({"run_id": [run], "step": [0], "metric": ["extra"],
+                                    "tensor": [None], "value": [1.0]})
     assert len(_log(root, "metrics")) >= 3
     return root
 
@@ -104,5 +105,5 @@ def test_a_damaged_log_is_refused_before_appending(pristine, tmp_path):
     _log(root, "metrics")[1].unlink()
     store = Store(root)
     with pytest.raises(StoreError, match="table 'metrics' is damaged: log entry 1 is missing"):
-        store.add_metrics({"run_id": [store.runs()["run_id"][0]], "step": [0],
+        StoreWriter(store).add_metrics({"run_id": [store.runs()["run_id"][0]], "step": [0],
                            "metric": ["more"], "tensor": [None], "value": [2.0]})

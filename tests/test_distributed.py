@@ -8,9 +8,9 @@ import torch
 
 import dlstore
 from dlstore.building.build import build_zoo
-from dlstore.building.plan import shard_runs
 from dlstore.cli import _parse_shard
 from dlstore.errors import SpecError, UsageError
+from dlstore.experiments.base import shard_runs
 from dlstore.store.maintenance import verify
 from tests.conftest import TINY_SPEC
 

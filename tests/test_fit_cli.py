@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import dlstore
+from dlstore.store.writer import StoreWriter
 from tests.test_cli import dlstore as run_cli
 
 TRUTH = {"E": 0.5, "A": 30.0, "alpha": 0.4, "B": 80.0, "beta": 0.5}
@@ -29,7 +30,7 @@ def law_store(tmp_path_factory):
                          "n_params": int(n), "n_train": int(d), "final_step": 10})
             metrics.append({"run_id": run_id, "step": 10, "metric": "test_loss",
                             "tensor": None, "value": law * np.exp(rng.normal(0, 0.01))})
-    store.commit([], metrics, runs)
+    StoreWriter(store).commit([], metrics, runs)
     return root
 
 

@@ -17,6 +17,7 @@ from dlstore.spec import ZooSpec
 from dlstore.store.leases import TTL_SECONDS, BuildLease, live_leases
 from dlstore.store.maintenance import compact, gc, verify
 from dlstore.store.store import Store
+from dlstore.store.writer import StoreWriter
 from tests.conftest import TINY_SPEC
 
 # one run per cohort: four cohorts, each writing shards long before the single commit at the end
@@ -73,7 +74,7 @@ def test_two_builds_of_one_spec_write_identical_shards(built_store, tiny_spec, t
 
 
 def _orphan(store: Store, value: float) -> str:
-    return store.put_shard({"w": torch.full((2, 3), value)}, {"format": "test"})
+    return store.blobs.put({"w": torch.full((2, 3), value)}, {"format": "test"})
 
 
 def test_leases_decide_which_unreferenced_shards_gc_spares(built_store, tmp_path):
@@ -110,8 +111,8 @@ def test_gc_of_table_files_counts_exactly_and_adds_no_commits(built_store, tmp_p
     store = Store(root)
     run = store.runs()["run_id"][0]
     for i in range(3):
-        store.add_metrics({"run_id": [run], "step": [0], "metric": [f"m{i}"], "tensor": [None],
-                           "value": [float(i)]})
+        StoreWriter(store).add_metrics({"run_id": [run], "step": [0], "metric": [f"m{i}"],
+                                        "tensor": [None], "value": [float(i)]})
     merged = compact(store)
     assert merged["metrics"] >= 4
     logs = {p: p.read_bytes() for p in root.glob("tables/*/_delta_log/*")}

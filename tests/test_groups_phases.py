@@ -18,6 +18,7 @@ from dlstore.metrics.spectra import SPECTRA
 from dlstore.metrics.weights import STATISTICS, tensor_statistics
 from dlstore.spec import PhaseOptions, ZooSpec
 from dlstore.store.store import Store
+from dlstore.store.writer import StoreWriter
 
 ZOO = textwrap.dedent("""
     name = "{name}"
@@ -117,7 +118,8 @@ def test_group_metrics_equal_the_per_pair_computation(group_store):
 
 def test_group_step_is_resumable(group_store):
     before = group_store.sql("SELECT count(*) AS n FROM _group_metrics")["n"][0]
-    assert compute_group_metrics(group_store, "grp", GroupOptions(at="all", points=5)) == 0
+    options = GroupOptions(at="all", points=5)
+    assert compute_group_metrics(StoreWriter(group_store), "grp", options) == 0
     assert group_store.sql("SELECT count(*) AS n FROM _group_metrics")["n"][0] == before
 
 
@@ -196,8 +198,10 @@ def test_metrics_added_to_a_built_spec_are_backfilled_as_a_build_computes_them(t
     build_zoo(ZooSpec.from_text(plain), late, device="cpu")
     assert late.sql("SELECT count(*) AS n FROM metrics WHERE tensor IS NOT NULL")["n"][0] == 0
     assert build_zoo(ZooSpec.from_text(later), late, device="cpu").runs_built == 0
-    assert backfill_checkpoint_metrics(ZooSpec.from_text(later), late) == 4  # 4 runs, last step
-    assert backfill_checkpoint_metrics(ZooSpec.from_text(later), late) == 0
+    spec = ZooSpec.from_text(later)
+    args = (StoreWriter(late), spec.name, spec.runs, spec.metrics)
+    assert backfill_checkpoint_metrics(*args) == 4  # 4 runs, last step
+    assert backfill_checkpoint_metrics(*args) == 0
     direct = Store(tmp_path / "direct", create=True)
     build_zoo(ZooSpec.from_text(later), direct, device="cpu")
     query = ("SELECT run_id, step, metric, tensor, value FROM metrics "

@@ -15,6 +15,7 @@ from dlstore.building.build import build_zoo
 from dlstore.errors import StoreError
 from dlstore.spec import ZooSpec
 from dlstore.store.maintenance import compact, gc, verify
+from dlstore.store.writer import StoreWriter
 from tests.conftest import TINY_SPEC
 
 METRICS = "SELECT run_id, step, metric, value FROM metrics ORDER BY ALL"
@@ -83,11 +84,12 @@ def test_maintenance_and_corruption_on_s3(s3, built_store, tiny_spec):
     store = dlstore.Store(s3.new_uri(), create=True, storage_options=s3.options)
     build_zoo(tiny_spec, store, device="cpu")
     before = store.sql(METRICS)
-    orphan = store.put_shard({"w": torch.ones(2, 3)}, {"format": "test"})
+    orphan = store.blobs.put({"w": torch.ones(2, 3)}, {"format": "test"})
     store.location.write_atomic("blobs/ab/.leftover.tmp", b"partial")
     assert gc(store, older_than_hours=1).shards == []  # too young: a build may be writing it
     for kind in ("a", "b"):
-        store.record_fit({"kind": kind, "query": "SELECT 1", "params": "{}", "ci": "{}", "n": 1})
+        StoreWriter(store).record_fit({"kind": kind, "query": "SELECT 1", "params": "{}",
+                                       "ci": "{}", "n": 1})
     assert compact(store)["fits"] == 2 and len(store.tables.snapshot("fits")[1]) == 1
     report = gc(store, older_than_hours=0)
     assert report.shards == [orphan] and report.temporary == 1 and report.table_files >= 1

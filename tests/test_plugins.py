@@ -16,6 +16,7 @@ from dlstore.building.plan import plan_cohorts
 from dlstore.errors import DlstoreError, SpecError
 from dlstore.spec import ZooSpec
 from dlstore.store.store import Store
+from dlstore.store.writer import StoreWriter
 
 ARCH_PATH = "dlstore_example_plugin.nets:ResMLP"
 
@@ -229,11 +230,12 @@ def test_backfill_adds_a_plugin_family_to_runs_built_without_it(tmp_path):
     build_zoo(ZooSpec.from_text(base), store, device="cpu")
     measured = ZooSpec.from_text(base + '"dlstore_example_plugin.probes:Margin" = '
                                  '{ at = "all", scale = 2.0 }')
-    assert missing_checkpoint_metrics(measured, store) == {
+    assert missing_checkpoint_metrics(store, measured.name, measured.runs, measured.metrics) == {
         (measured.runs[0].run_id, 0): {"dlstore_example_plugin.probes:Margin"},
         (measured.runs[0].run_id, 4): {"dlstore_example_plugin.probes:Margin"}}
-    assert backfill_checkpoint_metrics(measured, store) == 2
+    assert backfill_checkpoint_metrics(StoreWriter(store), measured.name, measured.runs,
+                                       measured.metrics) == 2
     rows = store.sql("SELECT step, value FROM metrics WHERE metric = 'test_margin' "
                      "ORDER BY step").to_dicts()
     assert [r["step"] for r in rows] == [0, 4] and all(r["value"] > 0 for r in rows)
-    assert missing_checkpoint_metrics(measured, store) == {}
+    assert missing_checkpoint_metrics(store, measured.name, measured.runs, measured.metrics) == {}

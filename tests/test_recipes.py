@@ -27,6 +27,7 @@ from dlstore.errors import NotFoundError
 from dlstore.metrics.backfill import backfill_checkpoint_metrics
 from dlstore.spec import ZooSpec
 from dlstore.store.store import Store
+from dlstore.store.writer import StoreWriter
 
 ZOO_DIR = Path(__file__).resolve().parent.parent / "zoo"
 RECIPES = ("double-descent", "grokking", "neural-collapse", "simplicity-bias")
@@ -238,8 +239,8 @@ def test_a_zoo_without_the_recipe_metrics_is_told_how_to_add_them(tmp_path):
     with pytest.raises(NotFoundError, match="no clone_acc, clone_loss rows.*metrics compute"):
         simplicity_table(store, "tiny-recipe")
     # ... and `metrics compute` adds them, as the evaluator of a build would have computed them
-    added = backfill_checkpoint_metrics(
-        ZooSpec.from_text(text + "[metrics]\ngaussian_clone = true\n"), store)
+    clone = ZooSpec.from_text(text + "[metrics]\ngaussian_clone = true\n")
+    added = backfill_checkpoint_metrics(StoreWriter(store), clone.name, clone.runs, clone.metrics)
     table = simplicity_table(store, "tiny-recipe")
     assert added == table.height == 5
     run = store.runs()["run_id"][0]

@@ -16,6 +16,7 @@ from dlstore.building.build import build_zoo
 from dlstore.errors import QueryError
 from dlstore.spec import ZooSpec
 from dlstore.store.maintenance import compact, gc, verify
+from dlstore.store.writer import StoreWriter
 from tests.conftest import TINY_SPEC
 from tests.test_cli import dlstore as run_cli
 
@@ -155,7 +156,7 @@ def test_compact_and_gc_keep_every_answer(tmp_path, built_store):
     query = "SELECT run_id, step, metric, value FROM metrics ORDER BY ALL"
     before = store.sql(query)
     # a shard nothing refers to (as a killed build leaves) and a leftover temporary file
-    orphan = store.put_shard({"w": torch.ones(2, 3)}, {"format": "test"})
+    orphan = store.blobs.put({"w": torch.ones(2, 3)}, {"format": "test"})
     leftover = store.blobs.path(orphan).parent / ".leftover.tmp"
     leftover.write_bytes(b"partial")
 
@@ -164,7 +165,8 @@ def test_compact_and_gc_keep_every_answer(tmp_path, built_store):
     assert dry.shards == [orphan] and store.blobs.path(orphan).exists()
 
     for kind in ("a", "b"):  # two appends: two small files
-        store.record_fit({"kind": kind, "query": "SELECT 1", "params": "{}", "ci": "{}", "n": 1})
+        StoreWriter(store).record_fit({"kind": kind, "query": "SELECT 1", "params": "{}",
+                                       "ci": "{}", "n": 1})
     fits = store.sql("SELECT kind FROM fits ORDER BY kind")
     removed = compact(store)
     assert removed["fits"] == 2 and len(store.tables.snapshot("fits")[1]) == 1

@@ -15,6 +15,7 @@ from dlstore.errors import (
     QueryError,
     StoreError,
 )
+from dlstore.store.writer import StoreWriter
 
 
 def test_runs_view_has_typed_hyperparameters(built_store, tiny_spec):
@@ -85,7 +86,7 @@ def test_a_query_creates_the_views_it_names_and_they_follow_new_commits(tmp_path
     assert {"tickets", "ticket_transfer", "metrics_wide", "curves", "zoos"} <= listed
     # a commit after the views were made: a view named again reads the new snapshot
     before = store.sql("SELECT count(*) AS n FROM runs")["n"][0]
-    store.commit([], [], [{"run_id": "added-later", "zoo": "extra"}])
+    StoreWriter(store).commit([], [], [{"run_id": "added-later", "zoo": "extra"}])
     assert store.sql("SELECT count(*) AS n FROM runs")["n"][0] == before + 1
     assert store.sql("SELECT count(*) AS n FROM metrics_wide WHERE run_id = 'added-later'"
                      )["n"][0] == 0
@@ -248,11 +249,11 @@ def test_a_store_gains_new_schema_columns_without_migration(tmp_path, built_stor
     old = {"kind": "power_law", "query": "q", "params": "{}", "ci": "{}", "ci_level": 0.95,
            "objective": 0.0, "n": 3, "dlstore_version": "0"}
     monkeypatch.setitem(schemas.TABLES, "fits", schemas.FITS)
-    dlstore.open(copy).record_fit(old)  # a write by the older schema
+    StoreWriter(dlstore.open(copy)).record_fit(old)  # a write by the older schema
     monkeypatch.setitem(schemas.TABLES, "fits", grown)
     store = dlstore.open(copy)
     assert store.sql("SELECT added_later FROM fits")["added_later"].to_list() == [None]
-    store.record_fit({**old, "added_later": 7})
+    StoreWriter(store).record_fit({**old, "added_later": 7})
     got = dlstore.open(copy).sql("SELECT added_later FROM fits ORDER BY added_later NULLS FIRST")
     assert got["added_later"].to_list() == [None, 7]
     assert dlstore.open(copy).runs().height == 8  # the rest of the store reads as before

@@ -11,6 +11,7 @@ from dlstore.architectures.cnn1d import CNN1dOptions
 from dlstore.architectures.mlp import MLPOptions
 from dlstore.errors import CorruptBlobError, LayoutError, NotFoundError, QueryError
 from dlstore.layout import Layout
+from dlstore.store.writer import StoreWriter
 
 ALL = "SELECT run_id, step FROM checkpoints ORDER BY run_id, step"
 WIDE = ("SELECT run_id, step FROM checkpoints JOIN runs USING (run_id) WHERE width = 16 "
@@ -177,15 +178,15 @@ def test_shards_of_every_dtype_read_back_and_pull_into_the_layout_dtype(tmp_path
                "b": torch.randn(3, 5, generator=g).to(torch.float16),
                "c": torch.arange(6).reshape(3, 2),
                "d": torch.rand(3, 3, generator=g) > 0.5}
-    blob = store.put_shard(tensors, {})
+    blob = store.blobs.put(tensors, {})
     got = store.blobs.read_members(blob, [2, 0, 2], list(tensors))
     for name, value in tensors.items():
         assert got[name].dtype == value.dtype and torch.equal(got[name], value[[2, 0, 2]])
     one = store.blobs.read_member(blob, 1)
     assert all(torch.equal(one[k], v[1]) for k, v in tensors.items())
     layout = Layout.from_shapes([(k, v.shape[1:]) for k, v in tensors.items()], "bfloat16")
-    store.commit([{"run_id": f"r{m}", "step": 0, "blob": blob, "member": m} for m in range(3)],
-                 [], [{"run_id": f"r{m}"} for m in range(3)])
+    StoreWriter(store).commit([{"run_id": f"r{m}", "step": 0, "blob": blob, "member": m}
+                               for m in range(3)], [], [{"run_id": f"r{m}"} for m in range(3)])
     pulled, _ = store.weights("SELECT run_id, step FROM checkpoints ORDER BY run_id DESC",
                               layout=layout)
     assert pulled.dtype == torch.bfloat16

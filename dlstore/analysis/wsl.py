@@ -121,11 +121,11 @@ def _declared_layers(layout: Layout, arch) -> list[HiddenLayer]:
 def runs_architecture(store: Store, run_ids: Sequence[str]):
     """The architecture of the runs, which declares their permutation symmetries (the plugin
     that defines it must be importable); runs of several share one layout, so any will do."""
-    from dlstore.architectures.registry import parse_arch_options
+    from dlstore.architectures.registry import run_architecture
 
-    row = store.sql("SELECT run_id FROM runs WHERE list_contains(?, run_id) LIMIT 1",
+    row = store.sql("SELECT run_id, config FROM runs WHERE list_contains(?, run_id) LIMIT 1",
                     [sorted(set(run_ids))]).to_dicts()
-    return parse_arch_options(store.run(row[0]["run_id"])["config"]["model"]) if row else None
+    return run_architecture(row[0]) if row else None
 
 
 def weight_bias_pairs(layout: Layout) -> list[tuple[str, str]]:

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from dlstore.errors import SpecError
-from dlstore.seeds import derive_seed
+from dlstore.seeds import seed_for
 
 Activation = Literal["relu", "tanh", "gelu"]
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
@@ -69,10 +69,6 @@ class Architecture(BaseModel):
     # - the built module's method that gives the penultimate features [N, d] (neural collapse,
     #   CKA); None = undeclared
     features_method: ClassVar[str | None] = None
-    # - whether a narrower member is the zero-padded corner of a wider one (padding at the end
-    #   of every axis of every tensor, as `population.pad_stack` does): then runs that differ
-    #   only in width share a cohort. False = one cohort per width.
-    pads_to_wider: ClassVar[bool] = False
 
     def build(self, input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
         raise NotImplementedError
@@ -80,6 +76,15 @@ class Architecture(BaseModel):
     def classifier_layer(self) -> str | None:
         """State-dict prefix of the linear layer that maps the penultimate features to logits
         (`<prefix>.weight` [C, d], `<prefix>.bias` [C]); None = undeclared."""
+        return None
+
+    def padded_axes(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]] | None:
+        """Per tensor of the state dict (`shapes`: names and shapes, in order), the axes along
+        which a narrower member is the zero-padded leading corner of a wider one: then runs that
+        differ only in width share a cohort, each tensor padded at the end of these axes
+        (`dlstore.stacks.pad_stack`; every other axis must match) and the padding held at zero.
+        It is a promise that zero units with zero weights change nothing the member computes.
+        None = undeclared: one cohort per width."""
         return None
 
     def prunable_tensors(self, state: dict[str, torch.Tensor]) -> list[str] | None:
@@ -108,6 +113,7 @@ class Architecture(BaseModel):
         """Refuse `feature` unless property `prop` is declared."""
         declared = {"features_method": self.features_method is not None,
                     "classifier_layer": self.classifier_layer() is not None,
+                    "padded_axes": self.pads_to_wider,
                     "prunable_tensors": (type(self).prunable_tensors
                                          is not Architecture.prunable_tensors),
                     "permutation_symmetries": (type(self).permutation_symmetries
@@ -115,6 +121,10 @@ class Architecture(BaseModel):
         if not declared:
             raise UndeclaredProperty(f"{feature}: architecture {self.arch!r} does not declare "
                                      f"`{prop}`, which {feature} needs")
+
+    @property
+    def pads_to_wider(self) -> bool:
+        return type(self).padded_axes is not Architecture.padded_axes
 
     def family_key(self) -> str:
         """Everything that separates cohorts: runs whose keys match can share one. The width
@@ -154,6 +164,12 @@ def weight_tensors(state: dict[str, torch.Tensor]) -> list[str]:
     return [k for k, v in state.items() if v.dim() >= 2]
 
 
+def every_axis(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Padding along every axis of every tensor: a chain of layers whose hidden units (or
+    channels, flattened channel-major) come first on each axis."""
+    return {k: tuple(range(len(s))) for k, s in shapes.items()}
+
+
 def chain_symmetries(shapes: dict[str, tuple[int, ...]]) -> list[tuple[tuple[str, ...], str]]:
     """A chain of layers, each a weight then a bias (the built-ins' state dicts): the units of
     every layer but the last are permutable together with the next layer's inputs."""
@@ -172,7 +188,7 @@ def init_state(options: Architecture, input_shape: tuple[int, ...], n_classes: i
     """The initial parameters of one run, drawn from the run's init seed (PyTorch's default init,
     or the scheme `options.init` names), independent of global RNG state and of anything else in
     the process."""
-    seed = options.init_seed if options.init_seed is not None else derive_seed(run_seed, "init")
+    seed = seed_for(options.init_seed, run_seed, "init")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         module = options.build(input_shape, n_classes)

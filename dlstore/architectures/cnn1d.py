@@ -15,6 +15,7 @@ from dlstore.architectures.base import (
     Architecture,
     SizeEstimate,
     chain_symmetries,
+    every_axis,
     weight_tensors,
 )
 from dlstore.architectures.registry import register_arch
@@ -59,10 +60,12 @@ class CNN1dOptions(Architecture):
     kernel: int = Field(default=5, ge=1)
     activation: Activation = "relu"
     features_method: ClassVar[str] = "features"
-    pads_to_wider: ClassVar[bool] = True
 
     def classifier_layer(self) -> str:
         return "out"
+
+    def padded_axes(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        return every_axis(shapes)
 
     def prunable_tensors(self, state: dict[str, torch.Tensor]) -> list[str]:
         return weight_tensors(state)

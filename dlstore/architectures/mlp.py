@@ -18,6 +18,7 @@ from dlstore.architectures.base import (
     Architecture,
     SizeEstimate,
     chain_symmetries,
+    every_axis,
     weight_tensors,
 )
 from dlstore.architectures.registry import register_arch
@@ -53,13 +54,15 @@ class MLPOptions(Architecture):
     depth: int = Field(default=2, ge=0, description="number of hidden layers")
     activation: Activation = "relu"
     features_method: ClassVar[str] = "features"
-    pads_to_wider: ClassVar[bool] = True
 
     def build(self, input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
         return MLP(math.prod(input_shape), self.width, self.depth, n_classes, self.activation)
 
     def classifier_layer(self) -> str:
         return f"layers.{self.depth}"
+
+    def padded_axes(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        return every_axis(shapes)
 
     def prunable_tensors(self, state: dict[str, torch.Tensor]) -> list[str]:
         return weight_tensors(state)

@@ -4,6 +4,8 @@ entry point (`dlstore.plugins`); a spec's [model] table is validated against its
 
 from __future__ import annotations
 
+import json
+
 from pydantic import ValidationError
 
 from dlstore.architectures.base import Architecture
@@ -38,3 +40,32 @@ def parse_arch_options(raw: dict) -> Architecture:
         return cls.model_validate(raw)
     except ValidationError as e:
         raise SpecError(format_validation_error(e, "model")) from None
+
+
+def run_architecture(run: dict) -> Architecture:
+    """The architecture of a stored run (its runs row: `run_id`, and `config` as a dict or JSON
+    text). A plugin that is no longer importable is one line naming it; its weights stay
+    readable without it (`load_state_dict`)."""
+    from dlstore import plugins
+
+    config = json.loads(run["config"]) if isinstance(run["config"], str) else run["config"]
+    name = config["model"].get("arch")
+    try:
+        return parse_arch_options(config["model"])
+    except plugins.PluginImportError as e:
+        raise plugins.PluginImportError(f"run {run['run_id']}: {e} (load_state_dict needs no "
+                                        "plugin)") from None
+    except SpecError as e:
+        if isinstance(name, str) and not plugins.is_import_path(name) and "unknown" in str(e):
+            # a name an installed plugin registered, and that plugin is gone
+            raise plugins.PluginImportError(
+                f"run {run['run_id']}: architecture {name!r} is registered by no installed "
+                f"package (entry point group dlstore.architectures); {plugins.HOW_TO_IMPORT} "
+                "(load_state_dict needs no plugin)") from None
+        raise
+
+
+def run_kernel(run: dict):
+    """The cohort kernel of a stored run's network (its runs row, with `input_shape` and
+    `n_classes`): what evaluates stacks of its checkpoints."""
+    return run_architecture(run).cohort_kernel(tuple(run["input_shape"]), run["n_classes"])

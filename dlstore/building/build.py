@@ -24,19 +24,16 @@ from dataclasses import dataclass
 
 import dlstore
 from dlstore.building.commit import Committer
-from dlstore.building.plan import BuildPlan, check_backend, plan_build
+from dlstore.building.plan import BuildPlan, plan_build
 from dlstore.building.runners import local_runner
 from dlstore.errors import BuildInterrupted, DlstoreError, SpecError
-from dlstore.experiments.tickets import (
-    TicketPhase,
-    record_stability,
-    stability_pairs,
-)
+from dlstore.experiments.base import experiment_for
 from dlstore.interrupts import exit_code
 from dlstore.metrics.groups import compute_group_metrics
 from dlstore.spec import ZooSpec
 from dlstore.store.leases import BuildLease
 from dlstore.store.store import Store
+from dlstore.store.writer import StoreWriter
 from dlstore.training.device import resolve_device
 
 
@@ -89,47 +86,48 @@ def build_zoo(spec: ZooSpec, store: Store, device: str = "auto",
 
     Ctrl-C (KeyboardInterrupt) commits the cohorts already finished, then raises
     BuildInterrupted: at most the cohort in flight is lost."""
-    store.check_writable()
+    writer = StoreWriter(store)
+    writer.check_writable()
     if not grow:
         check_same_zoo(spec, store)
     with BuildLease(store.location, spec.name):
-        return _build_zoo(spec, store, device, progress, backend, address, shard, plan,
+        return _build_zoo(spec, writer, device, progress, backend, address, shard, plan,
                           runs_progress)
 
 
-def _build_zoo(spec: ZooSpec, store: Store, device: str,
+def _build_zoo(spec: ZooSpec, writer: StoreWriter, device: str,
                progress: Callable[[int, int], None] | None, backend: str,
                address: str | None, shard: tuple[int, int] | None,
                plan: BuildPlan | None,
                runs_progress: Callable[[int, int], None] | None) -> BuildReport:
     started = time.perf_counter()
+    store = writer.store
     dev = resolve_device(device)
-    check_backend(spec, backend, shard)
+    experiment = experiment_for(spec)
     done_ids = frozenset(store.run_ids())
     if backend == "ray":
         from dlstore.building import ray as ray_backend
 
-        execute, plan_device = ray_backend.cohort_runner(store, device, address, spec.metrics)
+        execute, plan_device = ray_backend.cohort_runner(store, experiment, device, address,
+                                                         spec.metrics)
     else:
-        execute, plan_device = local_runner(store, dev, spec.metrics), str(dev)
+        execute, plan_device = local_runner(writer, experiment, dev, spec.metrics), str(dev)
     if plan is None or plan.done_ids != done_ids or plan.device != plan_device:
-        plan = plan_build(spec, device, backend, shard, done_ids, plan_device)
+        plan = plan_build(spec, device, shard, done_ids, plan_device)
     total = plan.total_steps
     report = BuildReport(spec.name, plan.n_runs, plan.n_runs - plan.n_new, 0, 0, plan.n_cohorts,
                          0, 0.0, 0.0)
-    committer = Committer(store, spec.build.commit_every)
+    committer = Committer(writer, spec.build.commit_every)
     done = 0
     if runs_progress:
         runs_progress(0, plan.n_new)
     try:
-        for cohorts, cohort_steps in zip(plan.cohorts, plan.steps):
-            phase = TicketPhase(spec, store) if spec.tickets is not None else None
-
+        for index, (cohorts, cohort_steps) in enumerate(zip(plan.cohorts, plan.steps)):
             def phase_progress(steps_done: int, before: int = done) -> None:
                 if progress:
                     progress(before + steps_done, total)
 
-            for result in execute(spec.name, cohorts, cohort_steps, phase, phase_progress):
+            for result in execute(cohorts, cohort_steps, index, phase_progress):
                 for row in result.runs:
                     row["spec_hash"] = spec.spec_hash
                 committer.add(result)
@@ -142,12 +140,11 @@ def _build_zoo(spec: ZooSpec, store: Store, device: str,
             done += sum(cohort_steps)
             # the next phase reads what this one trained
             committer.flush()
-            if phase is not None:
-                record_stability(store, stability_pairs(plan.phases))
+            experiment.after_phase(writer, plan.phases)
         if spec.metrics.groups is not None:
             report.group_steps = compute_group_metrics(
-                store, spec.name, spec.metrics.groups, {r.run_id for r in spec.runs}, device=dev)
-        store.record_zoo({"zoo": spec.name, "spec": spec.text, "spec_hash": spec.spec_hash,
+                writer, spec.name, spec.metrics.groups, {r.run_id for r in spec.runs}, device=dev)
+        writer.record_zoo({"zoo": spec.name, "spec": spec.text, "spec_hash": spec.spec_hash,
                           "n_runs": plan.zoo_runs, "dlstore_version": dlstore.__version__})
     except KeyboardInterrupt as stop:
         committer.flush()  # the finished cohorts: only the one in flight is lost

@@ -16,19 +16,15 @@ import dlstore
 from dlstore.architectures.base import n_params
 from dlstore.building.plan import cohort_plan
 from dlstore.datasets.base import DatasetTensors
-from dlstore.experiments.tickets import (
-    TicketPhase,
-)
+from dlstore.experiments.base import Phase
 from dlstore.metrics.evaluate import empty_metric_columns, metric_columns
 from dlstore.metrics.families import MetricsOptions
-from dlstore.seeds import derive_seed
+from dlstore.seeds import seed_for
 from dlstore.spec import RunConfig
 from dlstore.stacks import member_slices
-from dlstore.store.store import Store
+from dlstore.store.writer import StoreWriter
 from dlstore.training.cohort import CohortTrainer, shape_groups
 from dlstore.training.plan import CohortPlan
-
-SHARD_FORMAT = "dlstore-cohort/1"
 
 
 @dataclass
@@ -44,9 +40,9 @@ class CohortResult:
     masks: list[dict] = field(default_factory=list)  # lottery-ticket masks found
 
 
-def build_cohort(zoo: str, runs: list[RunConfig], datas: list[DatasetTensors], store: Store,
-                 device: torch.device, metrics: MetricsOptions,
-                 on_step: Callable[[int], None] | None = None, phase: TicketPhase | None = None
+def build_cohort(zoo: str, runs: list[RunConfig], datas: list[DatasetTensors],
+                 writer: StoreWriter, device: torch.device, metrics: MetricsOptions,
+                 on_step: Callable[[int], None] | None = None, phase: Phase | None = None
                  ) -> CohortResult:
     """Train one cohort, evaluating each checkpoint here while a background thread writes its
     shards to the store; return its rows once every shard they point to is stored. Shared by
@@ -55,23 +51,26 @@ def build_cohort(zoo: str, runs: list[RunConfig], datas: list[DatasetTensors], s
     Only the writing (serialising and hashing, which release the GIL) goes to the background:
     with any torch work on the writer thread too (evaluation, slicing), a 1,000-run CPU build
     took 74-96 s instead of 45 s, its training steps slowed 2-3x by the second thread."""
+    phase = phase or Phase()
     plan = cohort_plan(runs, datas, metrics)
-    if phase is not None:
-        phase.prepare(plan, runs)
+    phase.prepare(plan, runs)
     trainer = CohortTrainer(plan, device, on_step=on_step)
     groups = shape_groups(plan.members)
     # (shard future, step, epoch, alive, members): never the snapshot, whose weights may be on a GPU
     pending: list[tuple] = []
     metric_rows = empty_metric_columns()
     last_step = [-1] * len(runs)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dlstore-writer") as writer:
+    arch_json = runs[0].model.model_dump_json(exclude={"init_seed", "init"})
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dlstore-writer") as background:
         for ck in trainer.run():
             params = {k: v.cpu() for k, v in ck.params.items()}
             for members in groups:
                 tensors = member_slices(params, plan.members[members[0]].init, members)
-                meta = _shard_metadata(zoo, plan, [runs[i] for i in members], tensors, ck.step)
-                pending.append((writer.submit(store.put_shard, tensors, meta), ck.step,
-                                ck.epoch, ck.alive, members))
+                shard = {"zoo": zoo, "step": ck.step, "arch_json": arch_json,
+                         "input_shape": plan.input_shape, "n_classes": plan.n_classes,
+                         "run_ids": [runs[i].run_id for i in members]}
+                pending.append((background.submit(writer.put_cohort_shard, tensors, **shard),
+                                ck.step, ck.epoch, ck.alive, members))
             alive = ck.alive.nonzero().flatten().tolist()
             for i in alive:
                 last_step[i] = ck.step
@@ -84,10 +83,8 @@ def build_cohort(zoo: str, runs: list[RunConfig], datas: list[DatasetTensors], s
     run_rows = [_run_row(run, data, plan, cohort_id, last_step[i], int(trainer.diverged_step[i]),
                          trainer.train_seconds / len(runs), trainer.device)
                 for i, (run, data) in enumerate(zip(runs, datas))]
-    masks: list[dict] = []
-    if phase is not None:
-        checkpoints, metric_rows, run_rows, masks = phase.finish(
-            (checkpoints, metric_rows, run_rows), runs, zoo)
+    checkpoints, metric_rows, run_rows, masks = phase.finish(
+        (checkpoints, metric_rows, run_rows), runs, zoo)
     n_checkpoints = len({step for _, step, *_ in pending})
     return CohortResult(checkpoints, metric_rows, run_rows, n_checkpoints, trainer.train_seconds,
                         masks)
@@ -101,23 +98,6 @@ def _checkpoint_rows(blob: str, step: int, epoch: torch.Tensor, alive: torch.Ten
     return [{"run_id": runs[i].run_id, "step": step, "epoch": float(epoch[i]),
              "blob": blob, "member": position, "dtype": dtype, "n_bytes": n_bytes}
             for position, i in enumerate(members) if alive[i]]
-
-
-def _shard_metadata(zoo: str, plan: CohortPlan, runs: list[RunConfig],
-                    tensors: dict[str, torch.Tensor], step: int) -> dict:
-    """What makes a shard readable without the tables: layout, architecture, members."""
-    layout = [{"name": k, "shape": list(v.shape[1:]),
-               "dtype": str(v.dtype).removeprefix("torch.")} for k, v in tensors.items()]
-    return {
-        "format": SHARD_FORMAT,
-        "zoo": zoo,
-        "step": str(step),
-        "layout": json.dumps(layout),
-        "arch": runs[0].model.model_dump_json(exclude={"init_seed", "init"}),
-        "input_shape": json.dumps(list(plan.input_shape)),
-        "n_classes": str(plan.n_classes),
-        "run_ids": json.dumps([r.run_id for r in runs]),
-    }
 
 
 def _run_row(run: RunConfig, data: DatasetTensors, plan: CohortPlan, cohort_id: str,
@@ -135,10 +115,9 @@ def _run_row(run: RunConfig, data: DatasetTensors, plan: CohortPlan, cohort_id: 
         "momentum": t.momentum if t.optimizer == "sgd" else None,
         "weight_decay": t.weight_decay, "batch_size": t.batch_size, "schedule": t.schedule,
         "epochs": t.epochs, "total_steps": plan.total_steps, "seed": run.seed,
-        "init_seed": run.model.init_seed if run.model.init_seed is not None
-        else derive_seed(run.seed, "init"),
-        "order_seed": t.order_seed if t.order_seed is not None else derive_seed(run.seed, "order"),
-        "noise_seed": d.noise_seed if d.noise_seed is not None else derive_seed(run.seed, "noise"),
+        "init_seed": seed_for(run.model.init_seed, run.seed, "init"),
+        "order_seed": seed_for(t.order_seed, run.seed, "order"),
+        "noise_seed": seed_for(d.noise_seed, run.seed, "noise"),
         "n_classes": data.n_classes, "input_shape": list(data.input_shape),
         "config": json.dumps(run.full(), sort_keys=True),
         "final_step": final_step if final_step >= 0 else None,

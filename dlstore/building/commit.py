@@ -9,7 +9,7 @@ import time
 from dlstore.building.cohort import CohortResult
 from dlstore.interrupts import deferred_interrupts
 from dlstore.metrics.evaluate import empty_metric_columns
-from dlstore.store.store import Store
+from dlstore.store.writer import StoreWriter
 
 
 class Committer:
@@ -17,8 +17,8 @@ class Committer:
     id): fewer, larger table files. A crash loses at most the cohorts since the last commit; a
     rebuild retrains them."""
 
-    def __init__(self, store: Store, every: float):
-        self.store = store
+    def __init__(self, writer: StoreWriter, every: float):
+        self.writer = writer
         self.every = every
         self.last = time.perf_counter()
         self.committed = 0  # runs
@@ -50,14 +50,15 @@ class Committer:
         self._clear()
         if batch[2]:
             with deferred_interrupts():
-                self.store.commit(*batch)
+                self.writer.commit(*batch)
                 self.committed += len(batch[2])
         self.last = time.perf_counter()
 
     def _drop_runs_without_shards(self) -> None:
         """Leave out runs whose shards are gone: removed by gc while this build was stopped for
         longer than its lease lives (leases.py); a rebuild trains them again."""
-        gone = self.store.blobs.missing({row["blob"] for row in [*self.checkpoints, *self.masks]})
+        blobs = {row["blob"] for row in [*self.checkpoints, *self.masks]}
+        gone = self.writer.store.blobs.missing(blobs)
         if not gone:
             return
         lost = {row["run_id"] for row in [*self.checkpoints, *self.masks] if row["blob"] in gone}

@@ -12,14 +12,11 @@ import torch
 from dlstore.architectures.base import init_state
 from dlstore.building.limits import Estimate, check_length, check_memory, estimate_cohorts
 from dlstore.datasets.base import DatasetTensors, run_data
-from dlstore.errors import SpecError, UsageError
-from dlstore.experiments.tickets import (
-    check_transfer_shapes,
-    ticket_phases,
-)
+from dlstore.errors import SpecError
+from dlstore.experiments.base import experiment_for
 from dlstore.metrics.families import MetricsOptions
 from dlstore.metrics.steps import checkpoint_metric_steps
-from dlstore.seeds import derive_seed
+from dlstore.seeds import seed_for
 from dlstore.spec import RunConfig, ZooSpec
 from dlstore.training.device import auto_cohort_size, resolve_device
 from dlstore.training.plan import CohortPlan, MemberPlan
@@ -73,7 +70,7 @@ def _member(run: RunConfig, data: DatasetTensors) -> MemberPlan:
         run_id=run.run_id,
         init=init_state(run.model, data.input_shape, data.n_classes, run.seed),
         y_train=data.y_train,
-        order_seed=t.order_seed if t.order_seed is not None else derive_seed(run.seed, "order"),
+        order_seed=seed_for(t.order_seed, run.seed, "order"),
         lr=t.lr, weight_decay=t.weight_decay, momentum=t.momentum, betas=t.betas, eps=t.eps,
     )
 
@@ -130,23 +127,17 @@ class BuildPlan:
                                 torch.device(self.device))
 
 
-def plan_build(spec: ZooSpec, device: str = "auto", backend: str = "local",
-               shard: tuple[int, int] | None = None, done_ids: frozenset[str] = frozenset(),
-               plan_device: str | None = None) -> BuildPlan:
+def plan_build(spec: ZooSpec, device: str = "auto", shard: tuple[int, int] | None = None,
+               done_ids: frozenset[str] = frozenset(), plan_device: str | None = None) -> BuildPlan:
     """Check everything about `spec` that can be checked without a store (sizes against memory
     first, before any data is generated) and plan the runs not in `done_ids`; cohort sizes are
     chosen for `plan_device` (default: `device` resolved)."""
     dev = resolve_device(device)
-    check_backend(spec, backend, shard)
-    if spec.tickets is not None:
-        phases = ticket_phases(spec)
-        zoo_runs = sum(map(len, phases))
-    else:
-        phases = [list(spec.runs if shard is None else shard_runs(spec.runs, *shard))]
-        zoo_runs = len(spec.runs)
+    experiment = experiment_for(spec)
+    phases = experiment.phases(shard)
+    zoo_runs = experiment.zoo_runs()
     check_memory([r for phase in phases for r in phase], spec.build.cohort_size, dev)
-    if spec.transfer is not None:
-        check_transfer_shapes(spec)
+    experiment.check()
     todo = [[r for r in phase if r.run_id not in done_ids] for phase in phases]
     plan_device = plan_device or str(dev)
     planned = [plan_cohorts(runs, spec.build.cohort_size, device=plan_device, metrics=spec.metrics)
@@ -154,21 +145,6 @@ def plan_build(spec: ZooSpec, device: str = "auto", backend: str = "local",
     steps = [[runs[0].train.total_steps(datas[0].x_train.shape[0]) - runs[0].start_step
               for runs, datas in cohorts] for cohorts in planned]
     return BuildPlan(phases, zoo_runs, frozenset(done_ids), todo, planned, steps, plan_device)
-
-
-def check_backend(spec: ZooSpec, backend: str, shard: tuple[int, int] | None) -> None:
-    """Refuse what a backend cannot build, before anything is created."""
-    if spec.tickets is not None and (backend != "local" or shard is not None):
-        raise UsageError("a [tickets] zoo is built level by level from what the previous level "
-                         "committed: build it with the local backend and no --shard")
-
-
-def shard_runs(runs: list[RunConfig], index: int, count: int) -> list[RunConfig]:
-    """The index-th of `count` contiguous blocks of `runs`: the same runs whatever the store
-    holds, and neighbouring grid points (which share cohorts) stay together."""
-    if not 0 <= index < count:
-        raise SpecError(f"shard {index}/{count}: give I/N with 0 <= I < N")
-    return [r for k, r in enumerate(runs) if k * count // len(runs) == index]
 
 
 Cohorts = list[tuple[list[RunConfig], list[DatasetTensors]]]

@@ -1,8 +1,10 @@
 """Cohorts as Ray tasks: the same build as the local one, fanned out over a cluster.
 
-The driver plans the cohorts exactly as a local build does and commits their rows the same way
-(batched, runs rows last, one commit id per batch); each task opens the store itself, trains one
-cohort with the shared `build_cohort` and writes its shards there. A task that dies (its worker
+The driver plans the cohorts exactly as a local build does, phase by phase, and commits their
+rows the same way (batched, runs rows last, one commit id per batch); each task opens the store
+itself, takes its phase from the experiment (a tickets level reads the masks and rewind weights
+earlier phases committed), trains one cohort with the shared `build_cohort` and writes its
+shards there. A task that dies (its worker
 or node lost) or fails to reach the store is retried; shards are content-addressed, so a retry
 rewrites identical bytes under the same names.
 """
@@ -17,15 +19,17 @@ from dlstore.building.cohort import CohortResult, build_cohort
 from dlstore.building.plan import Cohorts
 from dlstore.building.runners import Runner
 from dlstore.errors import StoreError, UsageError
+from dlstore.experiments.base import Experiment
 from dlstore.metrics.families import MetricsOptions
 from dlstore.spec import RunConfig
 from dlstore.store.store import Store
+from dlstore.store.writer import StoreWriter
 
 RETRIES = 3
 
 
-def cohort_runner(store: Store, device: str, address: str | None, metrics: MetricsOptions
-                  ) -> tuple[Runner, str]:
+def cohort_runner(store: Store, experiment: Experiment, device: str, address: str | None,
+                  metrics: MetricsOptions) -> tuple[Runner, str]:
     """(a runner that yields cohort results as Ray tasks finish, the device the tasks train on).
     Connects to the cluster at `address`, or starts a local Ray instance unless one is up."""
     try:
@@ -44,10 +48,9 @@ def cohort_runner(store: Store, device: str, address: str | None, metrics: Metri
     root = str(store.root)
     options = store.storage_options
 
-    def execute(zoo: str, cohorts: Cohorts, steps: list[int], phase: None,
+    def execute(cohorts: Cohorts, steps: list[int], index: int,
                 progress: Callable[[int], None]) -> Iterator[CohortResult]:
-        assert phase is None, "tickets zoos build locally (build_zoo refuses them here)"
-        pending = {task.remote(root, options, zoo, runs, task_device, metrics): k
+        pending = {task.remote(root, options, experiment, index, runs, task_device, metrics): k
                    for k, (runs, _) in enumerate(cohorts)}
         done = 0
         try:
@@ -65,11 +68,15 @@ def cohort_runner(store: Store, device: str, address: str | None, metrics: Metri
     return execute, task_device
 
 
-def _cohort_task(root: str | Path, storage_options: dict[str, str], zoo: str,
-                 runs: list[RunConfig], device: str, metrics: MetricsOptions) -> CohortResult:
+def _cohort_task(root: str | Path, storage_options: dict[str, str], experiment: Experiment,
+                 index: int, runs: list[RunConfig], device: str, metrics: MetricsOptions
+                 ) -> CohortResult:
     from dlstore.datasets.base import run_data
     from dlstore.training.device import resolve_device
 
-    store = Store(root, storage_options=storage_options)
+    writer = StoreWriter(Store(root, storage_options=storage_options))
     datas = [run_data(r.dataset, r.seed) for r in runs]  # regenerated here: nothing large travels
-    return build_cohort(zoo, runs, datas, store, resolve_device(device), metrics)
+    # the phase reads what earlier phases committed (a tickets level: masks, rewind weights)
+    phase = experiment.phase(index, writer)
+    return build_cohort(experiment.spec.name, runs, datas, writer, resolve_device(device),
+                        metrics, phase=phase)

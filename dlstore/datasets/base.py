@@ -20,7 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from dlstore.errors import SpecError
-from dlstore.seeds import derive_seed
+from dlstore.seeds import seed_for
 
 RUN_LEVEL = frozenset({"n_train", "label_noise", "noise_seed"})
 
@@ -194,8 +194,7 @@ def run_data(options: DatasetOptions, run_seed: int) -> DatasetTensors:
     runs without label noise share one object and its fingerprint. Do not modify them in place."""
     noise_seed = None
     if options.label_noise > 0:
-        noise_seed = (options.noise_seed if options.noise_seed is not None
-                      else derive_seed(run_seed, "noise"))
+        noise_seed = seed_for(options.noise_seed, run_seed, "noise")
     return _run_data(type(options), options.model_dump_json(), noise_seed)
 
 

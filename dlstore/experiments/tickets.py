@@ -17,16 +17,15 @@ conditions. A build becomes phases: phase 0 trains the dense runs, phase k every
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from dlstore.architectures.kernels import kernel_for
 from dlstore.datasets.base import run_data
 from dlstore.errors import SpecError
+from dlstore.experiments.base import Experiment, Phase, shard_runs
 from dlstore.experiments.pruning import (
     Mask,
     density,
@@ -35,13 +34,13 @@ from dlstore.experiments.pruning import (
     random_mask_like,
     tensor_densities,
 )
-from dlstore.metrics.connectivity import interpolation_barrier
-from dlstore.seeds import derive_seed
-from dlstore.spec import RunConfig, ZooSpec, hashed_id
-from dlstore.store.store import Store
+from dlstore.ids import hashed_id
+from dlstore.metrics.groups import record_stability
+from dlstore.seeds import derive_seed, seed_for
+from dlstore.spec import RunConfig, ZooSpec
+from dlstore.store.writer import StoreWriter
 from dlstore.training.plan import CohortPlan
 
-MASK_FORMAT = "dlstore-masks/1"
 BASE = "base"  # the condition of the spec's own runs
 
 
@@ -202,8 +201,7 @@ def _transfers(spec: ZooSpec, target: RunConfig, name: str, ticket_id: str, dens
     controls there."""
     transfer = {"source": ticket_id, "target": name, "config": target.canonical()}
     # the ticket's weights come from the source run: its init seed is the source's
-    source_init = (dense.model.init_seed if dense.model.init_seed is not None
-                   else derive_seed(dense.seed, "init"))
+    source_init = seed_for(dense.model.init_seed, dense.seed, "init")
     base = _fields(target, extra_checkpoints=(),
                    model=target.model.model_copy(update={"init_seed": source_init}))
     run_id = hashed_id(spec.name, {"parent": ticket_id, "level": common["level"],
@@ -233,14 +231,50 @@ def check_transfer_shapes(spec: ZooSpec) -> None:
                     "network")
 
 
-class TicketPhase:
+class Tickets(Experiment):
+    """A tickets zoo: phase 0 trains the dense runs, phase k every run of level k.
+
+    Every run derives from one dense run (`dense_run_id`: its chain's; a dense run is its own),
+    and reads only what runs of that dense run stored. So a shard is a block of the dense runs
+    with every run derived from them, and shards build independently (`--shard`); each phase's
+    cohorts read the store themselves, so they run as Ray tasks too."""
+
+    def __init__(self, spec: ZooSpec):
+        assert spec.tickets is not None
+        super().__init__(spec)
+        self._phases = ticket_phases(spec)
+
+    def phases(self, shard: tuple[int, int] | None = None) -> list[list[RunConfig]]:
+        if shard is None:
+            return [list(phase) for phase in self._phases]
+        dense = {run.run_id for run in shard_runs(self._phases[0], *shard)}
+        return [[run for run in phase
+                 if (getattr(run, "dense_run_id", None) or run.run_id) in dense]
+                for phase in self._phases]
+
+    def zoo_runs(self) -> int:
+        return sum(map(len, self._phases))
+
+    def check(self) -> None:
+        if self.spec.transfer is not None:
+            check_transfer_shapes(self.spec)
+
+    def phase(self, index: int, writer: StoreWriter) -> TicketPhase:
+        return TicketPhase(self.spec, writer)
+
+    def after_phase(self, writer: StoreWriter, phases: list[list[RunConfig]]) -> None:
+        record_stability(writer, stability_pairs(phases))
+
+
+class TicketPhase(Phase):
     """One phase of a tickets build: start weights and masks of its members (read back from the
     store), then the lineage columns and masks rows of what it trained."""
 
-    def __init__(self, spec: ZooSpec, store: Store):
+    def __init__(self, spec: ZooSpec, writer: StoreWriter):
         assert spec.tickets is not None
         self.options = spec.tickets
-        self.store = store
+        self.writer = writer
+        self.store = writer.store
         self._masks: dict[str, Mask] = {}
         self._rewound: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
         self._members: dict[str, Mask | None] = {}
@@ -321,10 +355,9 @@ class TicketPhase:
         for members in groups.values():
             masks = [self._members[run.run_id] for run in members]
             tensors = {k: torch.stack([m[k].cpu() for m in masks]) for k in masks[0]}
-            meta = {"format": MASK_FORMAT, "zoo": zoo,
-                    "mask_ids": json.dumps([run.mask_id for run in members]),
-                    "run_ids": json.dumps([run.run_id for run in members])}
-            blob = self.store.put_shard(tensors, meta)
+            blob = self.writer.put_mask_shard(tensors, zoo=zoo,
+                                              mask_ids=[run.mask_id for run in members],
+                                              run_ids=[run.run_id for run in members])
             for position, (run, mask) in enumerate(zip(members, masks)):
                 rows.append({"mask_id": run.mask_id, "run_id": run.run_id, "level": run.level,
                              "density": density(mask), "rewind_step": run.rewind_step,
@@ -344,54 +377,8 @@ def lineage_columns(run: RunConfig, mask: Mask | None) -> dict[str, Any]:
             "condition": run.condition, "source_run_id": run.source_run_id}
 
 
-def stability_pairs(phases: list[list[RunConfig]]) -> list[tuple[RunConfig, RunConfig]]:
-    """(ticket or dense run, its copy trained from the same weights with another data order)."""
-    by_id = {run.run_id: run for phase in phases for run in phase}
-    return [(by_id[run.sibling_of], run) for phase in phases for run in phase
+def stability_pairs(phases: list[list[RunConfig]]) -> list[tuple[str, str]]:
+    """(ticket or dense run, its copy trained from the same weights with another data order),
+    as run ids."""
+    return [(run.sibling_of, run.run_id) for phase in phases for run in phase
             if isinstance(run, TicketRun) and run.control == "order_copy"]
-
-
-def record_stability(store: Store, pairs: list[tuple[RunConfig, RunConfig]]) -> int:
-    """Error and loss barriers on the test split between each committed pair that has none yet
-    (`group_metrics`, group id `stability-...`); returns the pairs recorded."""
-    if not pairs:
-        return 0
-    present = store.run_ids()
-    recorded = set(store.sql("SELECT DISTINCT group_id FROM group_metrics")["group_id"])
-    todo = [(a, b) for a, b in pairs if a.run_id in present and b.run_id in present
-            and _group_id(a, b) not in recorded]
-    groups: dict[str, list[tuple[RunConfig, RunConfig]]] = {}
-    for a, b in todo:  # pairs that evaluate on the same data with the same network stack
-        key = json.dumps([a.dataset.model_dump(mode="json", exclude={"label_noise", "noise_seed",
-                                                                     "n_train"}),
-                          a.model.model_dump(mode="json", exclude={"init_seed"})])
-        groups.setdefault(key, []).append((a, b))
-    rows: dict[str, list] = {k: [] for k in ("group_id", "zoo", "run_ids", "group_key", "step",
-                                             "metric", "value")}
-    for members in groups.values():
-        data = run_data(members[0][0].dataset, members[0][0].seed)
-        kernel = kernel_for(members[0][0].model, data.input_shape, data.n_classes)
-        states = store.load_state_dicts([(run.run_id, None) for pair in members for run in pair])
-        stack = {side: {k: torch.stack([state[k] for state in states[side::2]])
-                        for k in states[0]} for side in (0, 1)}
-        barrier = interpolation_barrier(kernel.forward_shared, stack[0], stack[1], data.x_test,
-                                        data.y_test)
-        steps = dict(store.sql("SELECT run_id, final_step FROM runs WHERE list_contains(?, "
-                               "run_id)", [[a.run_id for a, _ in members]]).iter_rows())
-        for i, (a, b) in enumerate(members):
-            for metric in ("error_barrier", "loss_barrier"):
-                rows["group_id"].append(_group_id(a, b))
-                rows["zoo"].append(a.zoo)
-                rows["run_ids"].append([a.run_id, b.run_id])
-                # what the pair shares: the ticket's lineage (its copy differs in data order)
-                rows["group_key"].append(json.dumps({"stability_of": a.run_id}))
-                rows["step"].append(steps[a.run_id])
-                rows["metric"].append(f"test_{metric}")  # the names group metrics use
-                rows["value"].append(float(barrier[metric][i]))
-    if todo:
-        store.record_group_metrics(rows)
-    return len(todo)
-
-
-def _group_id(a: RunConfig, b: RunConfig) -> str:
-    return "stability-" + hashed_id("pair", {"runs": [a.run_id, b.run_id]}).removeprefix("pair-")

@@ -11,29 +11,40 @@ skipped, so the command can be rerun after an interruption.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 
-from dlstore.architectures.kernels import kernel_for
-from dlstore.architectures.registry import parse_arch_options
-from dlstore.metrics.evaluate import CheckpointEvaluator, metric_columns
+from dlstore.architectures.registry import run_kernel
+from dlstore.metrics.evaluate import CheckpointEvaluator, empty_metric_columns, metric_columns
+from dlstore.metrics.families import MetricsOptions
 from dlstore.metrics.steps import checkpoint_metric_steps
-from dlstore.spec import ZooSpec
+from dlstore.stacks import stack_labels
 from dlstore.store.store import Store
+from dlstore.store.writer import StoreWriter
 
 
-def missing_checkpoint_metrics(spec: ZooSpec, store: Store) -> dict[tuple[str, int], set[str]]:
-    """(run_id, step) -> the families `spec.metrics` selects there that the store lacks, for the
-    spec's complete or diverged runs in the store."""
-    runs = store.sql("SELECT run_id, total_steps FROM runs WHERE zoo = ?", [spec.name]).to_dicts()
-    wanted_ids = {r.run_id for r in spec.runs}
+class PlannedRun(Protocol):
+    """A run as its spec plans it (`dlstore.spec.RunConfig`): its id and checkpoint steps."""
+
+    run_id: str
+
+    def checkpoint_steps(self, total_steps: int) -> list[int]: ...
+
+
+def missing_checkpoint_metrics(store: Store, zoo: str, planned: Sequence[PlannedRun],
+                               options: MetricsOptions) -> dict[tuple[str, int], set[str]]:
+    """(run_id, step) -> the families `options` selects there that the store lacks, for the
+    `planned` runs of `zoo` that the store holds (complete or diverged)."""
+    runs = store.sql("SELECT run_id, total_steps FROM runs WHERE zoo = ?", [zoo]).to_dicts()
+    wanted_ids = {r.run_id for r in planned}
     total_steps = {r["run_id"]: r["total_steps"] for r in runs if r["run_id"] in wanted_ids}
     present = set(total_steps)
     if not present:
         return {}
     # a metric whose row marks a family as recorded at a (run, step): each family declares it
-    markers = {name: family.marker_name() for name, family in spec.metrics.families}
+    markers = {name: family.marker_name() for name, family in options.families}
     checkpoints = store.sql("SELECT run_id, list(step ORDER BY step) AS steps FROM checkpoints "
                             "WHERE list_contains(?, run_id) GROUP BY run_id",
                             [sorted(present)]).to_dicts()
@@ -41,13 +52,12 @@ def missing_checkpoint_metrics(spec: ZooSpec, store: Store) -> dict[tuple[str, i
         "SELECT DISTINCT run_id, step, metric FROM metrics WHERE list_contains(?, run_id) "
         "AND list_contains(?, metric)",
         [sorted(present), sorted(set(markers.values()))]).to_dicts()}
-    configs = {r.run_id: r for r in spec.runs}
+    configs = {r.run_id: r for r in planned}
     missing: dict[tuple[str, int], set[str]] = {}
     for row in checkpoints:
         # the steps the spec would have saved: `at = "last"` means the run's planned last step
-        run = configs[row["run_id"]]
-        planned = run.checkpoint_steps(total_steps[row["run_id"]])
-        selected = checkpoint_metric_steps(spec.metrics, planned)
+        steps = configs[row["run_id"]].checkpoint_steps(total_steps[row["run_id"]])
+        selected = checkpoint_metric_steps(options, steps)
         for family, marker in markers.items():
             for step in selected[family] & set(row["steps"]):
                 if (row["run_id"], step, marker) not in have:
@@ -55,11 +65,14 @@ def missing_checkpoint_metrics(spec: ZooSpec, store: Store) -> dict[tuple[str, i
     return missing
 
 
-def backfill_checkpoint_metrics(spec: ZooSpec, store: Store, device: str | torch.device = "cpu",
+def backfill_checkpoint_metrics(writer: StoreWriter, zoo: str, planned: Sequence[PlannedRun],
+                                options: MetricsOptions, device: str | torch.device = "cpu",
                                 progress: Callable[[int, int], None] | None = None) -> int:
-    """Compute and append the checkpoint metrics `spec.metrics` selects that the store lacks;
-    returns the number of (run, step) checkpoints that gained metrics."""
-    missing = missing_checkpoint_metrics(spec, store)
+    """Compute and append the checkpoint metrics `options` selects for the `planned` runs of
+    `zoo` that the store lacks; returns the number of (run, step) checkpoints that gained
+    metrics."""
+    store = writer.store
+    missing = missing_checkpoint_metrics(store, zoo, planned, options)
     if not missing:
         return 0
     ids = sorted({run_id for run_id, _ in missing})
@@ -72,23 +85,19 @@ def backfill_checkpoint_metrics(spec: ZooSpec, store: Store, device: str | torch
     done = 0
     for k, ((blob, step), members) in enumerate(shards.items()):
         families = set().union(*(missing[(m["run_id"], step)] for m in members))
-        values = _evaluate(spec, store, blob, step, members, families, torch.device(device))
-        columns = _empty_columns()
+        values = _evaluate(options, store, blob, step, members, families, torch.device(device))
+        columns = empty_metric_columns()
         for family in families:
             keep = [i for i, m in enumerate(members) if family in missing[(m["run_id"], step)]]
-            part = metric_columns(_family_values(values, spec.metrics.get(family)), step,
+            part = metric_columns(_family_values(values, options.get(family)), step,
                                   [members[i]["run_id"] for i in keep], keep)
             for name, items in part.items():
                 columns[name] += items
-        store.add_metrics(columns)
+        writer.add_metrics(columns)
         done += len(members)
         if progress:
             progress(k + 1, len(shards))
     return done
-
-
-def _empty_columns() -> dict[str, list]:
-    return {k: [] for k in ("run_id", "step", "metric", "tensor", "value")}
 
 
 def _family_values(values: dict, family) -> dict:
@@ -99,26 +108,22 @@ def _family_values(values: dict, family) -> dict:
             or (not isinstance(k, tuple) and not family.per_tensor and k in names)}
 
 
-def _evaluate(spec: ZooSpec, store: Store, blob: str, step: int, members: list[dict],
+def _evaluate(options: MetricsOptions, store: Store, blob: str, step: int, members: list[dict],
               families: set[str], device: torch.device) -> dict:
     """Evaluate `families` for the members of one shard at `step`, as the builder would have."""
     params = {k: v.to(device) for k, v in
               store.load_members(blob, [m["member"] for m in members]).items()}
     run = store.run(members[0]["run_id"])
-    config = run["config"]
-    kernel = kernel_for(parse_arch_options(config["model"]), tuple(run["input_shape"]),
-                        run["n_classes"])
+    kernel = run_kernel(run)
     datas = [store.load_dataset(m["run_id"]) for m in members]
-    n_train = torch.tensor([d["x_train"].shape[0] for d in datas], device=device)
+    y_train, n_train = stack_labels([d["y_train"] for d in datas])
     largest = int(n_train.argmax())
-    y_train = torch.zeros((len(members), int(n_train.max())), dtype=torch.long)
-    for i, d in enumerate(datas):
-        y_train[i, :d["y_train"].shape[0]] = d["y_train"]
     evaluator = CheckpointEvaluator(
         kernel, init={}, x_train=datas[largest]["x_train"].to(device),
-        y_train=y_train.to(device), n_train=n_train, x_test=datas[0]["x_test"].to(device),
+        y_train=y_train.to(device), n_train=n_train.to(device),
+        x_test=datas[0]["x_test"].to(device),
         y_test=datas[0]["y_test"].to(device), chunk=1024, n_classes=run["n_classes"],
         shape_groups=[list(range(len(members)))],
-        shapes=[{k: v[0] for k, v in params.items()}], masks={}, options=spec.metrics,
+        shapes=[{k: v[0] for k, v in params.items()}], masks={}, options=options,
         steps={family: {step} for family in families})
     return evaluator(params, step)

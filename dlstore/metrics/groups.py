@@ -26,13 +26,15 @@ from dataclasses import dataclass
 
 import torch
 
-from dlstore.architectures.kernels import kernel_for
-from dlstore.architectures.registry import parse_arch_options
+from dlstore.architectures.registry import run_kernel
+from dlstore.datasets.base import RUN_LEVEL
+from dlstore.ids import hashed_id
 from dlstore.metrics.connectivity import interpolation_barrier, mode_connectivity
 from dlstore.metrics.families import GroupOptions
 from dlstore.metrics.similarity import disagreement, linear_cka
 from dlstore.metrics.steps import selected_steps
 from dlstore.store.store import Store
+from dlstore.store.writer import StoreWriter
 
 GROUP_METRICS = ("train_loss_barrier", "train_error_barrier", "test_loss_barrier",
                  "test_error_barrier", "mode_connectivity", "cka", "disagreement")
@@ -70,12 +72,13 @@ def find_groups(store: Store, zoo: str, run_ids: set[str] | None = None) -> list
     return groups
 
 
-def compute_group_metrics(store: Store, zoo: str, options: GroupOptions,
+def compute_group_metrics(writer: StoreWriter, zoo: str, options: GroupOptions,
                           run_ids: set[str] | None = None, device: str | torch.device = "cpu",
                           progress: Callable[[int, int], None] | None = None) -> int:
     """Record the group metrics of every group of `zoo` at the steps `options.at` selects (among
     the checkpoint steps its members share) that the store does not hold yet. Returns the number
     of (group, step) pairs computed."""
+    store = writer.store
     groups = find_groups(store, zoo, run_ids)
     done = {(r["group_id"], r["step"]) for r in store.sql(
         "SELECT DISTINCT group_id, step FROM _group_metrics WHERE zoo = ?", [zoo]).to_dicts()}
@@ -94,11 +97,11 @@ def compute_group_metrics(store: Store, zoo: str, options: GroupOptions,
                     columns[column].append(item)
             computed += 1
         if (k + 1) % COMMIT_GROUPS == 0:
-            store.record_group_metrics(columns)
+            writer.record_group_metrics(columns)
             columns = _empty_columns()
         if progress:
             progress(k + 1, len(groups))
-    store.record_group_metrics(columns)
+    writer.record_group_metrics(columns)
     return computed
 
 
@@ -121,9 +124,7 @@ def group_metrics_at(store: Store, group: Group, step: int, options: GroupOption
                      device: torch.device) -> dict[str, float]:
     """The group metrics of `group` at `step`, averaged over its first `options.pairs` pairs."""
     first = group.runs[0]
-    config = json.loads(first["config"])
-    kernel = kernel_for(parse_arch_options(config["model"]), tuple(first["input_shape"]),
-                        first["n_classes"])
+    kernel = run_kernel(first)
     states = [store.load_state_dict(r["run_id"], step) for r in group.runs]
     pairs = list(itertools.islice(itertools.combinations(range(len(states)), 2),
                                   options.pairs))
@@ -149,3 +150,57 @@ def group_metrics_at(store: Store, group: Group, step: int, options: GroupOption
                                          kernel.forward_shared(b, data["x_test"])),
         }
     return {name: float(values[name].mean()) for name in GROUP_METRICS}
+
+
+def stability_id(a: str, b: str) -> str:
+    """The group id of the stability pair (run `a`, its copy `b`)."""
+    return "stability-" + hashed_id("pair", {"runs": [a, b]}).removeprefix("pair-")
+
+
+def record_stability(writer: StoreWriter, pairs: list[tuple[str, str]]) -> int:
+    """The instability of networks (Frankle et al. 2020): error and loss barriers on the test
+    split between run `a` and its copy `b`, trained from the same weights with another data
+    order, for each committed pair that has none yet (`group_metrics`, group id
+    `stability-...`, named as the group metrics `test_error_barrier`, `test_loss_barrier`).
+    Returns the pairs recorded."""
+    if not pairs:
+        return 0
+    store = writer.store
+    present = store.run_ids()
+    recorded = set(store.sql("SELECT DISTINCT group_id FROM group_metrics")["group_id"])
+    todo = [(a, b) for a, b in pairs if a in present and b in present
+            and stability_id(a, b) not in recorded]
+    if not todo:
+        return 0
+    runs = {r["run_id"]: r for r in store.sql(
+        "SELECT run_id, zoo, config, input_shape, n_classes, final_step FROM runs "
+        "WHERE list_contains(?, run_id)", [sorted({a for a, _ in todo})]).to_dicts()}
+    batches: dict[str, list[tuple[str, str]]] = {}
+    for a, b in todo:  # pairs that evaluate on the same test split with the same network stack
+        config = json.loads(runs[a]["config"])
+        dataset = {k: v for k, v in config["dataset"].items() if k not in RUN_LEVEL}
+        model = {k: v for k, v in config["model"].items() if k != "init_seed"}
+        batches.setdefault(json.dumps([dataset, model], sort_keys=True), []).append((a, b))
+    columns = _empty_columns()
+    for members in batches.values():
+        first = runs[members[0][0]]
+        kernel = run_kernel(first)
+        data = store.load_dataset(first["run_id"])
+        states = store.load_state_dicts([(run_id, None) for pair in members for run_id in pair])
+        stack = {side: {k: torch.stack([state[k] for state in states[side::2]])
+                        for k in states[0]} for side in (0, 1)}  # [pairs, ...] each
+        with torch.no_grad():
+            barrier = interpolation_barrier(kernel.forward_shared, stack[0], stack[1],
+                                            data["x_test"], data["y_test"])
+        for i, (a, b) in enumerate(members):
+            for metric in ("error_barrier", "loss_barrier"):
+                # what the pair shares: the ticket's lineage (its copy differs in data order)
+                for column, item in (("group_id", stability_id(a, b)), ("zoo", runs[a]["zoo"]),
+                                     ("run_ids", [a, b]),
+                                     ("group_key", json.dumps({"stability_of": a})),
+                                     ("step", runs[a]["final_step"]),
+                                     ("metric", f"test_{metric}"),
+                                     ("value", float(barrier[metric][i]))):
+                    columns[column].append(item)
+    writer.record_group_metrics(columns)
+    return len(todo)

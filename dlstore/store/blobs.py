@@ -33,6 +33,7 @@ from typing import IO, TYPE_CHECKING
 import numpy as np
 
 from dlstore.errors import CorruptBlobError, NotFoundError, StoreError
+from dlstore.store import shards
 from dlstore.store.location import FileInfo, Location, cache_dir
 
 if TYPE_CHECKING:
@@ -193,11 +194,7 @@ class BlobStore:
     def _read_layout(self, blob: str) -> tuple[tuple[tuple[str, tuple[int, ...], str], ...], int]:
         header = self._header(blob)
         tensors = {name: info for name, info in header.items() if name != "__metadata__"}
-        try:
-            recorded = json.loads((header.get("__metadata__") or {}).get("layout", "[]"))
-            order = [t["name"] for t in recorded]
-        except (ValueError, TypeError, KeyError):
-            order = []
+        order = shards.read(header.get("__metadata__") or {}).order or []
         if sorted(order) != sorted(tensors):
             order = list(tensors)
         shapes = [tensors[name]["shape"] for name in order]

@@ -9,7 +9,6 @@ then the runs rows last (`commit`). A run exists for queries only once its runs 
 
 from __future__ import annotations
 
-import datetime as dt
 import inspect
 import json
 import uuid
@@ -33,7 +32,6 @@ from dlstore.errors import (
 )
 from dlstore.store.blobs import BlobStore, MappedShard, as_torch
 from dlstore.store.catalog import Catalog
-from dlstore.store.leases import live_leases
 from dlstore.store.location import open_location
 from dlstore.store.sandbox import check_read_only, one_line
 from dlstore.store.tables import Tables
@@ -283,26 +281,10 @@ class Store:
 
     def load_model(self, run_id: str, step: int | None = None) -> nn.Module:
         """The run's network at `step` (None = last checkpoint), in eval mode, on the CPU."""
-        from dlstore.architectures.registry import parse_arch_options
-        from dlstore.errors import SpecError
-        from dlstore.plugins import HOW_TO_IMPORT, PluginImportError, is_import_path
+        from dlstore.architectures.registry import run_architecture
 
         run = self.run(run_id)
-        config = run["config"]
-        arch = config["model"].get("arch")
-        try:
-            options = parse_arch_options(config["model"])
-        except PluginImportError as e:
-            raise PluginImportError(f"run {run_id}: {e} (load_state_dict needs no plugin)"
-                                    ) from None
-        except SpecError as e:
-            if isinstance(arch, str) and not is_import_path(arch) and "unknown" in str(e):
-                # a name an installed plugin registered, and that plugin is gone
-                raise PluginImportError(
-                    f"run {run_id}: architecture {arch!r} is registered by no installed package "
-                    f"(entry point group dlstore.architectures); {HOW_TO_IMPORT} (load_state_dict "
-                    "needs no plugin)") from None
-            raise
+        options = run_architecture(run)
         model = options.build(tuple(run["input_shape"]), run["n_classes"])
         model.load_state_dict(self.load_state_dict(run_id, step))
         return model.eval()
@@ -476,107 +458,24 @@ class Store:
         self.blobs.map_each(blobs, fill)
         return out
 
-    # -- writing (the builder's side) -----------------------------------------------------
-
-    def check_writable(self) -> None:
-        """StoreError unless shards can be written: checked before a build trains anything."""
-        self.blobs.check_writable()
-
-    def put_shard(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
-        return self.blobs.put(tensors, metadata)
-
-    def commit(self, checkpoints: list[dict], metrics: list[dict] | dict[str, list],
-               runs: list[dict], masks: list[dict] = ()) -> str:
-        """Append checkpoint, metric and mask rows, then the runs rows last, all stamped with one
-        commit id, which is returned. `metrics` may be rows or columns."""
-        commit_id = uuid.uuid4().hex
-        now = dt.datetime.now(dt.timezone.utc)
-        for row in [*checkpoints, *masks]:
-            row["commit_id"] = commit_id
-        for row in runs:
-            row["commit_id"] = commit_id
-            row.setdefault("created_at", now)
-        if isinstance(metrics, dict):
-            metrics = {**metrics, "commit_id": [commit_id] * len(metrics["run_id"])}
-        else:
-            for row in metrics:
-                row["commit_id"] = commit_id
-        self.tables.append("checkpoints", checkpoints)
-        self.tables.append("metrics", metrics)
-        self.tables.append("masks", list(masks))
-        self.tables.append("runs", runs)
-        return commit_id
-
-    def add_metrics(self, columns: dict[str, list]) -> None:
-        """Append metric rows (run_id, step, metric, tensor, value columns) of runs already in
-        the store, in one commit. Each row takes its run's commit id, so the views show it with
-        the run's other rows."""
-        if not columns["run_id"]:
-            return
-        commits = {r["run_id"]: r["commit_id"] for r in self._lookup(
-            "SELECT run_id, commit_id FROM runs WHERE list_contains(?, run_id)",
-            [sorted(set(columns["run_id"]))])}
-        missing = sorted(set(columns["run_id"]) - set(commits))
-        if missing:
-            raise NotFoundError(f"no run {missing[0]!r} in store {self.root}")
-        self.tables.append("metrics", {**columns,
-                                       "commit_id": [commits[r] for r in columns["run_id"]]})
-
-    def record_fit(self, row: dict) -> str:
-        """Append an analysis result to the fits table; returns its fit id. A row whose `label`
-        an earlier fit has replaces that one in the fits view (the table keeps both)."""
-        row = {"fit_id": uuid.uuid4().hex[:16], "created_at": dt.datetime.now(dt.timezone.utc),
-               **row}
-        self.tables.append("fits", [row])
-        return row["fit_id"]
+    # -- edits a user makes (through the writer) ---------------------------------------------
 
     def remove_runs(self, run_ids: list[str], zoo: str | None = None) -> int:
         """Hide runs from every view by one commit of `removed` rows (their shards stay until
         `gc`); `zoo` given: the zoo's spec rows leave the zoos view too. A later rebuild of a
         removed run shows again. Refused while a build of their zoo runs (its lease is live).
         Returns the number of runs removed."""
-        known = {r["run_id"]: r["zoo"] for r in self._lookup(
-            "SELECT run_id, zoo FROM runs WHERE list_contains(?, run_id)", [sorted(set(run_ids))])}
-        missing = sorted(set(run_ids) - set(known))
-        if missing:
-            raise NotFoundError(f"no run {missing[0]!r} in store {self.root}")
-        building = {b.get("zoo") for b in live_leases(self.location)} & {*known.values(), zoo}
-        if building:
-            raise StoreError(f"a build of zoo {sorted(building)[0]!r} is running in this store; "
-                             "remove its runs once it has finished")
-        commit_id = uuid.uuid4().hex
-        now = dt.datetime.now(dt.timezone.utc)
-        rows = [{"run_id": r, "zoo": z, "removed_at": now, "commit_id": commit_id}
-                for r, z in sorted(known.items())]
-        if zoo is not None:
-            rows.append({"run_id": None, "zoo": zoo, "removed_at": now, "commit_id": commit_id})
-        self.tables.append("removed", rows)
-        return len(known)
+        from dlstore.store.writer import StoreWriter
+
+        return StoreWriter(self).remove_runs(run_ids, zoo)
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         """Tag a run (`{key: value}`; the latest value of a key wins, "" removes the key), in
         one commit; the runs view shows them as its `tags` map."""
-        self.run(run_id)  # NotFoundError for an unknown run
-        now = dt.datetime.now(dt.timezone.utc)
-        self.tables.append("tags", [{"run_id": run_id, "key": k, "value": v, "created_at": now}
-                                    for k, v in tags.items()])
+        from dlstore.store.writer import StoreWriter
 
-    def record_group_metrics(self, columns: dict[str, list]) -> None:
-        """Append group metric rows (columns of the group_metrics table but created_at) in one
-        commit: a group's rows appear together or not at all."""
-        if columns["group_id"]:
-            now = dt.datetime.now(dt.timezone.utc)
-            self.tables.append("group_metrics",
-                               {**columns, "created_at": [now] * len(columns["group_id"])})
+        StoreWriter(self).set_tags(run_id, tags)
 
-    def record_zoo(self, row: dict) -> bool:
-        """Add a zoos row unless this exact spec text is already recorded for the zoo."""
-        seen = self._lookup("SELECT 1 FROM zoos WHERE zoo = ? AND spec_hash = ?",
-                            [row["zoo"], row["spec_hash"]])
-        if seen:
-            return False
-        self.tables.append("zoos", [{"created_at": dt.datetime.now(dt.timezone.utc), **row}])
-        return True
 
 @dataclass
 class _WeightRows:

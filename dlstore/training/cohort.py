@@ -33,7 +33,7 @@ import torch
 from dlstore.architectures.kernels import kernel_for
 from dlstore.metrics.evaluate import CheckpointEvaluator
 from dlstore.metrics.steps import checkpoint_metric_steps
-from dlstore.stacks import Params, pad_stack
+from dlstore.stacks import Params, pad_stack, stack_labels
 from dlstore.training.device import resolve_device
 from dlstore.training.optim import StackedOptimizer
 from dlstore.training.plan import CohortPlan, MemberPlan
@@ -102,13 +102,15 @@ class CohortTrainer:
         n_members = len(members)
 
         names = list(members[0].init)
+        axes = plan.arch.padded_axes({k: tuple(v.shape) for k, v in members[0].init.items()}) or {}
         params, masks = {}, {}
         for k in names:
-            stacked, mask = pad_stack([m.init[k] for m in members])
+            stacked, mask = pad_stack([m.init[k] for m in members], axes.get(k, ()))
             if any(m.mask is not None and k in m.mask for m in members):
                 # the pruning masks, zero-padded like the weights: one mask for both
                 mask = pad_stack([m.mask[k].to(m.init[k].dtype) if m.mask and k in m.mask
-                                  else torch.ones_like(m.init[k]) for m in members])[0]
+                                  else torch.ones_like(m.init[k]) for m in members],
+                                 axes.get(k, ()))[0]
                 stacked.mul_(mask)
             params[k] = stacked.to(dev)
             if mask is not None:
@@ -116,11 +118,8 @@ class CohortTrainer:
         init = {k: v.clone() for k, v in params.items()}
         optimizer = StackedOptimizer(plan.optimizer, members, dev)
 
-        n_train = torch.tensor([m.n_train for m in members], device=dev)
-        y_train = torch.zeros((n_members, int(n_train.max())), dtype=torch.long)
-        for i, m in enumerate(members):
-            y_train[i, :m.n_train] = m.y_train
-        y_train = y_train.to(dev)
+        y_train, n_train = stack_labels([m.y_train[:m.n_train] for m in members])
+        y_train, n_train = y_train.to(dev), n_train.to(dev)
         x_train = plan.x_train[:int(n_train.max())].to(dev)
         x_test, y_test = plan.x_test.to(dev), plan.y_test.to(dev)
         sampler = CohortSampler(members, plan.batch_size, dev, plan.start_step)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from dlstore.architectures.base import init_state
 from dlstore.datasets.base import DatasetTensors
-from dlstore.seeds import derive_seed
+from dlstore.seeds import seed_for
 from dlstore.spec import RunConfig
 from dlstore.training.schedule import BatchOrder, lr_factor
 
@@ -48,9 +48,7 @@ def train_reference(run: RunConfig, data: DatasetTensors, device: str | torch.de
                    weight_decay=train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda t: lr_factor(train.schedule, start + t, total))
-    order_seed = train.order_seed if train.order_seed is not None else derive_seed(run.seed,
-                                                                                   "order")
-    order = BatchOrder(order_seed, n_train, train.batch_size)
+    order = BatchOrder(seed_for(train.order_seed, run.seed, "order"), n_train, train.batch_size)
     order.skip_to(start)
     x, y = data.x_train.to(device), data.y_train.to(device)
     states = {}
