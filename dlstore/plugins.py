@@ -44,6 +44,21 @@ def clear_cache() -> None:
     _import_path.cache_clear()
 
 
+def registrar(builtins: dict, kind: str):
+    """The class decorator `@register_<kind>(name)` that adds a built-in to `builtins`; a name
+    registered twice is a programming error."""
+    def register(name: str):
+        def add(cls: type) -> type:
+            if name in builtins:
+                raise ValueError(f"{kind} {name!r} is already registered")
+            builtins[name] = cls
+            return cls
+
+        return add
+
+    return register
+
+
 def known_names(kind: str, builtins: dict) -> list[str]:
     return sorted(set(builtins) | set(_entry_points(GROUPS[kind])))
 
@@ -86,3 +101,26 @@ def _import_path(path: str, field: str) -> object:
         return functools.reduce(getattr, attribute.split("."), module)
     except AttributeError:
         raise SpecError(f"{field}: module {module_name!r} has no {attribute!r}") from None
+
+
+def parse_table(kind: str, raw: object, section: str, key: str, builtins: dict, base: type):
+    """Validate a spec's table (`[section]`) against the options of the class its `key` names
+    (a built-in's or an entry point's name, or an import path `package.module:Class`), naming
+    bad fields in one line."""
+    from pydantic import ValidationError
+
+    from dlstore.errors import format_validation_error
+
+    if not isinstance(raw, dict):
+        raise SpecError(f"{section}: expected a table, got {type(raw).__name__}")
+    name = raw.get(key)
+    if name is None:
+        raise SpecError(f"{section}.{key}: missing; known {kind}s: "
+                        f"{', '.join(known_names(kind, builtins))}")
+    if not isinstance(name, str):
+        raise SpecError(f"{section}.{key}: expected a name or an import path, got {name!r}")
+    cls = resolve(kind, name, builtins, base, f"{section}.{key}")
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as e:
+        raise SpecError(format_validation_error(e, section)) from None

@@ -3,7 +3,7 @@ allocated; the sizes behind that check, and the dry run's estimates, match what 
 
 import pytest
 
-from dlstore.architectures.base import ArchOptions
+from dlstore.architectures.base import Architecture
 from dlstore.architectures.registry import parse_arch_options
 from dlstore.building.plan import plan_build
 from dlstore.errors import SpecError
@@ -23,7 +23,7 @@ from tests.conftest import TINY_SPEC
 def test_counted_sizes_match_the_built_network(raw, input_shape, n_classes):
     options = parse_arch_options(raw)
     counted = options.size(input_shape, n_classes)
-    built = ArchOptions.size(options, input_shape, n_classes)  # the module, built and run
+    built = Architecture.size(options, input_shape, n_classes)  # the module, built and run
     assert (counted.params, counted.activations) == (built.params, built.activations)
 
 

@@ -145,18 +145,20 @@ class Architecture(BaseModel):
         return SizeEstimate(params, activation_units(self, input_shape, n_classes), params)
 
 
-ArchOptions = Architecture  # the name this base had before plugins
+class LayerChain(Architecture):
+    """An architecture whose state dict is a chain of layers, each a weight then a bias, hidden
+    units (or channels, flattened channel-major) first on every axis: the MLP and the 1-D CNN.
+    For such a chain the optional properties follow from the state dict alone."""
 
+    def padded_axes(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        return every_axis(shapes)
 
+    def prunable_tensors(self, state: dict[str, torch.Tensor]) -> list[str]:
+        return weight_tensors(state)
 
-
-
-
-
-
-
-
-
+    def permutation_symmetries(self, shapes: dict[str, tuple[int, ...]]
+                               ) -> list[tuple[tuple[str, ...], str]]:
+        return chain_symmetries(shapes)
 
 
 def weight_tensors(state: dict[str, torch.Tensor]) -> list[str]:

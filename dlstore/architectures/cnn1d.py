@@ -12,11 +12,8 @@ from torch import nn
 from dlstore.architectures.base import (
     ACTIVATIONS,
     Activation,
-    Architecture,
+    LayerChain,
     SizeEstimate,
-    chain_symmetries,
-    every_axis,
-    weight_tensors,
 )
 from dlstore.architectures.registry import register_arch
 from dlstore.errors import SpecError
@@ -53,7 +50,7 @@ class CNN1d(nn.Module):
 
 
 @register_arch("cnn1d")
-class CNN1dOptions(Architecture):
+class CNN1dOptions(LayerChain):
     arch: Literal["cnn1d"]
     width: int = Field(default=32, ge=1, description="channels of every convolution")
     depth: int = Field(default=3, ge=1, description="number of convolution layers")
@@ -63,15 +60,6 @@ class CNN1dOptions(Architecture):
 
     def classifier_layer(self) -> str:
         return "out"
-
-    def padded_axes(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-        return every_axis(shapes)
-
-    def prunable_tensors(self, state: dict[str, torch.Tensor]) -> list[str]:
-        return weight_tensors(state)
-
-    def permutation_symmetries(self, shapes: dict[str, tuple[int, ...]]):
-        return chain_symmetries(shapes)
 
     def build(self, input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
         in_channels, length = _sequence_shape(input_shape)

@@ -15,11 +15,8 @@ from torch import nn
 from dlstore.architectures.base import (
     ACTIVATIONS,
     Activation,
-    Architecture,
+    LayerChain,
     SizeEstimate,
-    chain_symmetries,
-    every_axis,
-    weight_tensors,
 )
 from dlstore.architectures.registry import register_arch
 from dlstore.stacks import Params
@@ -48,7 +45,7 @@ class MLP(nn.Module):
 
 
 @register_arch("mlp")
-class MLPOptions(Architecture):
+class MLPOptions(LayerChain):
     arch: Literal["mlp"]
     width: int = Field(default=64, ge=1, description="units per hidden layer")
     depth: int = Field(default=2, ge=0, description="number of hidden layers")
@@ -60,15 +57,6 @@ class MLPOptions(Architecture):
 
     def classifier_layer(self) -> str:
         return f"layers.{self.depth}"
-
-    def padded_axes(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-        return every_axis(shapes)
-
-    def prunable_tensors(self, state: dict[str, torch.Tensor]) -> list[str]:
-        return weight_tensors(state)
-
-    def permutation_symmetries(self, shapes: dict[str, tuple[int, ...]]):
-        return chain_symmetries(shapes)
 
     def cohort_kernel(self, input_shape: tuple[int, ...], n_classes: int):
         # batched matmuls written out: several times faster than vmap on a CPU

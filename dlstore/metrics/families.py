@@ -15,13 +15,13 @@ family: it is computed after a build, from the store, over pairs of runs, and st
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from dlstore import plugins
 from dlstore.errors import SpecError, format_validation_error
 from dlstore.metrics.collapse import COLLAPSE
 from dlstore.metrics.spectra import SPECTRA
@@ -72,12 +72,7 @@ class MetricFamily(BaseModel):
 METRIC_FAMILIES: dict[str, type[MetricFamily]] = {}
 
 
-def register_family(name: str) -> Callable[[type[MetricFamily]], type[MetricFamily]]:
-    def add(cls: type[MetricFamily]) -> type[MetricFamily]:
-        METRIC_FAMILIES[name] = cls
-        return cls
-
-    return add
+register_family = plugins.registrar(METRIC_FAMILIES, "metric family")
 
 
 class _CheapPerTensor(MetricFamily):
