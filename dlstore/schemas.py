@@ -22,7 +22,7 @@ ZOOS = pa.schema([
 RUNS = pa.schema([
     ("run_id", pa.string()),
     ("zoo", pa.string()),
-    ("status", pa.string()),        # complete | diverged
+    ("status", pa.string()),        # complete | diverged; tracked: running | complete | failed
     ("arch", pa.string()),
     ("dataset", pa.string()),
     ("width", pa.int64()),
@@ -145,6 +145,17 @@ TAGS = pa.schema([
     ("created_at", TS),
 ])
 
+# Status updates of tracked runs (`Store.track`): running (with a heartbeat at every flush),
+# then complete | failed. The runs view shows each run's latest; a `running` update older than
+# the tracker's stale age shows as `died`.
+RUN_UPDATES = pa.schema([
+    ("run_id", pa.string()),
+    ("status", pa.string()),        # running | complete | failed
+    ("final_step", pa.int64()),     # the last step logged so far
+    ("error", pa.string()),         # failed: the exception's type and text
+    ("created_at", TS),
+])
+
 TABLES: dict[str, pa.Schema] = {
     "zoos": ZOOS,
     "runs": RUNS,
@@ -155,6 +166,7 @@ TABLES: dict[str, pa.Schema] = {
     "group_metrics": GROUP_METRICS,
     "removed": REMOVED,
     "tags": TAGS,
+    "run_updates": RUN_UPDATES,
 }
 
 # Run columns that describe what was trained: joined onto metric rows by the `final` and

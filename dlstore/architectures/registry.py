@@ -8,7 +8,7 @@ import json
 
 from dlstore import plugins
 from dlstore.architectures.base import Architecture
-from dlstore.errors import SpecError
+from dlstore.errors import NotFoundError, SpecError
 
 ARCHS: dict[str, type[Architecture]] = {}
 register_arch = plugins.registrar(ARCHS, "architecture")
@@ -25,6 +25,12 @@ def run_architecture(run: dict) -> Architecture:
     text). A plugin that is no longer importable is one line naming it; its weights stay
     readable without it (`load_state_dict`)."""
     config = json.loads(run["config"]) if isinstance(run["config"], str) else run["config"]
+    if not isinstance(config.get("model"), dict) or not run.get("input_shape") or not run.get(
+            "n_classes"):
+        raise NotFoundError(f"run {run['run_id']} records no architecture dlstore can build (a "
+                            "tracked run needs `model = {arch = ...}`, `input_shape` and "
+                            "`n_classes` in its config); load_state_dict gives its weights, "
+                            "load_model(run_id, step, module=MyNet()) loads them into yours")
     name = config["model"].get("arch")
     try:
         return parse_arch_options(config["model"])

@@ -23,6 +23,9 @@ _HYPER = ", ".join(f"r.{c}" for c in HYPERPARAMETER_COLUMNS)
 _GROUP_HYPER = ", ".join(f"r.{c}" for c in HYPERPARAMETER_COLUMNS
                          if c not in ("run_id", "zoo", "status", "seed"))
 
+# a tracked run whose latest `running` update (its heartbeat) is older than this has died
+STALE_SECONDS = 180.0
+
 # Raw tables are `_<name>`; user-facing views hide rows of commits whose runs row never landed.
 VIEWS = {
     # concurrent builders of one spec may each record it: show the first
@@ -53,9 +56,17 @@ VIEWS = {
                               AND x.removed_at >= t.created_at))
         WHERE _rank = 1 AND value <> ''""",
     # the first runs row of each run that `dlstore rm` has not hidden (a rebuild after a removal
-    # writes a later row, which shows), with its tags as a map (tags['note'])
-    "runs": """
-        SELECT u.* EXCLUDE (_rank), coalesce(t.tags, MAP {}::MAP(VARCHAR, VARCHAR)) AS tags
+    # writes a later row, which shows), with its tags as a map (tags['note']); a tracked run's
+    # status and final step are its latest update's, and a `running` one whose heartbeat is
+    # older than STALE_SECONDS shows as `died`
+    "runs": f"""
+        SELECT u.* EXCLUDE (_rank) REPLACE (
+                   CASE WHEN s.status = 'running'
+                             AND s.updated_at < now() - INTERVAL {int(STALE_SECONDS)} SECOND
+                        THEN 'died' ELSE coalesce(s.status, u.status) END AS status,
+                   coalesce(s.final_step, u.final_step) AS final_step),
+               s.error, s.updated_at,
+               coalesce(t.tags, MAP {{}}::MAP(VARCHAR, VARCHAR)) AS tags
         FROM (
             SELECT *, row_number() OVER (PARTITION BY run_id ORDER BY created_at, commit_id)
                 AS _rank
@@ -64,6 +75,11 @@ VIEWS = {
                               AND x.removed_at >= r.created_at)) u
         LEFT JOIN (SELECT run_id, map_from_entries(list((key, value) ORDER BY key)) AS tags
                    FROM tags GROUP BY run_id) t ON t.run_id = u.run_id
+        LEFT JOIN (SELECT run_id, arg_max(status, created_at) AS status,
+                          arg_max(final_step, created_at) FILTER (WHERE final_step IS NOT NULL)
+                              AS final_step,
+                          arg_max(error, created_at) AS error, max(created_at) AS updated_at
+                   FROM _run_updates GROUP BY run_id) s ON s.run_id = u.run_id
         WHERE u._rank = 1""",
     "checkpoints": """
         SELECT c.* EXCLUDE (commit_id) FROM _checkpoints c

@@ -178,9 +178,12 @@ class Store:
     def checkpoint(self, run_id: str, step: int | None = None) -> dict:
         """The checkpoints row of (run_id, step); step None = the run's last checkpoint."""
         # one query when the checkpoint exists; the run is looked up only to say why not
+        # step None: the checkpoint at the run's final step, else (a tracked run that logged
+        # past its last checkpoint) its last one
         rows = self._lookup(
             "SELECT c.* FROM checkpoints c JOIN runs r USING (run_id) WHERE c.run_id = ? "
-            "AND c.step = coalesce(?, r.final_step)", [run_id, step])
+            "AND (c.step = ? OR ? IS NULL) ORDER BY c.step = r.final_step DESC, c.step DESC "
+            "LIMIT 1", [run_id, step, step])
         if rows:
             return rows[0]
         run = self.run(run_id)  # NotFoundError for an unknown run
@@ -279,14 +282,26 @@ class Store:
         return {m: self.blobs.read_member(where[m]["blob"], where[m]["member"])
                 for m in mask_ids}
 
-    def load_model(self, run_id: str, step: int | None = None) -> nn.Module:
-        """The run's network at `step` (None = last checkpoint), in eval mode, on the CPU."""
+    def load_model(self, run_id: str, step: int | None = None,
+                   module: nn.Module | None = None) -> nn.Module:
+        """The run's network at `step` (None = last checkpoint), in eval mode, on the CPU:
+        rebuilt from its architecture, or the weights loaded into `module` (a tracked run whose
+        network dlstore cannot build: pass an instance of your own class)."""
         from dlstore.architectures.registry import run_architecture
 
-        run = self.run(run_id)
-        options = run_architecture(run)
-        model = options.build(tuple(run["input_shape"]), run["n_classes"])
-        model.load_state_dict(self.load_state_dict(run_id, step))
+        if module is None:
+            run = self.run(run_id)
+            model = run_architecture(run).build(tuple(run["input_shape"]), run["n_classes"])
+        else:
+            model = module
+        state = self.load_state_dict(run_id, step)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            first = " ".join(str(e).split())[:300]
+            whose = "the module given" if module is not None else "the network its config builds"
+            raise DataMismatchError(f"run {run_id}: its weights do not fit {whose} ({first})"
+                                    ) from None
         return model.eval()
 
     def load_dataset(self, run_id: str) -> dict[str, torch.Tensor]:
@@ -458,6 +473,20 @@ class Store:
         self.blobs.map_each(blobs, fill)
         return out
 
+    # -- a user's own training loop ----------------------------------------------------------
+
+    def track(self, zoo: str, config: dict | None = None, *, run_id: str | None = None,
+              resume: bool = False, flush_every: float = 5.0, flush_rows: int = 10_000):
+        """Log a run of your own loop into this store: `with store.track(zoo, config) as run:
+        run.log(step, name=value, ...); run.save(step, model)`. Its id is a hash of zoo and
+        config unless `run_id` is given; `resume=True` continues a run the store holds. Rows
+        are appended every `flush_every` seconds or `flush_rows` rows (see
+        `dlstore.store.tracking`)."""
+        from dlstore.store.tracking import TrackedRun
+
+        return TrackedRun(self, zoo, config, run_id=run_id, resume=resume,
+                          flush_every=flush_every, flush_rows=flush_rows)
+
     # -- edits a user makes (through the writer) ---------------------------------------------
 
     def remove_runs(self, run_ids: list[str], zoo: str | None = None) -> int:
@@ -529,9 +558,10 @@ def _mixed_layouts(layouts: list[Layout], layout_of_row: list[int], keys: pl.Dat
 
 
 def open(path: str | Path,  # noqa: A001 - mirrors dlstore.open
-         storage_options: dict[str, str] | None = None) -> Store:
-    """Open the store at a local path or object-store URI (StoreError if there is none)."""
-    return Store(path, storage_options=storage_options)
+         storage_options: dict[str, str] | None = None, create: bool = False) -> Store:
+    """Open the store at a local path or object-store URI (StoreError if there is none, unless
+    `create`)."""
+    return Store(path, create=create, storage_options=storage_options)
 
 
 def _outside_caller(frame):

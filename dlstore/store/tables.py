@@ -14,10 +14,12 @@ need a migration step.
 from __future__ import annotations
 
 import json
+import random
 import re
+import time
 
 import pyarrow as pa
-from deltalake import DeltaTable, Schema, write_deltalake
+from deltalake import CommitProperties, DeltaTable, Schema, write_deltalake
 from deltalake.exceptions import DeltaError, TableNotFoundError
 
 from dlstore.errors import StoreError
@@ -30,6 +32,7 @@ _CHECKPOINT = re.compile(r"^(\d{20})\.checkpoint(\.\d+\.\d+)?\.parquet$")
 # a lost newest log entry (deleted, or emptied and then removed) is found, not read as an
 # older table
 HEADS = "heads"
+APPEND_ATTEMPTS = 5  # rounds of deltalake's own commit retries
 
 
 class Tables:
@@ -92,12 +95,21 @@ class Tables:
         self._ensure_schema(name)
         self.check_log(name)
         self.location.check_space(table.nbytes, f"appending to table {name!r}")
-        try:
-            write_deltalake(self.path(name), table, mode="append",
-                            storage_options=self.options)
-        except (DeltaError, OSError) as e:
-            raise StoreError(f"cannot append to table {name!r} at {self.path(name)}: "
-                             f"{_first_line(e)}") from None
+        for attempt in range(APPEND_ATTEMPTS):
+            try:
+                # appends never conflict with each other: deltalake retries a commit whose
+                # version another writer took; many writers at once (a job array of tracked
+                # runs) can use up its retries, so a few more rounds start after a random pause
+                write_deltalake(self.path(name), table, mode="append",
+                                storage_options=self.options,
+                                commit_properties=CommitProperties(max_commit_retries=100))
+                break
+            except (DeltaError, OSError) as e:
+                if attempt + 1 < APPEND_ATTEMPTS and "Failed to commit transaction" in str(e):
+                    time.sleep(random.uniform(0.05, 0.5))
+                    continue
+                raise StoreError(f"cannot append to table {name!r} at {self.path(name)}: "
+                                 f"{_first_line(e)}") from None
         self._raise_head(name)
 
     # -- the log: damage found before deltalake reads it ----------------------------------

@@ -46,11 +46,25 @@ class StoreWriter:
         """Store lottery-ticket masks ([P, ...] 0/1 each); returns the shard's hash."""
         return self.store.blobs.put(tensors, shards.mask_metadata(zoo, mask_ids, run_ids))
 
+    @staticmethod
+    def new_commit_id() -> str:
+        return uuid.uuid4().hex
+
+    def append_runs(self, runs: list[dict]) -> None:
+        """Runs rows on their own (a tracked run's, written when it starts): what they list
+        is visible from now on, under each row's commit id."""
+        self.store.tables.append("runs", runs)
+
+    def append_rows(self, table: str, rows: list[dict] | dict[str, list]) -> None:
+        """Rows of a run already in the store, carrying its commit id (a tracked run's
+        checkpoints, metrics and status updates); nothing when there are none."""
+        self.store.tables.append(table, rows)
+
     def commit(self, checkpoints: list[dict], metrics: list[dict] | dict[str, list],
                runs: list[dict], masks: list[dict] = ()) -> str:
         """Append checkpoint, metric and mask rows, then the runs rows last, all stamped with one
         commit id, which is returned. `metrics` may be rows or columns."""
-        commit_id = uuid.uuid4().hex
+        commit_id = self.new_commit_id()
         now = dt.datetime.now(dt.timezone.utc)
         for row in [*checkpoints, *masks]:
             row["commit_id"] = commit_id

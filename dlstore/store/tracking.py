@@ -1,0 +1,329 @@
+"""Runs from a user's own training loop, logged into the store as rows of the same tables.
+
+    with store.track(zoo="my-sweep", config={"lr": 0.1, "width": 64, "seed": 0}) as run:
+        for step in range(steps):
+            run.log(step, train_loss=loss, test_acc=acc)     # buffered
+            if step % 500 == 0:
+                run.save(step, model)                        # a shard now, its row at the flush
+
+`track` writes the run's runs row at once (status `running`) and holds a lease, so that `gc`
+spares the shards the run has written before their rows land. Metric and checkpoint rows are
+buffered and appended under the run's commit id by a flush: every `flush_every` seconds, every
+`flush_rows` rows, at `run.flush()` and at the end, so a process killed outright loses at most
+the rows of the last few seconds. Each flush (and, when nothing was logged, a heartbeat every
+`HEARTBEAT_SECONDS`) appends a `run_updates` row; the runs view shows a run whose latest update
+says `running` and is older than `catalog.STALE_SECONDS` (3 minutes) as `died`. On a clean exit
+the run is `complete`, on an exception `failed` with the error's text.
+
+A run's id is a hash of its zoo and config unless given; tracking a run that exists is refused
+unless `resume=True`, which continues it: values at steps it already holds are skipped, so a loop
+restarted from its last checkpoint does not log them twice.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import threading
+import time
+import warnings
+from typing import TYPE_CHECKING, Any
+
+from dlstore.errors import DlstoreError
+from dlstore.ids import hashed_id
+from dlstore.schemas import HYPERPARAMETER_COLUMNS, RUNS
+from dlstore.store.leases import BuildLease
+from dlstore.store.writer import StoreWriter
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from dlstore.store.store import Store
+
+FLUSH_SECONDS = 5.0
+FLUSH_ROWS = 10_000
+HEARTBEAT_SECONDS = 60.0
+# names a metric may not take: the columns beside metric values in the views (metrics_wide
+# pivots metric names into columns next to these)
+RESERVED = frozenset(HYPERPARAMETER_COLUMNS) | {"step", "epoch", "metric", "tensor", "value"}
+# the typed runs columns a config key fills when its value has the column's type
+_TYPED = {name: RUNS.field(name).type for name in (
+    "arch", "dataset", "width", "depth", "n_params", "n_train", "label_noise", "optimizer", "lr",
+    "momentum", "weight_decay", "batch_size", "schedule", "epochs", "total_steps", "seed",
+    "n_classes")}
+
+
+class TrackingError(DlstoreError):
+    """Bad use of a tracked run: one line, nothing written."""
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def typed_columns(config: dict[str, Any]) -> dict[str, Any]:
+    """The runs columns a config fills: its top-level keys (and those of its `model`,
+    `dataset`, `train` tables) that name a typed column and hold a value of its type."""
+    import pyarrow as pa
+
+    found: dict[str, Any] = {}
+    tables = [config] + [config[k] for k in ("model", "dataset", "train")
+                         if isinstance(config.get(k), dict)]
+    for table in tables:
+        for key, value in table.items():
+            kind = _TYPED.get(key)
+            if kind is None or key in found or isinstance(value, bool) or value is None:
+                continue
+            if pa.types.is_integer(kind) and isinstance(value, int):
+                found[key] = value
+            elif pa.types.is_floating(kind) and isinstance(value, (int, float)):
+                found[key] = float(value)
+            elif pa.types.is_string(kind) and isinstance(value, str):
+                found[key] = value
+    if isinstance(config.get("model"), dict) and isinstance(config["model"].get("arch"), str):
+        found.setdefault("arch", config["model"]["arch"])
+    if isinstance(config.get("dataset"), dict) and isinstance(config["dataset"].get("name"), str):
+        found.setdefault("dataset", config["dataset"]["name"])
+    return found
+
+
+class TrackedRun:
+    """One run of a user's loop: `log` metrics, `save` checkpoints; close it (or leave the
+    `with` block) to mark it complete. Thread-safe; a background thread flushes."""
+
+    def __init__(self, store: Store, zoo: str, config: dict[str, Any] | None, *,
+                 run_id: str | None = None, resume: bool = False,
+                 flush_every: float = FLUSH_SECONDS, flush_rows: int = FLUSH_ROWS):
+        config = dict(config or {})
+        try:
+            config_json = json.dumps(config, sort_keys=True, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise TrackingError(f"track: the config is not JSON-serialisable ({e}); give "
+                                "numbers, strings, booleans, lists and tables") from None
+        if not isinstance(zoo, str) or not zoo:
+            raise TrackingError("track: give the run's zoo as a non-empty string")
+        self.store = store
+        self.writer = StoreWriter(store)
+        self.writer.check_writable()
+        self.zoo = zoo
+        self.config = config
+        self.id = run_id or hashed_id(zoo, {"config": json.loads(config_json)})
+        self.flush_every, self.flush_rows = flush_every, flush_rows
+        self._lock = threading.RLock()
+        self._metrics: dict[str, list] = {k: [] for k in
+                                          ("run_id", "step", "metric", "tensor", "value")}
+        self._checkpoints: list[dict] = []
+        self._last: dict[str, int] = {}  # metric -> last step logged (stored or buffered)
+        self._last_step = -1  # the latest step of any call
+        self._saved: dict[int, str] = {}
+        self._shapes: dict[str, tuple[int, ...]] | None = None
+        self._warned: set[str] = set()
+        self._final_step: int | None = None
+        self._stored: dict[str, int] = {}  # what a resumed run held: metric -> last step
+        self._stored_checkpoint = -1
+        self._closed = False
+        self._flushed_at = self._beat_at = time.monotonic()
+        existing = store.sql("SELECT commit_id, status, final_step, zoo FROM runs "
+                             "WHERE run_id = ?", [self.id]).to_dicts()
+        self._lease = BuildLease(store.location, zoo).__enter__()
+        try:
+            if existing:
+                self._resume(existing[0], resume)
+            else:
+                self._create(config_json)
+        except BaseException:
+            self._lease.__exit__(None, None, None)
+            raise
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._background, name="dlstore-track",
+                                        daemon=True)
+        self._thread.start()
+
+    # -- start ------------------------------------------------------------------------------
+
+    def _create(self, config_json: str) -> None:
+        import dlstore
+
+        self.commit_id = self.writer.new_commit_id()
+        shape = self.config.get("input_shape")
+        row = {"run_id": self.id, "zoo": self.zoo, "status": "running", "config": config_json,
+               **typed_columns(self.config),
+               "input_shape": list(shape) if isinstance(shape, (list, tuple)) else None,
+               "commit_id": self.commit_id, "created_at": _now(),
+               "dlstore_version": dlstore.__version__}
+        self.writer.append_runs([row])
+        self._update("running")
+
+    def _resume(self, row: dict, resume: bool) -> None:
+        if not resume:
+            raise TrackingError(f"track: run {self.id} is already in the store (status "
+                                f"{row['status']}); pass resume=True to continue it, or another "
+                                "config or run_id for a new run")
+        if row["zoo"] != self.zoo:
+            raise TrackingError(f"track: run {self.id} belongs to zoo {row['zoo']!r}, not "
+                                f"{self.zoo!r}")
+        self.commit_id = row["commit_id"]
+        self._final_step = row["final_step"]
+        self._stored = dict(self.store.sql(
+            "SELECT metric, max(step) FROM metrics WHERE run_id = ? GROUP BY metric",
+            [self.id]).iter_rows())
+        self._last = dict(self._stored)
+        self._saved = dict(self.store.sql("SELECT step, blob FROM checkpoints WHERE run_id = ?",
+                                          [self.id]).iter_rows())
+        if self._saved:
+            self._stored_checkpoint = max(self._saved)
+            last = self.store.load_state_dict(self.id, self._stored_checkpoint)
+            self._shapes = {k: tuple(v.shape) for k, v in last.items()}
+        self._update("running")
+
+    # -- the loop's calls -------------------------------------------------------------------
+
+    def log(self, step: int, /, **metrics: float) -> None:
+        """Metric values at `step` (an int >= 0; steps never go back). Values at steps a resumed
+        run already holds are skipped."""
+        step = self._check_step(step, "log")
+        rows = []
+        for name, value in metrics.items():
+            if name in RESERVED:
+                raise TrackingError(f"log: metric name {name!r} is a column of the views; "
+                                    f"rename it (e.g. {name}_value)")
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise TrackingError(f"log: {name} at step {step} is {value!r}, not a number"
+                                    ) from None
+            last = self._last.get(name)
+            if last is not None and step <= last:
+                if step <= self._stored.get(name, -1):
+                    continue  # a restarted loop replaying steps the store holds
+                raise TrackingError(f"log: {name} is already logged at step {last}; steps go "
+                                    f"forward (got {step})")
+            if not math.isfinite(value) and name not in self._warned:
+                self._warned.add(name)
+                warnings.warn(f"run {self.id}: {name} at step {step} is {value}; stored as "
+                              f"{value} (SQL sees it as a DOUBLE {value})", stacklevel=2)
+            rows.append((name, value))
+        with self._lock:
+            for name, value in rows:
+                self._last[name] = step
+                for key, item in (("run_id", self.id), ("step", step), ("metric", name),
+                                  ("tensor", None), ("value", value)):
+                    self._metrics[key].append(item)
+            self._last_step = max(self._last_step, step)
+            full = len(self._metrics["run_id"]) >= self.flush_rows
+        if full:
+            self.flush()
+
+    def save(self, step: int, model_or_state_dict: nn.Module | dict[str, torch.Tensor]) -> None:
+        """A checkpoint at `step`: the state dict's tensors go to a shard now, its row lands
+        with the next flush. Every checkpoint of a run has the same tensor names and shapes."""
+        import torch
+
+        step = self._check_step(step, "save")
+        if step <= self._stored_checkpoint:
+            return  # a resumed run: the store holds checkpoints up to here
+        if self._saved and step <= max(self._saved):
+            raise TrackingError(f"save: run {self.id} has a checkpoint at step "
+                                f"{max(self._saved)}; steps go forward (got {step})")
+        state = (model_or_state_dict.state_dict() if hasattr(model_or_state_dict, "state_dict")
+                 else model_or_state_dict)
+        if not isinstance(state, dict) or not state or not all(
+                isinstance(v, torch.Tensor) for v in state.values()):
+            raise TrackingError("save: give a torch.nn.Module or a state dict of tensors")
+        shapes = {k: tuple(v.shape) for k, v in state.items()}
+        if self._shapes is not None and shapes != self._shapes:
+            changed = sorted(k for k in shapes.keys() | self._shapes.keys()
+                             if shapes.get(k) != self._shapes.get(k))
+            name = changed[0]
+            raise TrackingError(f"save: the state dict at step {step} differs from the run's "
+                                f"earlier checkpoints at {name!r} ({self._shapes.get(name)} -> "
+                                f"{shapes.get(name)}); a run keeps one network")
+        tensors = {k: v.detach().cpu().contiguous().unsqueeze(0) for k, v in state.items()}
+        model = self.config.get("model")
+        blob = self.writer.put_cohort_shard(
+            tensors, zoo=self.zoo, step=step,
+            arch_json=json.dumps(model, sort_keys=True) if isinstance(model, dict) else "",
+            input_shape=tuple(self.config.get("input_shape") or ()),
+            n_classes=int(self.config.get("n_classes") or 0), run_ids=[self.id])
+        first = next(iter(state.values()))
+        with self._lock:
+            self._shapes = shapes
+            self._saved[step] = blob
+            self._checkpoints.append({
+                "run_id": self.id, "step": step, "epoch": None, "blob": blob, "member": 0,
+                "dtype": str(first.dtype).removeprefix("torch."),
+                "n_bytes": sum(v.numel() * v.element_size() for v in state.values()),
+                "commit_id": self.commit_id})
+            self._last_step = max(self._last_step, step)
+
+    def flush(self) -> None:
+        """Append the buffered rows now (one commit per table), and a heartbeat."""
+        with self._lock:
+            metrics, self._metrics = self._metrics, {k: [] for k in self._metrics}
+            checkpoints, self._checkpoints = self._checkpoints, []
+            if self._last_step >= 0:
+                self._final_step = max(self._final_step or -1, self._last_step)
+            # checkpoints first: a metric row never points at weights that are not listed
+            self.writer.append_rows("checkpoints", checkpoints)
+            commits = [self.commit_id] * len(metrics["run_id"])
+            self.writer.append_rows("metrics", {**metrics, "commit_id": commits})
+            self._update("running")
+            self._flushed_at = time.monotonic()
+
+    def close(self, error: BaseException | None = None) -> None:
+        """Flush, then mark the run complete (or failed, with `error`'s text)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._stop.set()
+        self._thread.join()
+        try:
+            self.flush()
+            if error is None:
+                self._update("complete")
+            else:
+                text = " ".join(f"{type(error).__name__}: {error}".split())[:500]
+                self._update("failed", text)
+        finally:
+            self._lease.__exit__(None, None, None)
+
+    def __enter__(self) -> TrackedRun:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        self.close(error if isinstance(error, Exception) else None)
+
+    # -- inside -----------------------------------------------------------------------------
+
+    def _check_step(self, step: int, verb: str) -> int:
+        if self._closed:
+            raise TrackingError(f"{verb}: run {self.id} is closed; track it again with "
+                                "resume=True to add to it")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise TrackingError(f"{verb}: step must be an int >= 0, got {step!r}")
+        return step
+
+    def _update(self, status: str, error: str | None = None) -> None:
+        self.writer.append_rows("run_updates", [{
+            "run_id": self.id, "status": status, "final_step": self._final_step,
+            "error": error, "created_at": _now()}])
+        self._beat_at = time.monotonic()
+
+    def _background(self) -> None:
+        """Flush by time, and beat when nothing was logged; errors wait for the next try."""
+        while not self._stop.wait(min(1.0, self.flush_every)):
+            now = time.monotonic()
+            try:
+                if now - self._flushed_at >= self.flush_every and (
+                        self._metrics["run_id"] or self._checkpoints):
+                    self.flush()
+                elif now - self._beat_at >= HEARTBEAT_SECONDS:
+                    with self._lock:
+                        self._update("running")
+            except DlstoreError as e:
+                warnings.warn(f"run {self.id}: a background flush failed ({e}); retried",
+                              stacklevel=1)
+
