@@ -15,6 +15,11 @@ class SpecError(DlstoreError):
     """A zoo spec is malformed: unknown key, wrong type, unknown dataset or architecture."""
 
 
+class DataSourceError(SpecError):
+    """The files a spec's dataset reads (its `path`) are missing, unreadable or not in the
+    format expected: a SpecError, since the spec names them, raised when they are first read."""
+
+
 class StoreError(DlstoreError):
     """A store is missing, unreadable, or not a dlstore store."""
 
@@ -40,7 +45,8 @@ class UsageError(DlstoreError):
 
 
 class DataMismatchError(DlstoreError):
-    """Regenerated training data differs from what a run recorded it trained on."""
+    """Regenerated training data differs from what a run recorded it trained on, or the files
+    it was read from cannot be read any more."""
 
 
 class BuildInterrupted(DlstoreError):

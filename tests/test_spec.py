@@ -86,7 +86,7 @@ def test_bad_fields_are_named(top, tables, field):
 
 
 @pytest.mark.parametrize("old, new, field", [
-    ('name = "gaussian_mixture"', 'name = "cifar"', "dataset.name"),
+    ('name = "gaussian_mixture"', 'name = "imagenet"', "dataset.name"),
     ('name = "gaussian_mixture"', 'name = "gaussian_mixture"\nn_tran = 5', "dataset.n_tran"),
     ('arch = "mlp"', 'arch = "resnet"', "model.arch"),
     ('arch = "mlp"', 'arch = "mlp"\nwidth = "wide"', "model.width"),

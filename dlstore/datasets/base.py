@@ -1,6 +1,7 @@
 """Dataset registry: a name in a spec's [dataset] table maps to an options class that generates
-the data in-process. Nothing is ever downloaded, so a store can always regenerate what a run
-trained on and check it against the fingerprint recorded at training time.
+the data in-process, or reads it from files the user already has (`source`). Nothing is ever
+downloaded, so a store can always regenerate what a run trained on and check it against the
+fingerprint recorded at training time.
 
 Every dataset shares three run-level options: `n_train` (the first n examples of the train split,
 so subsets nest), `label_noise` (a fraction of train labels replaced by a different class) and
@@ -90,6 +91,20 @@ class Dataset(BaseModel):
         build allocates anything; None if unknown (the check then skips the dataset)."""
         return None
 
+    def source(self) -> str | None:
+        """What the data is read from, in words (`files under /data/fashion`), for the message
+        when a stored run's data cannot be regenerated; None for data made from the options
+        alone (then only a changed generator can change it)."""
+        return None
+
+    def source_state(self) -> str:
+        """A cheap token that changes when the source does (file sizes and modification times):
+        part of the in-process cache key, so that files moved or replaced since they were read
+        are read again. Across processes the fingerprint catches changed bytes whatever this
+        says. Raises the dataset's one-line error if the source is gone; "" for generated data.
+        """
+        return ""
+
 
 DatasetOptions = Dataset  # the name this base had before plugins
 
@@ -142,8 +157,12 @@ def split(x: np.ndarray, y: np.ndarray, test_fraction: float, rng: np.random.Gen
 def clean_split(options: DatasetOptions) -> DatasetTensors:
     """The generated split for `options`, ignoring the run-level options; cached per process
     (mnist1d takes seconds to generate), so the tensors are shared: do not modify them."""
+    return _clean_split(options, options.source_state())
+
+
+def _clean_split(options: DatasetOptions, source_state: str) -> DatasetTensors:
     generation = options.model_dump_json(exclude=RUN_LEVEL)
-    return _generate_cached(type(options), generation)
+    return _generate_cached(type(options), generation, source_state)
 
 
 def apply_label_noise(y: torch.Tensor, n_classes: int, fraction: float,
@@ -195,14 +214,15 @@ def run_data(options: DatasetOptions, run_seed: int) -> DatasetTensors:
     noise_seed = None
     if options.label_noise > 0:
         noise_seed = seed_for(options.noise_seed, run_seed, "noise")
-    return _run_data(type(options), options.model_dump_json(), noise_seed)
+    return _run_data(type(options), options.model_dump_json(), noise_seed,
+                     options.source_state())
 
 
 @functools.lru_cache(maxsize=64)
-def _run_data(cls: type[DatasetOptions], options_json: str,
-              noise_seed: int | None) -> DatasetTensors:
+def _run_data(cls: type[DatasetOptions], options_json: str, noise_seed: int | None,
+              source_state: str) -> DatasetTensors:
     options = cls.model_validate_json(options_json)
-    full = clean_split(options)
+    full = _clean_split(options, source_state)
     available = full.x_train.shape[0]
     n = available if options.n_train is None else options.n_train
     if n > available:
@@ -215,5 +235,7 @@ def _run_data(cls: type[DatasetOptions], options_json: str,
 
 
 @functools.lru_cache(maxsize=16)
-def _generate_cached(cls: type[DatasetOptions], generation_json: str) -> DatasetTensors:
+def _generate_cached(cls: type[DatasetOptions], generation_json: str,
+                     source_state: str) -> DatasetTensors:
+    """`source_state` only keys the cache: files changed since they were read miss it."""
     return cls.model_validate_json(generation_json).generate()

@@ -24,6 +24,7 @@ import polars as pl
 from dlstore.errors import (
     CorruptBlobError,
     DataMismatchError,
+    DlstoreError,
     LayoutError,
     NotFoundError,
     QueryError,
@@ -312,8 +313,22 @@ class Store:
 
         run = self.run(run_id)
         config = run["config"]
-        data = run_data(parse_dataset_options(config["dataset"]), config["seed"])
+        options = parse_dataset_options(config["dataset"])
+        source = options.source()  # None: generated from the options alone
+        try:
+            data = run_data(options, config["seed"])
+        except DlstoreError as e:
+            if source is None:
+                raise
+            raise DataMismatchError(
+                f"run {run_id} trained on {source}, which cannot be read now ({e}); put them "
+                "back to regenerate its data; its weights are intact") from None
         if data.fingerprint != run["data_hash"]:
+            if source is not None:
+                raise DataMismatchError(
+                    f"run {run_id} trained on {source}, whose contents differ now from what it "
+                    "trained on (the fingerprint of the data read from them changed); restore "
+                    "the original files to regenerate its data; its weights are intact")
             raise DataMismatchError(
                 f"regenerated data for run {run_id} differs from what it trained on (a dataset "
                 "generator changed since it was built); its weights are intact")
