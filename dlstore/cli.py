@@ -475,6 +475,25 @@ def export(
               markup=False, highlight=False)
 
 
+@app.command("import-runs")
+def import_runs_command(
+    path: Path = typer.Argument(..., help="A run's directory, or one holding a run per "
+                                "subdirectory: checkpoints (*.safetensors, *.pt with the step "
+                                "in the name), metrics.csv or metrics.jsonl, config.json."),
+    zoo: str = typer.Option(..., "--zoo", help="The zoo the runs join."),
+    store: str = StoreOption,
+    storage_option: list[str] = StorageOptions,
+) -> None:
+    """Import runs trained elsewhere; rerunning adds nothing, an import cut short resumes."""
+    from dlstore.importers.runs import find_runs, import_runs
+
+    find_runs(path)  # a missing or empty source is refused before a store is created
+    s = _open(store, storage_option, create=True)
+    report = import_runs(s, path, zoo)
+    out.print(f"zoo [bold]{zoo}[/]: {report.runs} runs imported ({report.skipped} already "
+              f"complete): {report.checkpoints} checkpoints, {report.metric_rows} metric values")
+
+
 @app.command()
 def tag(
     run_id: str = typer.Argument(..., help="A run id, as listed by `dlstore runs`."),

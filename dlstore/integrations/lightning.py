@@ -51,4 +51,4 @@ class DlstoreCallback(pl.Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module, exception: BaseException) -> None:
         if self.run is not None:
-            self.run.close(exception if isinstance(exception, Exception) else None)
+            self.run.close(exception)

@@ -285,7 +285,7 @@ class TrackedRun:
             if error is None:
                 self._update("complete")
             else:
-                text = " ".join(f"{type(error).__name__}: {error}".split())[:500]
+                text = " ".join(f"{type(error).__name__}: {error}".split())[:500].rstrip(": ")
                 self._update("failed", text)
         finally:
             self._lease.__exit__(None, None, None)
@@ -294,7 +294,7 @@ class TrackedRun:
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
-        self.close(error if isinstance(error, Exception) else None)
+        self.close(error)  # Ctrl-C too: a run cut short is not complete
 
     # -- inside -----------------------------------------------------------------------------
 
