@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 
 import duckdb
+import pyarrow as pa
 
 from dlstore.errors import StoreError
 from dlstore.schemas import HYPERPARAMETER_COLUMNS, TABLES
@@ -57,16 +58,15 @@ VIEWS = {
         WHERE _rank = 1 AND value <> ''""",
     # the first runs row of each run that `dlstore rm` has not hidden (a rebuild after a removal
     # writes a later row, which shows), with its tags as a map (tags['note']); a tracked run's
-    # status and final step are its latest update's, and a `running` one whose heartbeat is
-    # older than STALE_SECONDS shows as `died`
-    "runs": f"""
+    # status and final step are its latest update's. Materialized by `Catalog` (one row per
+    # run: every view over runs joins a table, not this query); the `runs` view on top turns a
+    # `running` run whose heartbeat is older than STALE_SECONDS into `died`, at query time.
+    "_runs_latest": """
         SELECT u.* EXCLUDE (_rank) REPLACE (
-                   CASE WHEN s.status = 'running'
-                             AND s.updated_at < now() - INTERVAL {int(STALE_SECONDS)} SECOND
-                        THEN 'died' ELSE coalesce(s.status, u.status) END AS status,
+                   coalesce(s.status, u.status) AS status,
                    coalesce(s.final_step, u.final_step) AS final_step),
-               s.error, s.updated_at,
-               coalesce(t.tags, MAP {{}}::MAP(VARCHAR, VARCHAR)) AS tags
+               s.error, s.updated_at, coalesce(s.updated_at, u.created_at) AS _heartbeat,
+               coalesce(t.tags, MAP {}::MAP(VARCHAR, VARCHAR)) AS tags
         FROM (
             SELECT *, row_number() OVER (PARTITION BY run_id ORDER BY created_at, commit_id)
                 AS _rank
@@ -81,6 +81,12 @@ VIEWS = {
                           arg_max(error, created_at) AS error, max(created_at) AS updated_at
                    FROM _run_updates GROUP BY run_id) s ON s.run_id = u.run_id
         WHERE u._rank = 1""",
+    "runs": f"""
+        SELECT * EXCLUDE (_heartbeat) REPLACE (
+            CASE WHEN status = 'running'
+                      AND _heartbeat < now() - INTERVAL {int(STALE_SECONDS)} SECOND
+                 THEN 'died' ELSE status END AS status)
+        FROM _runs_latest""",
     "checkpoints": """
         SELECT c.* EXCLUDE (commit_id) FROM _checkpoints c
         JOIN runs r ON c.run_id = r.run_id AND c.commit_id = r.commit_id""",
@@ -158,6 +164,11 @@ VIEWS = {
         LEFT JOIN dense d ON d.zoo = m.zoo AND d.condition = m.target_condition""",
 }
 
+# made as tables over the current snapshots, again whenever a table changes: small, and read by
+# most queries (a join against a table binds and runs several times faster than one against
+# the query behind it)
+MATERIALIZED = {"_runs_latest"}
+
 # one row per (run, step), one column per whole-model metric; DuckDB views need the pivot
 # columns spelled out, so the list is read from the data whenever the metrics table changes
 _WIDE = """
@@ -216,8 +227,7 @@ class Catalog:
                 continue
             # the empty table of the current schema first: every column exists, in schema order,
             # null in files written before a column was added
-            self.con.register(f"_empty_{name}", TABLES[name].empty_table())
-            source = f"SELECT * FROM _empty_{name}"
+            source = _empty_select(TABLES[name])
             if files:
                 files = self.tables.location.readable_files(files)
                 listing = ", ".join(_sql_string(f) for f in files)
@@ -243,8 +253,26 @@ class Catalog:
                     else "SELECT run_id, step FROM metrics WHERE false")
         else:
             body = VIEWS[name]
-        self.con.execute(f"CREATE OR REPLACE VIEW {name} AS {body}")
+        kind = "TEMP TABLE" if name in MATERIALIZED else "VIEW"
+        self.con.execute(f"CREATE OR REPLACE {kind} {name} AS {body}")
         self._views.add(name)
+
+
+def _sql_type(kind: pa.DataType) -> str:
+    if pa.types.is_list(kind):
+        return _sql_type(kind.value_type) + "[]"
+    if pa.types.is_timestamp(kind):
+        return "TIMESTAMPTZ" if kind.tz else "TIMESTAMP"
+    return {pa.string(): "VARCHAR", pa.int64(): "BIGINT", pa.int32(): "INTEGER",
+            pa.float64(): "DOUBLE", pa.bool_(): "BOOLEAN"}[kind]
+
+
+def _empty_select(schema: pa.Schema) -> str:
+    """A query of no rows with the schema's columns, typed, in order: what a table reads as
+    before its first append (written in SQL: registering an Arrow table makes DuckDB import
+    pandas, half a second of a cold query)."""
+    columns = ", ".join(f"NULL::{_sql_type(f.type)} AS {f.name}" for f in schema)
+    return f"SELECT {columns} WHERE false"
 
 
 def _sql_string(text: str) -> str:

@@ -66,6 +66,7 @@ class Store:
         if create:
             self.tables.create_missing()
         self.catalog = Catalog(self.tables)
+        self._tracker = None  # made by the first `track`
 
     @property
     def storage_options(self) -> dict[str, str]:
@@ -111,6 +112,7 @@ class Store:
         the query like a view (`SELECT ... FROM runs JOIN my_frame USING (run_id)`), as DuckDB's
         replacement scans do; the store's own views win over a variable of the same name."""
         frames = _callers_frames(query, _outside_caller(inspect.currentframe()))
+        self._flush_tracked()
         con = self.catalog.refresh(query)
         for name, table in frames.items():
             con.register(name, table)
@@ -142,8 +144,15 @@ class Store:
             raise QueryError(one_line(e)) from None
 
     def close(self) -> None:
-        """Close the DuckDB connection (the store's files need no closing)."""
+        """Append what tracked runs have buffered, and close the DuckDB connection."""
+        if self._tracker is not None:
+            self._tracker.close()
         self.catalog.con.close()
+
+    def _flush_tracked(self) -> None:
+        """A read sees this store's own tracked rows: what is buffered is appended first."""
+        if self._tracker is not None and self._tracker.pending:
+            self._tracker.flush()
 
     def __enter__(self) -> Store:
         return self
@@ -172,6 +181,7 @@ class Store:
 
     def _lookup(self, query: str, params: list) -> list[dict]:
         # through Arrow/polars: DuckDB's own fetchall() needs pytz for timestamp columns
+        self._flush_tracked()
         return self.catalog.refresh(query).sql(query, params=params).to_arrow_table().to_pylist()
 
     # -- checkpoints ----------------------------------------------------------------------
@@ -491,16 +501,29 @@ class Store:
     # -- a user's own training loop ----------------------------------------------------------
 
     def track(self, zoo: str, config: dict | None = None, *, run_id: str | None = None,
-              resume: bool = False, flush_every: float = 5.0, flush_rows: int = 10_000):
+              resume: bool = False, flush_every: float | None = None,
+              flush_rows: int | None = None):
         """Log a run of your own loop into this store: `with store.track(zoo, config) as run:
         run.log(step, name=value, ...); run.save(step, model)`. Its id is a hash of zoo and
-        config unless `run_id` is given; `resume=True` continues a run the store holds. Rows
-        are appended every `flush_every` seconds or `flush_rows` rows (see
-        `dlstore.store.tracking`)."""
+        config unless `run_id` is given; `resume=True` continues a run the store holds. This
+        store's tracked runs share their buffer, appended every `flush_every` seconds (5) or
+        `flush_rows` rows (10,000), given here for all of them (see `dlstore.store.tracking`)."""
         from dlstore.store.tracking import TrackedRun
 
-        return TrackedRun(self, zoo, config, run_id=run_id, resume=resume,
-                          flush_every=flush_every, flush_rows=flush_rows)
+        tracker = self.tracker()
+        if flush_every is not None:
+            tracker.flush_every = flush_every
+        if flush_rows is not None:
+            tracker.flush_rows = flush_rows
+        return TrackedRun(self, zoo, config, run_id=run_id, resume=resume)
+
+    def tracker(self):
+        """The buffer this store's tracked runs share (`dlstore.store.tracking.Tracker`)."""
+        if self._tracker is None:
+            from dlstore.store.tracking import Tracker
+
+            self._tracker = Tracker(self)
+        return self._tracker
 
     # -- edits a user makes (through the writer) ---------------------------------------------
 

@@ -6,14 +6,20 @@
             if step % 500 == 0:
                 run.save(step, model)                        # a shard now, its row at the flush
 
-`track` writes the run's runs row at once (status `running`) and holds a lease, so that `gc`
-spares the shards the run has written before their rows land. Metric and checkpoint rows are
-buffered and appended under the run's commit id by a flush: every `flush_every` seconds, every
-`flush_rows` rows, at `run.flush()` and at the end, so a process killed outright loses at most
-the rows of the last few seconds. Each flush (and, when nothing was logged, a heartbeat every
-`HEARTBEAT_SECONDS`) appends a `run_updates` row; the runs view shows a run whose latest update
-says `running` and is older than `catalog.STALE_SECONDS` (3 minutes) as `died`. On a clean exit
-the run is `complete`, on an exception `failed` with the error's text.
+The runs a process tracks into one `Store` share its `Tracker`: their rows (the runs row, status
+updates, metric and checkpoint rows) are buffered together and appended in one commit per table
+by a flush, every `flush_every` seconds, every `flush_rows` rows, at `run.flush()`, when the
+store is read through (`Store.sql` sees its own writes) or closed, and when the process exits.
+So a thousand short runs cost a few commits, not a few per run, and a process killed outright
+loses at most the rows of the last `flush_every` seconds. Within a flush the commit protocol
+holds: checkpoint and metric rows first, the runs rows of new runs after them, then status
+updates. While runs are open or rows are buffered the tracker holds a lease, so that `gc` spares
+the shards a run has written before their rows land.
+
+A run is `running` from its first flush; every flush, and a heartbeat every `HEARTBEAT_SECONDS`
+while it is open, appends a `run_updates` row, and the runs view shows a `running` run whose
+latest update is older than `catalog.STALE_SECONDS` (3 minutes) as `died`. On a clean exit it is
+`complete`, on an exception (Ctrl-C included) `failed` with the error's text.
 
 A run's id is a hash of its zoo and config unless given; tracking a run that exists is refused
 unless `resume=True`, which continues it: values at steps it already holds are skipped, so a loop
@@ -22,6 +28,7 @@ restarted from its last checkpoint does not log them twice.
 
 from __future__ import annotations
 
+import atexit
 import datetime as dt
 import json
 import math
@@ -89,13 +96,137 @@ def typed_columns(config: dict[str, Any]) -> dict[str, Any]:
     return found
 
 
+class Tracker:
+    """The tracked runs of one `Store` object in this process and their buffered rows."""
+
+    def __init__(self, store: Store, flush_every: float = FLUSH_SECONDS,
+                 flush_rows: int = FLUSH_ROWS):
+        self.store = store
+        self.writer = StoreWriter(store)
+        self.flush_every, self.flush_rows = flush_every, flush_rows
+        self.open: dict[str, TrackedRun] = {}
+        self._lock = threading.RLock()
+        self._clear()
+        self._lease: BuildLease | None = None
+        self._flushed_at = self._beat_at = time.monotonic()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        atexit.register(self.close)
+
+    def _clear(self) -> None:
+        self._runs: list[dict] = []
+        self._updates: list[dict] = []
+        self._checkpoints: list[dict] = []
+        self._metrics: dict[str, list] = {k: [] for k in
+                                          ("run_id", "step", "metric", "tensor", "value",
+                                           "commit_id")}
+
+    def buffered_runs(self) -> set[str]:
+        with self._lock:
+            return {row["run_id"] for row in self._runs}
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._runs or self._updates or self._checkpoints or self._metrics["run_id"])
+
+    def start(self, run: TrackedRun) -> None:
+        with self._lock:
+            if self._lease is None:
+                self._lease = BuildLease(self.store.location, run.zoo).__enter__()
+            self.open[run.id] = run
+            if self._thread is None:
+                self._stop.clear()
+                self._thread = threading.Thread(target=self._background, daemon=True,
+                                                name="dlstore-track")
+                self._thread.start()
+
+    def add(self, *, run: dict | None = None, update: dict | None = None,
+            checkpoint: dict | None = None, metrics: list[tuple] = ()) -> None:
+        """Buffer rows; a flush follows once `flush_rows` are waiting."""
+        with self._lock:
+            if run is not None:
+                self._runs.append(run)
+            if update is not None:
+                self._updates.append(update)
+            if checkpoint is not None:
+                self._checkpoints.append(checkpoint)
+            for row in metrics:
+                for key, item in zip(self._metrics, row):
+                    self._metrics[key].append(item)
+            full = len(self._metrics["run_id"]) >= self.flush_rows
+        if full:
+            self.flush()
+
+    def finish(self, run: TrackedRun, update: dict) -> None:
+        with self._lock:
+            self._updates.append(update)
+            self.open.pop(run.id, None)
+
+    def flush(self) -> None:
+        """Append everything buffered: one commit per table, in the commit protocol's order.
+        A flush that fails keeps its rows for the next one."""
+        with self._lock:
+            now = _now()
+            for run in self.open.values():  # every open run beats with every flush
+                self._updates.append(run.update_row("running", now))
+            if not self.pending:
+                return
+            batch = {"checkpoints": self._checkpoints, "metrics": self._metrics,
+                     "runs": self._runs, "run_updates": self._updates}
+            self._clear()
+            done = []
+            try:
+                for table, rows in batch.items():  # the commit protocol's order
+                    self.writer.append_rows(table, rows)
+                    done.append(table)
+            except BaseException:
+                # what landed is not repeated; the rest waits for the next flush
+                self._restore({k: v for k, v in batch.items() if k not in done})
+                raise
+            self._flushed_at = self._beat_at = time.monotonic()
+            if not self.open and self._lease is not None:
+                self._lease.__exit__(None, None, None)
+                self._lease = None
+
+    def _restore(self, batch: dict) -> None:
+        self._checkpoints[:0] = batch.get("checkpoints", [])
+        for key, items in batch.get("metrics", {}).items():
+            self._metrics[key][:0] = items
+        self._runs[:0] = batch.get("runs", [])
+        self._updates[:0] = batch.get("run_updates", [])
+
+    def close(self) -> None:
+        """Flush what is left and stop the background thread (at exit, or `Store.close`)."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        self._thread = None
+        try:
+            self.flush()
+        finally:
+            if self._lease is not None and not self.open:
+                self._lease.__exit__(None, None, None)
+                self._lease = None
+
+    def _background(self) -> None:
+        """Flush by time, beat while runs are open; errors wait for the next try."""
+        while not self._stop.wait(min(1.0, self.flush_every)):
+            now = time.monotonic()
+            try:
+                if now - self._flushed_at >= self.flush_every and self.pending or (
+                        self.open and now - self._beat_at >= HEARTBEAT_SECONDS):
+                    self.flush()
+            except DlstoreError as e:
+                warnings.warn(f"tracked runs: a background flush failed ({e}); retried",
+                              stacklevel=1)
+
+
 class TrackedRun:
     """One run of a user's loop: `log` metrics, `save` checkpoints; close it (or leave the
-    `with` block) to mark it complete. Thread-safe; a background thread flushes."""
+    `with` block) to mark it complete. Its rows go through the store's `Tracker`."""
 
     def __init__(self, store: Store, zoo: str, config: dict[str, Any] | None, *,
-                 run_id: str | None = None, resume: bool = False,
-                 flush_every: float = FLUSH_SECONDS, flush_rows: int = FLUSH_ROWS):
+                 run_id: str | None = None, resume: bool = False):
         config = dict(config or {})
         try:
             config_json = json.dumps(config, sort_keys=True, allow_nan=False)
@@ -105,18 +236,14 @@ class TrackedRun:
         if not isinstance(zoo, str) or not zoo:
             raise TrackingError("track: give the run's zoo as a non-empty string")
         self.store = store
-        self.writer = StoreWriter(store)
-        self.writer.check_writable()
+        self.tracker: Tracker = store.tracker()
         self.zoo = zoo
         self.config = config
         self.id = run_id or hashed_id(zoo, {"config": json.loads(config_json)})
-        self.flush_every, self.flush_rows = flush_every, flush_rows
+        if self.id in self.tracker.open:
+            raise TrackingError(f"track: run {self.id} is open already in this process")
         self._lock = threading.RLock()
-        self._metrics: dict[str, list] = {k: [] for k in
-                                          ("run_id", "step", "metric", "tensor", "value")}
-        self._checkpoints: list[dict] = []
         self._last: dict[str, int] = {}  # metric -> last step logged (stored or buffered)
-        self._last_step = -1  # the latest step of any call
         self._saved: dict[int, str] = {}
         self._shapes: dict[str, tuple[int, ...]] | None = None
         self._warned: set[str] = set()
@@ -124,37 +251,34 @@ class TrackedRun:
         self._stored: dict[str, int] = {}  # what a resumed run held: metric -> last step
         self._stored_checkpoint = -1
         self._closed = False
-        self._flushed_at = self._beat_at = time.monotonic()
-        existing = store.sql("SELECT commit_id, status, final_step, zoo FROM runs "
-                             "WHERE run_id = ?", [self.id]).to_dicts()
-        self._lease = BuildLease(store.location, zoo).__enter__()
-        try:
-            if existing:
-                self._resume(existing[0], resume)
-            else:
-                self._create(config_json)
-        except BaseException:
-            self._lease.__exit__(None, None, None)
-            raise
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._background, name="dlstore-track",
-                                        daemon=True)
-        self._thread.start()
+        existing = self._existing()
+        if existing:
+            self._resume(existing[0], resume)
+        else:
+            self.commit_id = StoreWriter.new_commit_id()
+        self.tracker.start(self)
+        if not existing:
+            self.tracker.add(run=self._runs_row(config_json))
 
-    # -- start ------------------------------------------------------------------------------
+    def _existing(self) -> list[dict]:
+        """The run's row if the store (or this process's buffer) holds it. A new run, the
+        common case, costs one look at the raw runs table and no flush."""
+        query = "SELECT 1 FROM _runs WHERE run_id = ? LIMIT 1"
+        if self.id not in self.tracker.buffered_runs() and not self.store.catalog.refresh(
+                query).execute(query, [self.id]).fetchall():
+            return []
+        return self.store.sql("SELECT commit_id, status, final_step, zoo FROM runs "
+                              "WHERE run_id = ?", [self.id]).to_dicts()
 
-    def _create(self, config_json: str) -> None:
+    def _runs_row(self, config_json: str) -> dict:
         import dlstore
 
-        self.commit_id = self.writer.new_commit_id()
         shape = self.config.get("input_shape")
-        row = {"run_id": self.id, "zoo": self.zoo, "status": "running", "config": config_json,
-               **typed_columns(self.config),
-               "input_shape": list(shape) if isinstance(shape, (list, tuple)) else None,
-               "commit_id": self.commit_id, "created_at": _now(),
-               "dlstore_version": dlstore.__version__}
-        self.writer.append_runs([row])
-        self._update("running")
+        return {"run_id": self.id, "zoo": self.zoo, "status": "running", "config": config_json,
+                **typed_columns(self.config),
+                "input_shape": list(shape) if isinstance(shape, (list, tuple)) else None,
+                "commit_id": self.commit_id, "created_at": _now(),
+                "dlstore_version": dlstore.__version__}
 
     def _resume(self, row: dict, resume: bool) -> None:
         if not resume:
@@ -176,13 +300,12 @@ class TrackedRun:
             self._stored_checkpoint = max(self._saved)
             last = self.store.load_state_dict(self.id, self._stored_checkpoint)
             self._shapes = {k: tuple(v.shape) for k, v in last.items()}
-        self._update("running")
 
     # -- the loop's calls -------------------------------------------------------------------
 
     def log(self, step: int, /, **metrics: float) -> None:
-        """Metric values at `step` (an int >= 0; steps never go back). Values at steps a resumed
-        run already holds are skipped."""
+        """Metric values at `step` (an int >= 0; a metric's steps go forward). Values at steps
+        a resumed run already holds are skipped."""
         step = self._check_step(step, "log")
         rows = []
         for name, value in metrics.items():
@@ -204,17 +327,13 @@ class TrackedRun:
                 self._warned.add(name)
                 warnings.warn(f"run {self.id}: {name} at step {step} is {value}; stored as "
                               f"{value} (SQL sees it as a DOUBLE {value})", stacklevel=2)
-            rows.append((name, value))
+            rows.append((self.id, step, name, None, value, self.commit_id))
         with self._lock:
-            for name, value in rows:
+            for _, _, name, *_ in rows:
                 self._last[name] = step
-                for key, item in (("run_id", self.id), ("step", step), ("metric", name),
-                                  ("tensor", None), ("value", value)):
-                    self._metrics[key].append(item)
-            self._last_step = max(self._last_step, step)
-            full = len(self._metrics["run_id"]) >= self.flush_rows
-        if full:
-            self.flush()
+            if rows:
+                self._final_step = max(self._final_step or -1, step)
+        self.tracker.add(metrics=rows)
 
     def save(self, step: int, model_or_state_dict: nn.Module | dict[str, torch.Tensor]) -> None:
         """A checkpoint at `step`: the state dict's tensors go to a shard now, its row lands
@@ -242,7 +361,7 @@ class TrackedRun:
                                 f"{shapes.get(name)}); a run keeps one network")
         tensors = {k: v.detach().cpu().contiguous().unsqueeze(0) for k, v in state.items()}
         model = self.config.get("model")
-        blob = self.writer.put_cohort_shard(
+        blob = self.tracker.writer.put_cohort_shard(
             tensors, zoo=self.zoo, step=step,
             arch_json=json.dumps(model, sort_keys=True) if isinstance(model, dict) else "",
             input_shape=tuple(self.config.get("input_shape") or ()),
@@ -251,44 +370,29 @@ class TrackedRun:
         with self._lock:
             self._shapes = shapes
             self._saved[step] = blob
-            self._checkpoints.append({
-                "run_id": self.id, "step": step, "epoch": None, "blob": blob, "member": 0,
-                "dtype": str(first.dtype).removeprefix("torch."),
-                "n_bytes": sum(v.numel() * v.element_size() for v in state.values()),
-                "commit_id": self.commit_id})
-            self._last_step = max(self._last_step, step)
+            self._final_step = max(self._final_step or -1, step)
+        self.tracker.add(checkpoint={
+            "run_id": self.id, "step": step, "epoch": None, "blob": blob, "member": 0,
+            "dtype": str(first.dtype).removeprefix("torch."),
+            "n_bytes": sum(v.numel() * v.element_size() for v in state.values()),
+            "commit_id": self.commit_id})
 
     def flush(self) -> None:
-        """Append the buffered rows now (one commit per table), and a heartbeat."""
-        with self._lock:
-            metrics, self._metrics = self._metrics, {k: [] for k in self._metrics}
-            checkpoints, self._checkpoints = self._checkpoints, []
-            if self._last_step >= 0:
-                self._final_step = max(self._final_step or -1, self._last_step)
-            # checkpoints first: a metric row never points at weights that are not listed
-            self.writer.append_rows("checkpoints", checkpoints)
-            commits = [self.commit_id] * len(metrics["run_id"])
-            self.writer.append_rows("metrics", {**metrics, "commit_id": commits})
-            self._update("running")
-            self._flushed_at = time.monotonic()
+        """Append what this process has buffered now (this run's rows and the others')."""
+        self.tracker.flush()
 
     def close(self, error: BaseException | None = None) -> None:
-        """Flush, then mark the run complete (or failed, with `error`'s text)."""
+        """Mark the run complete (or failed, with `error`'s text); its rows land with the next
+        flush, within `flush_every` seconds (or at exit, or when the store is read)."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-        self._stop.set()
-        self._thread.join()
-        try:
-            self.flush()
-            if error is None:
-                self._update("complete")
-            else:
-                text = " ".join(f"{type(error).__name__}: {error}".split())[:500].rstrip(": ")
-                self._update("failed", text)
-        finally:
-            self._lease.__exit__(None, None, None)
+        if error is None:
+            self.tracker.finish(self, self.update_row("complete"))
+        else:
+            text = " ".join(f"{type(error).__name__}: {error}".split())[:500].rstrip(": ")
+            self.tracker.finish(self, self.update_row("failed", error=text))
 
     def __enter__(self) -> TrackedRun:
         return self
@@ -298,6 +402,11 @@ class TrackedRun:
 
     # -- inside -----------------------------------------------------------------------------
 
+    def update_row(self, status: str, now: dt.datetime | None = None,
+                   error: str | None = None) -> dict:
+        return {"run_id": self.id, "status": status, "final_step": self._final_step,
+                "error": error, "created_at": now or _now()}
+
     def _check_step(self, step: int, verb: str) -> int:
         if self._closed:
             raise TrackingError(f"{verb}: run {self.id} is closed; track it again with "
@@ -305,25 +414,3 @@ class TrackedRun:
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise TrackingError(f"{verb}: step must be an int >= 0, got {step!r}")
         return step
-
-    def _update(self, status: str, error: str | None = None) -> None:
-        self.writer.append_rows("run_updates", [{
-            "run_id": self.id, "status": status, "final_step": self._final_step,
-            "error": error, "created_at": _now()}])
-        self._beat_at = time.monotonic()
-
-    def _background(self) -> None:
-        """Flush by time, and beat when nothing was logged; errors wait for the next try."""
-        while not self._stop.wait(min(1.0, self.flush_every)):
-            now = time.monotonic()
-            try:
-                if now - self._flushed_at >= self.flush_every and (
-                        self._metrics["run_id"] or self._checkpoints):
-                    self.flush()
-                elif now - self._beat_at >= HEARTBEAT_SECONDS:
-                    with self._lock:
-                        self._update("running")
-            except DlstoreError as e:
-                warnings.warn(f"run {self.id}: a background flush failed ({e}); retried",
-                              stacklevel=1)
-
