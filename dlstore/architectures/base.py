@@ -212,9 +212,10 @@ def activation_units(options: Architecture, input_shape: tuple[int, ...], n_clas
         total += output[0].numel()
 
     # one real example on the CPU: a forward on the meta device costs over a second on its first
-    # call (operator decompositions load), far more than this network's forward
+    # call (operator decompositions load), far more than this network's forward; in eval mode,
+    # where BatchNorm takes a batch of one whatever its map size
     with torch.random.fork_rng(devices=[]), torch.no_grad():
-        module = options.build(input_shape, n_classes)
+        module = options.build(input_shape, n_classes).eval()
         hooks = [m.register_forward_hook(count) for m in module.modules()
                  if not list(m.children())]
         module(torch.zeros((1, *input_shape)))
