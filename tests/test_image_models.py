@@ -126,6 +126,19 @@ def test_deep_networks_are_counted_without_a_loop_over_layers():
     assert options(arch="resnet", blocks=10**9).size(DIGITS, 10).params > 10**13
 
 
+@pytest.mark.parametrize("norm", ["batchnorm", "groupnorm"])
+def test_an_init_scheme_draws_kernels_and_leaves_norm_scales_at_one(norm):
+    arch = options(arch="resnet", norm=norm, init="orthogonal")
+    state = init_state(arch, DIGITS, 10, 0)
+    default = init_state(options(arch="resnet", norm=norm), DIGITS, 10, 0)
+    assert not torch.equal(state["stem.weight"], default["stem.weight"])
+    for k, v in state.items():
+        if k.endswith("norm1.weight") or k == "norm.weight":
+            assert torch.equal(v, torch.ones_like(v)), k
+        elif k.endswith(".bias") or k.endswith("running_mean"):
+            assert torch.count_nonzero(v) == 0, k
+
+
 def test_prunable_tensors_are_kernels_and_the_classifier_never_buffers():
     for raw in ({"arch": "cnn2d", "dropout": 0.5}, {"arch": "resnet", "blocks": 2}):
         arch = options(**raw)
