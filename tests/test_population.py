@@ -210,25 +210,35 @@ def test_padded_entries_stay_exactly_zero():
 # named by import path: each trained in a cohort by the kernel it declares must match the
 # reference loop
 REGISTERED = [*known_names("architecture", ARCHS), "dlstore_example_plugin.nets:ResMLP"]
+# image networks train on the digits' [1, 8, 8]; the resnet (BatchNorm by default) with GELU
+# and at lower learning rates: with ReLU, BatchNorm centres pre-activations on the kink, where
+# the 1e-7 rounding differences of vmap's grouped convolutions flip a unit now and then and the
+# run parts from the reference (tests/test_image_models.py measures and bounds it)
+IMAGE_RUNS = {"cnn2d": ("", "[0.05, 0.2]"),
+              "resnet": ('activation = "gelu"', "[0.02, 0.05]")}
 
 
 @pytest.mark.parametrize("arch", REGISTERED)
 def test_every_registered_architecture_matches_reference(arch):
+    if arch in IMAGE_RUNS:
+        dataset, (model, lrs) = 'name = "digits"', IMAGE_RUNS[arch]
+    else:
+        dataset, model, lrs = 'name = "gaussian_mixture"\nn_samples = 300', "", "[0.05, 0.2]"
     spec = ZooSpec.from_text(textwrap.dedent(f"""
         name = "reg"
         seeds = 2
         checkpoints = "every:5"
         [dataset]
-        name = "gaussian_mixture"
-        n_samples = 300
+        {dataset}
         [model]
         arch = "{arch}"
+        {model}
         [train]
         batch_size = 20
         steps = 15
         lr = 0.1
         [grid]
-        train.lr = [0.05, 0.2]
+        train.lr = {lrs}
     """))
     assert len(plan_cohorts(list(spec.runs), cohort_size=64)) == 1
     assert_matches_reference(spec)

@@ -88,7 +88,7 @@ def test_bad_fields_are_named(top, tables, field):
 @pytest.mark.parametrize("old, new, field", [
     ('name = "gaussian_mixture"', 'name = "imagenet"', "dataset.name"),
     ('name = "gaussian_mixture"', 'name = "gaussian_mixture"\nn_tran = 5', "dataset.n_tran"),
-    ('arch = "mlp"', 'arch = "resnet"', "model.arch"),
+    ('arch = "mlp"', 'arch = "vit"', "model.arch"),
     ('arch = "mlp"', 'arch = "mlp"\nwidth = "wide"', "model.width"),
     ("epochs = 2", "epochs = 2\nlr = 0", "train.lr"),
     ("epochs = 2", "epochs = 2\noptimizer = \"rmsprop\"", "train.optimizer"),

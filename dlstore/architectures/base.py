@@ -23,8 +23,9 @@ from dlstore.seeds import seed_for
 
 Activation = Literal["relu", "tanh", "gelu"]
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
-# Initialisation schemes for every weight matrix / kernel (biases start at zero); "default" keeps
-# PyTorch's own init (biases included), so specs without `init` train exactly as before.
+# Initialisation schemes for every weight matrix / kernel (biases start at zero, the scales of
+# norm layers, 1-D weights, at their own init: one); "default" keeps PyTorch's own init (biases
+# included), so specs without `init` train exactly as before.
 Init = Literal["default", "kaiming_uniform", "kaiming_normal", "xavier_uniform", "xavier_normal",
                "orthogonal"]
 _INITS = {
@@ -196,10 +197,10 @@ def init_state(options: Architecture, input_shape: tuple[int, ...], n_classes: i
         module = options.build(input_shape, n_classes)
         if options.init != "default":
             with torch.no_grad():
-                for param in module.parameters():
+                for name, param in module.named_parameters():
                     if param.dim() >= 2:
                         _INITS[options.init](param)
-                    else:
+                    elif name.rpartition(".")[2] != "weight":  # a norm's scale stays at one
                         param.zero_()
     return {k: v.detach() for k, v in module.state_dict().items()}
 
@@ -214,9 +215,10 @@ def activation_units(options: Architecture, input_shape: tuple[int, ...], n_clas
         total += output[0].numel()
 
     # one real example on the CPU: a forward on the meta device costs over a second on its first
-    # call (operator decompositions load), far more than this network's forward
+    # call (operator decompositions load), far more than this network's forward; in eval mode,
+    # where BatchNorm takes a batch of one whatever its map size
     with torch.random.fork_rng(devices=[]), torch.no_grad():
-        module = options.build(input_shape, n_classes)
+        module = options.build(input_shape, n_classes).eval()
         hooks = [m.register_forward_hook(count) for m in module.modules()
                  if not list(m.children())]
         module(torch.zeros((1, *input_shape)))

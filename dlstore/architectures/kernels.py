@@ -14,6 +14,22 @@ Two implementations:
   times faster than the generic path at the sizes of a model zoo, because autograd's layouts
   make the elementwise backward ops and `log_softmax` over ten classes slow there. Equivalence
   tests pin both against the `torch.optim` reference.
+
+Buffers. A module's state dict may hold tensors that are not parameters (BatchNorm's running
+statistics and batch counter, cnn2d's dropout seed and counter): a kernel names them in
+`buffers` (state-dict order; empty for the MLP kernel and every buffer-free module). They ride
+in the same stacks [P, ...] as the parameters, so that checkpoints store them and `load_model`
+gets them, but they are not trained: `loss_grads_and_buffers(state, x, y)` gives the loss,
+gradients of the parameters only, and the buffers as one training forward leaves them, and the
+trainer writes those back instead of optimizing them. `torch.func.vmap` cannot update a stacked
+buffer in place from inside a member's forward, so the loss works on copies: each member's
+buffers are cloned, handed to `functional_call` with the parameters, updated in place there by
+the module's own code exactly as in a plain training step (`nn.BatchNorm2d`: momentum, unbiased
+variance for the running estimate, `num_batches_tracked`), and returned as the auxiliary output
+of `grad_and_value(..., has_aux=True)`. Everything that evaluates (`forward_shared`,
+`forward_one`, `features_shared`) runs the module in eval mode, on the running statistics, as
+`load_model` gives it; the loss runs it in train mode. Two templates hold the two modes, so that
+an evaluation on another thread never sees a mode flip.
 """
 
 from __future__ import annotations
@@ -43,15 +59,19 @@ class _Features(nn.Module):
 class VmapKernel:
     def __init__(self, arch: Architecture, input_shape: tuple[int, ...], n_classes: int):
         with torch.device("meta"):
-            self.template = arch.build(input_shape, n_classes)
+            self.template = arch.build(input_shape, n_classes).eval()  # evaluation
+            self._training = arch.build(input_shape, n_classes).train()  # the loss
         self.arch = arch
+        self.buffers = buffer_names(self.template)
         self._features_module = _Features(self.template, arch.features_method)
         self.classifier = arch.classifier_layer()
         self._grad = vmap(grad_and_value(self._loss))
+        self._grad_buffers = vmap(grad_and_value(self._loss_buffers, has_aux=True))
         self._eval = vmap(self.forward_one, in_dims=(0, None))
         self._features = vmap(self._features_one, in_dims=(0, None))
 
     def forward_one(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        """One member's logits [N, C] in eval mode (`params`: its parameters and buffers)."""
         return functional_call(self.template, params, (x,))
 
     def _features_one(self, params: Params, x: torch.Tensor) -> torch.Tensor:
@@ -59,12 +79,29 @@ class VmapKernel:
                                {f"net.{k}": v for k, v in params.items()}, (x,))
 
     def _loss(self, params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.forward_one(params, x), y)
+        return F.cross_entropy(functional_call(self._training, params, (x,)), y)
+
+    def _loss_buffers(self, params: Params, buffers: Params, x: torch.Tensor, y: torch.Tensor
+                      ) -> tuple[torch.Tensor, Params]:
+        # copies, which the module's forward updates in place (running statistics, counters)
+        state = {k: v.clone() for k, v in buffers.items()}
+        logits = functional_call(self._training, {**params, **state}, (x,))
+        return F.cross_entropy(logits, y), state
 
     def loss_and_grads(self, params: Params, x: torch.Tensor, y: torch.Tensor
                        ) -> tuple[torch.Tensor, Params]:
+        """Losses [P] and gradients of a module without buffers."""
         grads, losses = self._grad(params, x, y)
         return losses, grads
+
+    def loss_grads_and_buffers(self, state: Params, x: torch.Tensor, y: torch.Tensor
+                               ) -> tuple[torch.Tensor, Params, Params]:
+        """Losses [P], gradients of the parameters and the buffers after this training forward
+        ([P, ...] each), from stacks `state` of parameters and buffers."""
+        params = {k: v for k, v in state.items() if k not in self.buffers}
+        buffers = {k: state[k] for k in self.buffers}
+        grads, (losses, new_buffers) = self._grad_buffers(params, buffers, x, y)
+        return losses, grads, new_buffers
 
     def forward_shared(self, params: Params, x: torch.Tensor) -> torch.Tensor:
         """Logits [P, N, C] of every member on the same inputs [N, ...]."""
@@ -77,6 +114,10 @@ class VmapKernel:
         return self._features(params, x)
 
 
+def buffer_names(module: nn.Module) -> tuple[str, ...]:
+    """The entries of the module's state dict that are not parameters, in state-dict order."""
+    parameters = {name for name, _ in module.named_parameters()}
+    return tuple(k for k in module.state_dict() if k not in parameters)
 
 
 def kernel_for(arch: Architecture, input_shape: tuple[int, ...], n_classes: int):

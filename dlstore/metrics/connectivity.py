@@ -22,9 +22,13 @@ Params = dict[str, torch.Tensor]
 
 
 def interpolate(a: Params, b: Params, ts: torch.Tensor) -> Params:
-    """Stack [T * P, ...]: for each t of `ts` (outer) every pair's (1 - t) a + t b (inner)."""
+    """Stack [T * P, ...]: for each t of `ts` (outer) every pair's (1 - t) a + t b (inner).
+    Integer tensors (buffers such as BatchNorm's batch counter) do not interpolate: a's."""
     out = {}
     for k in a:
+        if not a[k].is_floating_point():
+            out[k] = a[k].repeat(len(ts), *([1] * (a[k].dim() - 1)))
+            continue
         shape = (-1, 1, *([1] * (a[k].dim() - 1)))
         t = ts.to(a[k].dtype).view(shape)
         out[k] = torch.lerp(a[k].unsqueeze(0), b[k].unsqueeze(0), t).flatten(0, 1)

@@ -22,7 +22,9 @@ class CheckpointEvaluator:
     on its own training subset and labels, weight norm and distance from init).
 
     Per-tensor metrics are computed per shape group (members of identical true shapes), on each
-    member's true slice of the padded stack, so that padding never counts."""
+    member's true slice of the padded stack, so that padding never counts. Buffers (the
+    kernel's `buffers`: running statistics, counters) are state, not weights: the weight norm,
+    the distance from init and the per-tensor metrics leave them out."""
 
     kernel: object
     init: Params
@@ -63,8 +65,13 @@ class CheckpointEvaluator:
                                                 chunk=self.chunk)
         return {"train_loss": train_loss, "train_acc": train_acc,
                 "test_loss": test_loss, "test_acc": test_acc,
-                "weight_norm": weight_norm(params),
-                "dist_from_init": dist_from_init(params, self.init)}
+                "weight_norm": weight_norm(self.weights(params)),
+                "dist_from_init": dist_from_init(self.weights(params), self.init)}
+
+    def weights(self, params: Params) -> Params:
+        """The trainable tensors of `params`, without the kernel's buffers."""
+        buffers = getattr(self.kernel, "buffers", ())
+        return {k: v for k, v in params.items() if k not in buffers} if buffers else params
 
     # What metric families compute with (`dlstore.MetricFamily.compute`):
 
@@ -82,7 +89,7 @@ class CheckpointEvaluator:
         n_members = next(iter(params.values())).shape[0]
         for members, shapes in zip(self.shape_groups, self.shapes):
             index = torch.tensor(members, device=next(iter(params.values())).device)
-            for name, stack in member_slices(params, shapes, members).items():
+            for name, stack in member_slices(self.weights(params), shapes, members).items():
                 for metric, value in compute(stack).items():
                     column = out.setdefault((metric, name), torch.full(
                         (n_members,), torch.nan, dtype=torch.float64, device=value.device))

@@ -139,9 +139,12 @@ class HessianOptions(MetricFamily):
             return (F.cross_entropy(forward_one(p, x), y, reduction="none") * w).sum() / w.sum()
 
         masks = {k: m[members] for k, m in cohort.masks.items()}
-        return hessian_spectrum(loss_one, params, x, y[members], weight[members],
+        # the Hessian of the parameters; buffers (running statistics) are held where they are
+        weights = cohort.weights(params)
+        fixed = {k: v for k, v in params.items() if k not in weights}
+        return hessian_spectrum(loss_one, weights, x, y[members], weight[members],
                                 iterations=self.iterations, tolerance=self.tolerance,
-                                probes=self.probes, masks=masks, seed=seed)
+                                probes=self.probes, masks=masks, seed=seed, fixed=fixed)
 
 
 @register_family("neural_collapse")

@@ -8,6 +8,10 @@ over `jvp` of `grad`: forward-over-reverse Hessian-vector products).
 axis), the shared inputs, its targets and per-example weights. The Hessian is that of the loss
 alone (no weight-decay term), as PyHessian measures it.
 
+`fixed` holds stacks [P, ...] that a member's loss reads but the Hessian does not differentiate
+(buffers: BatchNorm's running statistics): they join the parameters in `loss_one`'s first
+argument.
+
 Zero-padded members of a mixed-width stack pass `masks` (1 on their true entries): every vector
 is restricted to the true entries, so the result is the Hessian of the member's own network
 (padded units are inert while their weights are zero, so the principal submatrix on the true
@@ -35,20 +39,25 @@ LossOne = Callable[[Params, torch.Tensor, torch.Tensor, torch.Tensor], torch.Ten
 
 
 def hessian_vector_product(loss_one: LossOne) -> Callable:
-    """hvp(params [P, ...], vectors [P, ...], x [N, ...], y [P, N, ...], weight [P, N]) ->
-    H_i v_i for every member i."""
-    gradient = grad(loss_one)
+    """hvp(params [P, ...], vectors [P, ...], x [N, ...], y [P, N, ...], weight [P, N],
+    fixed [P, ...]) -> H_i v_i for every member i, differentiating `params` only."""
+    gradient = grad(lambda p, fixed, x, y, weight: loss_one({**p, **fixed}, x, y, weight))
 
-    def one(params: Params, vector: Params, x, y, weight) -> Params:
-        return jvp(lambda p: gradient(p, x, y, weight), (params,), (vector,))[1]
+    def one(params: Params, vector: Params, x, y, weight, fixed: Params) -> Params:
+        return jvp(lambda p: gradient(p, fixed, x, y, weight), (params,), (vector,))[1]
 
-    return vmap(one, in_dims=(0, 0, None, 0, 0))
+    batched = vmap(one, in_dims=(0, 0, None, 0, 0, 0))
+
+    def hvp(params: Params, vectors: Params, x, y, weight, fixed: Params | None = None):
+        return batched(params, vectors, x, y, weight, fixed or {})
+
+    return hvp
 
 
 def hessian_spectrum(loss_one: LossOne, params: Params, x: torch.Tensor, y: torch.Tensor,
                      weight: torch.Tensor, iterations: int = 100, tolerance: float = 1e-3,
-                     probes: int = 10, masks: Params | None = None, seed: int = 0
-                     ) -> dict[str, torch.Tensor]:
+                     probes: int = 10, masks: Params | None = None, seed: int = 0,
+                     fixed: Params | None = None) -> dict[str, torch.Tensor]:
     """{"hessian_top_eig", "hessian_trace"}: [P] float64 for stacked `params`.
 
     The top eigenvalue is that of largest magnitude, found by `top_eigenvalue` (block LOBPCG);
@@ -61,6 +70,7 @@ def hessian_spectrum(loss_one: LossOne, params: Params, x: torch.Tensor, y: torc
     `seed`, so a result is reproducible."""
     hvp = hessian_vector_product(loss_one)
     params = {k: v.detach() for k, v in params.items()}
+    fixed = {k: v.detach() for k, v in (fixed or {}).items()}
     first = next(iter(params.values()))
     generator = torch.Generator(device=first.device).manual_seed(seed)
 
@@ -71,16 +81,16 @@ def hessian_spectrum(loss_one: LossOne, params: Params, x: torch.Tensor, y: torc
 
     n_members = first.shape[0]
     eigenvalue = top_eigenvalue(hvp, params, x, y, weight, iterations, tolerance, masks,
-                                generator)
+                                generator, fixed)
     # probes go through in batches (a second vmap) of about PROBE_BATCH member-probes
-    batched = vmap(hvp, in_dims=(None, 0, None, None, None))
+    batched = vmap(hvp, in_dims=(None, 0, None, None, None, None))
     trace = torch.zeros_like(eigenvalue)
     for start in range(0, probes, max(1, PROBE_BATCH // n_members)):
         count = min(max(1, PROBE_BATCH // n_members), probes - start)
         probe = restrict({k: torch.randint(0, 2, (count, *v.shape), generator=generator,
                                            device=v.device).to(v.dtype) * 2 - 1
                           for k, v in params.items()})
-        product = batched(params, probe, x, y, weight)
+        product = batched(params, probe, x, y, weight, fixed)
         trace += sum((probe[k] * product[k]).flatten(2).sum(2, dtype=torch.float64).sum(0)
                      for k in probe)
     return {"hessian_top_eig": eigenvalue, "hessian_trace": trace / probes}
@@ -88,7 +98,8 @@ def hessian_spectrum(loss_one: LossOne, params: Params, x: torch.Tensor, y: torc
 
 def top_eigenvalue(hvp: Callable, params: Params, x: torch.Tensor, y: torch.Tensor,
                    weight: torch.Tensor, iterations: int, tolerance: float,
-                   masks: Params | None, generator: torch.Generator) -> torch.Tensor:
+                   masks: Params | None, generator: torch.Generator,
+                   fixed: Params | None = None) -> torch.Tensor:
     """[P] float64: the eigenvalue of largest magnitude of each member's Hessian.
 
     LOBPCG (Knyazev 2001) on a block of `BLOCK` vectors: each iteration takes the Rayleigh-Ritz
@@ -109,7 +120,8 @@ def top_eigenvalue(hvp: Callable, params: Params, x: torch.Tensor, y: torch.Tens
     mask = torch.cat([(masks[k] if masks and k in masks else torch.ones_like(params[k]))
                       .reshape(n_members, -1) for k in keys], 1).to(torch.float64)  # [P, n]
     block = min(BLOCK, n)
-    batched = vmap(hvp, in_dims=(None, 0, None, None, None))  # over the block
+    fixed = fixed or {}
+    batched = vmap(hvp, in_dims=(None, 0, None, None, None, None))  # over the block
 
     def apply(active: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
         """H v for flat vectors [m, n, b] of the members `active`."""
@@ -117,7 +129,7 @@ def top_eigenvalue(hvp: Callable, params: Params, x: torch.Tensor, y: torch.Tens
         tangent = {k: t.reshape(t.shape[0], t.shape[1], *s).to(params[k].dtype)
                    for k, t, s in zip(keys, parts, shapes)}
         product = batched({k: v[active] for k, v in params.items()}, tangent, x, y[active],
-                          weight[active])
+                          weight[active], {k: v[active] for k, v in fixed.items()})
         flat = torch.cat([product[k].flatten(2) for k in keys], 2).to(torch.float64)
         return flat.permute(1, 2, 0) * mask[active, :, None]  # [m, n, b]
 

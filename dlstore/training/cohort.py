@@ -9,6 +9,11 @@ masked, so padded units stay exactly zero and never influence the member's true 
 mask carries a member's pruning mask (lottery tickets): its pruned weights start at zero, get no
 gradient, no optimizer state and no weight decay, so they stay exactly zero.
 
+Buffers (the state-dict entries a kernel names in `buffers`: BatchNorm's running statistics,
+counters) are stacked and checkpointed with the parameters but never optimized, decayed or
+pruned: each step's training forward returns their new values (`loss_grads_and_buffers`), which
+replace the old ones for every member still training.
+
 Each member draws its own batches from its own order seed and sees its own labels (label noise)
 and training-set size, so a member trained here ends where the same run trained alone by
 `reference.train_reference` ends (up to float rounding).
@@ -70,6 +75,18 @@ def shape_groups(members: list[MemberPlan]) -> list[list[int]]:
 
 
 
+def _write_buffers(params: Params, updated: Params, alive: torch.Tensor, masks: Params) -> None:
+    """Buffers after a training forward replace the old ones of members still training (a
+    frozen member's stay as they were); padding stays zero."""
+    with torch.no_grad():
+        for k, new in updated.items():
+            if k in masks:
+                new = new * masks[k]
+            keep = alive.view(-1, *([1] * (new.dim() - 1)))
+            params[k].copy_(torch.where(keep, new, params[k]))
+
+
+
 
 
 
@@ -116,6 +133,12 @@ class CohortTrainer:
             if mask is not None:
                 masks[k] = mask.to(dev)
         init = {k: v.clone() for k, v in params.items()}
+        buffers = tuple(getattr(self.kernel, "buffers", ()))
+        pruned = sorted({k for m in members if m.mask for k in m.mask} & set(buffers))
+        if pruned:
+            raise ValueError(f"pruning masks name buffers {pruned}: only parameters are pruned")
+        # the optimizer's view: the same tensors, without the buffers
+        trainable = {k: v for k, v in params.items() if k not in buffers}
         optimizer = StackedOptimizer(plan.optimizer, members, dev)
 
         y_train, n_train = stack_labels([m.y_train[:m.n_train] for m in members])
@@ -144,13 +167,19 @@ class CohortTrainer:
                 break
             started = time.perf_counter()
             idx = sampler.batch(t)  # [P, B]
-            losses, grads = self.kernel.loss_and_grads(params, x_train[idx],
-                                                       y_train.gather(1, idx))
+            if buffers:
+                losses, grads, updated = self.kernel.loss_grads_and_buffers(
+                    params, x_train[idx], y_train.gather(1, idx))
+            else:
+                losses, grads = self.kernel.loss_and_grads(params, x_train[idx],
+                                                           y_train.gather(1, idx))
             finite = torch.isfinite(losses)
             if not bool(finite.all()):
                 self.diverged_step[(alive & ~finite).cpu()] = t
                 alive = alive & finite
-            optimizer.step(params, grads, lr_factor(plan.schedule, t, plan.total_steps),
+            if buffers:
+                _write_buffers(params, updated, alive, masks)
+            optimizer.step(trainable, grads, lr_factor(plan.schedule, t, plan.total_steps),
                            frozen=None if bool(alive.all()) else ~alive, masks=masks)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
