@@ -181,7 +181,8 @@ def main() -> None:
             dl = _timed(_dlstore_worker, [(root, s, a.steps, a.checkpoints) for s in shares])
             uri = f"sqlite:///{tmp}/mlflow-{procs}.db"
             mlflow.set_tracking_uri(uri)
-            mlflow.MlflowClient().create_experiment("bench")
+            mlflow.MlflowClient().create_experiment(
+                "bench", artifact_location=Path(f"{tmp}/artifacts-{procs}").as_uri())
             ml = _timed(_mlflow_worker, [(uri, s, a.steps, a.checkpoints, tmp)
                                          for s in shares])
             rows.append((f"log, {procs} process{'es' if procs > 1 else ''}", dl, ml))

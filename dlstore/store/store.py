@@ -507,7 +507,7 @@ class Store:
         run.log(step, name=value, ...); run.save(step, model)`. Its id is a hash of zoo and
         config unless `run_id` is given; `resume=True` continues a run the store holds. This
         store's tracked runs share their buffer, appended every `flush_every` seconds (5) or
-        `flush_rows` rows (10,000), given here for all of them (see `dlstore.store.tracking`)."""
+        `flush_rows` rows (100,000), given here for all of them (see `dlstore.store.tracking`)."""
         from dlstore.store.tracking import TrackedRun
 
         tracker = self.tracker()
