@@ -487,8 +487,14 @@ def import_runs_command(
     """Import runs trained elsewhere; rerunning adds nothing, an import cut short resumes."""
     from dlstore.importers.runs import find_runs, import_runs
 
+    try:
+        s = _open(store, storage_option)  # a location that holds something else: refused
+    except StoreError as e:
+        if "does not exist" not in str(e):
+            raise
+        s = None
     find_runs(path)  # a missing or empty source is refused before a store is created
-    s = _open(store, storage_option, create=True)
+    s = s or _open(store, storage_option, create=True)
     report = import_runs(s, path, zoo)
     out.print(f"zoo [bold]{zoo}[/]: {report.runs} runs imported ({report.skipped} already "
               f"complete): {report.checkpoints} checkpoints, {report.metric_rows} metric values")

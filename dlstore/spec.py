@@ -45,7 +45,7 @@ else:  # Python 3.10
     import tomli as tomllib
 from dlstore.architectures.base import Architecture
 from dlstore.architectures.registry import parse_arch_options
-from dlstore.datasets.base import DatasetOptions
+from dlstore.datasets.base import Dataset
 from dlstore.datasets.registry import parse_dataset_options
 from dlstore.metrics.families import (
     MetricsOptions,
@@ -234,7 +234,7 @@ class RunConfig:
     """Everything that determines one trained model."""
 
     zoo: str
-    dataset: DatasetOptions
+    dataset: Dataset
     model: Architecture
     train: TrainOptions
     checkpoints: str | tuple[int, ...]
@@ -490,7 +490,7 @@ def _under_condition(run: RunConfig, overrides: list[tuple[tuple, Any]], where: 
                      run.extra_checkpoints)
 
 
-def _parse_sections(sections: dict[str, Any]) -> tuple[DatasetOptions, Architecture, TrainOptions]:
+def _parse_sections(sections: dict[str, Any]) -> tuple[Dataset, Architecture, TrainOptions]:
     dataset = parse_dataset_options(sections["dataset"])
     model = parse_arch_options(sections["model"])
     try:

@@ -6,7 +6,7 @@ import torch
 from pydantic import ValidationError
 
 from dlstore.datasets.base import (
-    DatasetOptions,
+    Dataset,
     DatasetTensors,
     apply_label_noise,
     clean_split,
@@ -39,7 +39,7 @@ DATA_SEED = {"mnist1d": "data_seed", "digits": "split_seed", "modular": "split_s
 IMAGE_DATASETS = {"mnist", "idx", "cifar", "svhn", "image_folder"}
 
 
-def opts(name: str, **raw) -> DatasetOptions:
+def opts(name: str, **raw) -> Dataset:
     return parse_dataset_options({"name": name, **raw})
 
 

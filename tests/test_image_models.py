@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlstore.analysis.wsl import canonicalize, hidden_layers, random_permutation
-from dlstore.architectures.base import ArchOptions, init_state, n_params
+from dlstore.architectures.base import Architecture, init_state, n_params
 from dlstore.architectures.kernels import VmapKernel
 from dlstore.architectures.registry import parse_arch_options
 from dlstore.architectures.resnet import BatchNorm2d
@@ -53,7 +53,7 @@ def image_spec(model: str, grid: str = "train.lr = [0.05]", train: str = "", see
     """) + textwrap.dedent(extra))
 
 
-def options(**raw) -> ArchOptions:
+def options(**raw) -> Architecture:
     return parse_arch_options(raw)
 
 
@@ -117,7 +117,7 @@ def test_groupnorm_widths_must_be_whole_groups():
 def test_counted_sizes_match_the_built_network(raw, shape, n_classes):
     arch = options(**raw)
     counted = arch.size(shape, n_classes)
-    built = ArchOptions.size(arch, shape, n_classes)  # the module, built and run
+    built = Architecture.size(arch, shape, n_classes)  # the module, built and run
     assert (counted.params, counted.activations) == (built.params, built.activations)
 
 

@@ -46,7 +46,8 @@ def readme_views() -> dict[str, tuple[list[str], bool]]:
 
 def test_readme_lists_every_view_with_its_real_columns(built_store):
     listed = readme_views()
-    assert set(listed) == set(_DEPENDS)
+    # views a user queries; `_runs_latest` is the runs view's materialized inside
+    assert set(listed) == {v for v in _DEPENDS if not v.startswith("_")}
     for view, (columns, open_ended) in listed.items():
         real = built_store.sql(f"SELECT * FROM {view} LIMIT 0").columns
         if open_ended:

@@ -25,8 +25,7 @@ def run_architecture(run: dict) -> Architecture:
     text). A plugin that is no longer importable is one line naming it; its weights stay
     readable without it (`load_state_dict`)."""
     config = json.loads(run["config"]) if isinstance(run["config"], str) else run["config"]
-    if not isinstance(config.get("model"), dict) or not run.get("input_shape") or not run.get(
-            "n_classes"):
+    if not isinstance(config.get("model"), dict):
         raise NotFoundError(f"run {run['run_id']} records no architecture dlstore can build (a "
                             "tracked run needs `model = {arch = ...}`, `input_shape` and "
                             "`n_classes` in its config); load_state_dict gives its weights, "
@@ -50,4 +49,14 @@ def run_architecture(run: dict) -> Architecture:
 def run_kernel(run: dict):
     """The cohort kernel of a stored run's network (its runs row, with `input_shape` and
     `n_classes`): what evaluates stacks of its checkpoints."""
-    return run_architecture(run).cohort_kernel(tuple(run["input_shape"]), run["n_classes"])
+    return run_architecture(run).cohort_kernel(*run_shapes(run))
+
+
+def run_shapes(run: dict) -> tuple[tuple[int, ...], int]:
+    """(input shape, classes) of a stored run, which its network is built for."""
+    if not run.get("input_shape") or not run.get("n_classes"):
+        raise NotFoundError(f"run {run['run_id']} records no input_shape and n_classes (a "
+                            "tracked run gives them in its config) to build its network for; "
+                            "load_model(run_id, step, module=MyNet()) loads its weights into "
+                            "yours")
+    return tuple(run["input_shape"]), run["n_classes"]

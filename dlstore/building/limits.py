@@ -4,7 +4,7 @@ store, and rough estimates of what a build will cost (`build-zoo --dry-run`).
 A spec that would exhaust memory (a width, depth, kernel, input dimension, class count or sample
 count too large) or never end (`epochs = 1e12`, a checkpoint at every one of 10^9 steps) is a
 one-line SpecError stating the estimate, instead of minutes of swapping or an endless loop.
-Sizes come from the options alone (`Architecture.size`, `DatasetOptions.shape`): nothing is built
+Sizes come from the options alone (`Architecture.size`, `Dataset.shape`): nothing is built
 or generated to find out that it is too large.
 """
 

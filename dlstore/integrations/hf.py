@@ -10,28 +10,17 @@ step. The run is complete when training ends; a run whose process dies shows as 
 
 from __future__ import annotations
 
-from typing import Any
-
 from transformers import TrainerCallback
 
-from dlstore.integrations import StepLog, json_config, scalars
+from dlstore.integrations import TrackingCallback, scalars
 
 
-class DlstoreTrainerCallback(TrainerCallback):
-    def __init__(self, store, zoo: str, config: dict[str, Any] | None = None,
-                 run_id: str | None = None, resume: bool = False):
-        self.store, self.zoo, self.extra = store, zoo, dict(config or {})
-        self.run_id, self.resume = run_id, resume
-        self.run = None
-        self._steps: StepLog | None = None
-
+class DlstoreTrainerCallback(TrackingCallback, TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         config = {"training_args": args.to_dict()}
         if model is not None and hasattr(getattr(model, "config", None), "to_dict"):
             config["model_config"] = model.config.to_dict()
-        config = json_config({**config, **self.extra})
-        self.run = self.store.track(self.zoo, config, run_id=self.run_id, resume=self.resume)
-        self._steps = StepLog(self.run)
+        self.start(config)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self._steps is not None and logs:

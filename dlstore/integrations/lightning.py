@@ -11,25 +11,14 @@ fit ends and failed when it raises.
 
 from __future__ import annotations
 
-from typing import Any
-
 import lightning.pytorch as pl
 
-from dlstore.integrations import StepLog, json_config, scalars
+from dlstore.integrations import TrackingCallback, scalars
 
 
-class DlstoreCallback(pl.Callback):
-    def __init__(self, store, zoo: str, config: dict[str, Any] | None = None,
-                 run_id: str | None = None, resume: bool = False):
-        self.store, self.zoo, self.extra = store, zoo, dict(config or {})
-        self.run_id, self.resume = run_id, resume
-        self.run = None
-        self._steps: StepLog | None = None
-
+class DlstoreCallback(TrackingCallback, pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        config = json_config({**dict(getattr(pl_module, "hparams", {}) or {}), **self.extra})
-        self.run = self.store.track(self.zoo, config, run_id=self.run_id, resume=self.resume)
-        self._steps = StepLog(self.run)
+        self.start(dict(getattr(pl_module, "hparams", {}) or {}))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch,
                            batch_idx: int) -> None:

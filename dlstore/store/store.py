@@ -298,11 +298,11 @@ class Store:
         """The run's network at `step` (None = last checkpoint), in eval mode, on the CPU:
         rebuilt from its architecture, or the weights loaded into `module` (a tracked run whose
         network dlstore cannot build: pass an instance of your own class)."""
-        from dlstore.architectures.registry import run_architecture
+        from dlstore.architectures.registry import run_architecture, run_shapes
 
         if module is None:
             run = self.run(run_id)
-            model = run_architecture(run).build(tuple(run["input_shape"]), run["n_classes"])
+            model = run_architecture(run).build(*run_shapes(run))
         else:
             model = module
         state = self.load_state_dict(run_id, step)
