@@ -2,14 +2,14 @@
 run (interleaved repeats, medians):
 
     python bench/conv_kernels.py --width 16 --members 256
-    python bench/conv_kernels.py --width 16 --members 256 --chunks 1,2,4,8,16
+    python bench/conv_kernels.py --width 16 --members 256 --chunks 4,8,32,64 --threads 1
 
 - `vmap`: the generic kernel (`torch.func.vmap` of `grad_and_value` over `functional_call`);
 - `grouped`: members on the channel axis, [B, P * C, L] with `groups=P`, one `conv1d` per layer
   for the whole cohort, gradients by autograd of the summed losses (members do not interact);
-- `fused`: `ConvNetKernel` (dlstore/architectures/fused.py), im2col + `baddbmm`, backward
-  written out, members in chunks of `CHUNK_BYTES` of activations; `--chunks` adds rows at other
-  budgets (MiB).
+- `fused`: `ConvNetKernel` (dlstore/architectures/fused.py), batched matmuls over the member
+  axis, backward written out, members in chunks of `CHUNK_BYTES` of intermediates; `--chunks`
+  adds rows at other budgets (MiB).
 
 Prints milliseconds per cohort step and model-steps per second of each; the last line is JSON.
 """
@@ -64,7 +64,11 @@ def main() -> None:
     parser.add_argument("--chunks", default="", help="extra chunk budgets of the fused kernel, "
                         "MiB, comma-separated")
     parser.add_argument("--skip", default="", help="rows to leave out, comma-separated")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch's CPU threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     arch = CNN1dOptions(arch="cnn1d", width=args.width, depth=args.depth)
     shape, n_classes = (40,), 10

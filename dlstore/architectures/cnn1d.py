@@ -1,4 +1,5 @@
-"""A 1-D convolutional network for sequence inputs [C, L] (MNIST-1D).
+"""A 1-D convolutional network for sequence inputs [C, L] (MNIST-1D), and its fast cohort kernel
+(the fused convolutions of `dlstore.architectures.fused`).
 """
 
 from __future__ import annotations
@@ -74,8 +75,8 @@ class CNN1dOptions(Architecture):
         return chain_symmetries(shapes)
 
     def cohort_kernel(self, input_shape: tuple[int, ...], n_classes: int):
-        # im2col convolutions as batched matmuls, backward written out: several times faster
-        # than vmap on a CPU (dlstore.architectures.fused)
+        # the convolutions as batched matmuls over the member axis, backward written out:
+        # about 5x the generic vmap kernel on a CPU (dlstore.architectures.fused)
         from dlstore.architectures.fused import ConvLayer, ConvNetKernel
 
         layers = [ConvLayer(f"convs.{i}", (self.kernel,), (2,), (self.kernel // 2,))

@@ -1,41 +1,43 @@
 """Fused cohort convolutions: a chain of strided convolutions, an activation, a head (flatten or
 global average pooling) and a linear classifier, for every member of a cohort at once, forward
 and backward written out as batched matmuls over the member axis. Nothing here depends on the
-number of spatial axes: a 2-D network runs the same code as a 1-D one.
+number of spatial axes: a 2-D network runs the same code as a 1-D one (tests/test_fused.py runs
+both against autograd through the networks' modules).
 
-Layout. An activation is position-major with the member axis first, [P, *G, B, C] (G: a grid of
-positions over the spatial axes, B examples, C channels), so that one row of a matmul is one
-(position, example) and a shift by whole positions is a shift by whole rows.
+Layout. Activations are position-major with the member axis first, [P, *G, B, C] (a grid G of
+positions over the spatial axes, then B examples, C channels): a row of a matmul is one
+(position, example), and a shift by whole positions is a shift by whole rows.
 
-- The first layer is an im2col: its zero-padded input unfolded into one row per output
-  position and example, taps first and channels last, [P, prod(S_out) * B, prod(k) * C_in],
-  times the member's kernel as a matrix [P, prod(k) * C_in, C_out]: one `baddbmm` for the
-  cohort, bias included. Its inputs have few channels, so the windows are cheap, and it needs
-  no input gradient.
 - A hidden layer reads its input in blocks of `stride` positions along each axis,
-  [P, *Q, B, *stride, C_in]: one row per (block, example) holding the block's positions and
-  channels. Tap t = q * stride + r of output o sits in block o + q at phase r, so all taps of
-  one block offset q are a slice of rows shifted by q blocks and a range of columns: the
-  convolution is a sum of a few matmuls over views of the same buffer (3 for a kernel of 5 at
-  stride 2), and its input gradient is the same matmuls transposed, added into those views.
-  Neither copies a window: the im2col's windows are 2.5x the input at kernel 5, stride 2, and
-  their gradient needs one strided add per tap to fold back; without them a cnn1d step moves
-  half the memory. Along every axis but the first the rows of a shifted slice run on across a
-  block row, so the output grid there is Q wide, not S_out: the extra outputs are computed and
-  never read (their gradient is zero).
+  [P, *Q, B, *stride, C_in]: one row per (block, example), holding the block's positions and
+  channels. Tap t = q * stride + r of output o sits in block o + q at phase r, so the taps of
+  one block offset q are the rows shifted by q blocks, a range of their columns: the
+  convolution is a sum of a few matmuls over views of one buffer (3 for a kernel of 5 at
+  stride 2, 5 for 3x3 at stride 2), and its input gradient is the same matmuls transposed,
+  added into the same views. Nothing copies a window: an im2col's windows are 2.5x its input
+  at kernel 5, stride 2, and folding their gradient back takes strided adds; measured on this
+  project's 2-core CPU (one thread, 256 cnn1d members of width 16) the im2col version ran
+  1,180-1,250 model-steps/s, this one 1,450-1,700. Along every axis but the first a shifted
+  slice runs on across block rows, so the grid there is Q wide, not S_out: the extra outputs
+  are computed, never read, and get no gradient.
+- The first layer is an im2col (one `index_select` of its zero-padded inputs, one `baddbmm`):
+  its inputs have few channels, so windows are cheap, and it needs no input gradient. It
+  writes its outputs straight into the second layer's blocks (the padding positions among
+  them zeroed after the activation), so no copy into blocks happens there.
 
-Backward passes are written out, not autograd's: they need only the layers' inputs, the kernels
-and the activations, all kept in a per-thread `Workspace` (on a CPU; a device's caching
-allocator already reuses memory) so that a step allocates no fresh pages.
+Backward passes are written out: they need only each layer's input rows, pre-activations and
+activations. On a CPU these live in a per-thread `Workspace`: fresh tensors of a few MiB are
+fresh pages from the operating system, whose faults cost 2-3x the arithmetic of a step.
 
 Why not grouped convolutions (members on the channel axis, [B, P * C, L] with `groups=P`, one
-`conv1d` per layer for the cohort, gradients by autograd of the summed losses): on a CPU
-(oneDNN) they measured no faster than the generic `vmap` kernel, and several times slower than
-this (bench/conv_kernels.py prints both, and the im2col-only variant this replaced).
+`conv1d` per layer for the cohort, gradients by autograd of the summed losses, which is every
+member's gradient at once since members do not interact): on a CPU (oneDNN) they measured no
+faster than the generic `vmap` kernel, about 5x slower than this (bench/conv_kernels.py prints
+the three side by side: 328, 298 and 1,575 model-steps/s in the run above).
 
-On a CPU members go through in chunks of about `CHUNK_BYTES` of intermediates: a cohort's step
-is bound by memory traffic, so a chunk that stays in cache runs faster per member than the
-whole cohort at once, and a chunk too small pays each op's fixed cost too often.
+On a CPU members go through in chunks of about `CHUNK_BYTES` of intermediates: a step is
+bound by memory traffic, so a chunk that stays in cache runs faster per member than the whole
+cohort at once, and a chunk too small pays each op's fixed cost (about 1 ms a chunk) too often.
 """
 
 from __future__ import annotations
@@ -52,8 +54,9 @@ import torch.nn.functional as F
 
 from dlstore.stacks import Params
 
-# Intermediates of the members one pass handles at once, on a CPU (bench/conv_kernels.py
-# --chunks measures others)
+# Intermediates of the members one pass handles at once, on a CPU: 16-32 MiB ran fastest
+# (1,506-1,575 model-steps/s against 1,170 at 4 MiB, 1,289 at 64; bench/conv_kernels.py
+# --chunks)
 CHUNK_BYTES = 16 * 2**20
 
 _CONVS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -266,8 +269,9 @@ def cross_entropy_and_grad(logits: torch.Tensor, y: torch.Tensor
 class Workspace:
     """Memory reused from one step to the next, per role (`get`). A fresh allocation of a few
     MiB on a CPU is fresh pages from the operating system (glibc returns them on free): the page
-    faults of a cohort step's intermediates cost more than its arithmetic (99k faults, 400 MB,
-    per step of 256 cnn1d members: 600 ms of CPU time against 206 ms reused)."""
+    faults of a cohort step's intermediates cost more than its arithmetic (measured on an early
+    version of this kernel: 99k faults, 400 MB, per step of 256 cnn1d members; 600 ms of CPU
+    time against 206 ms with memory reused)."""
 
     def __init__(self, dtype: torch.dtype, device: torch.device):
         self.dtype, self.device = dtype, device
@@ -291,7 +295,13 @@ class ConvNetKernel:
 
     `input_shape` is an example's shape as the network's module takes it, channels first
     [C, *S]; inputs with that many numbers per example are reshaped to it (a 1-D sequence [L]
-    gets its channel axis)."""
+    gets its channel axis). A cohort of mixed widths is the widest's shapes, zero-padded
+    (`Architecture.padded_axes`): zero channels stay zero through every layer, and the
+    trainer masks their gradients.
+
+    The same interface as `MLPKernel`: `loss_and_grads` for training, `forward_shared` and
+    `features_shared` for the metrics, `forward_one` for what `torch.func` differentiates
+    (Hessians), `classifier`."""
 
     def __init__(self, layers: list[ConvLayer], activation: Activation,
                  head: Literal["flatten", "mean"], classifier: str,
@@ -377,14 +387,14 @@ class ConvNetKernel:
                     if j == 0:
                         torch.baddbmm(bias, rows, matrix, out=z)
                     else:
-                        z.baddbmm_(rows, matrix)
+                        torch.baddbmm(z, rows, matrix, out=z)  # 1.4x baddbmm_ here
             a = activate(self.activation, z, buffer(f"{i}.a", z.shape)
                          if self.activation == "gelu" else None)
             if g.feeds is not None:  # the next layer's blocked input
                 blocked = a.view(n_members, *g.feeds.blocks, batch, *g.feeds.layer.stride,
                                  c_out)
                 for dead in g.dead:
-                    blocked[dead] = 0.0
+                    blocked[dead].zero_()
                 h = a.view(n_members, -1, g.feeds.row_width)
             else:
                 h = a.view(n_members, *g.grid, batch, c_out)
@@ -470,7 +480,7 @@ class ConvNetKernel:
                 blocked = grad_z.view(n_members, *g.feeds.blocks, batch,
                                       *g.feeds.layer.stride, c_out)
                 for dead in g.dead:
-                    blocked[dead] = 0.0
+                    blocked[dead].zero_()
             else:
                 if g.grid != g.out:
                     grad_z.zero_()  # outputs that no later layer reads
