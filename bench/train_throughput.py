@@ -3,14 +3,18 @@
     python bench/train_throughput.py --width 32 --members 1024          # ~2.7k-parameter MLP
     python bench/train_throughput.py --width 128 --members 512          # ~23k
     python bench/train_throughput.py --arch cnn1d --width 16 --members 256
+    python bench/train_throughput.py --arch cnn1d --kernel fast --threads 1
     python bench/train_throughput.py --device cuda --members 10000
 
 Both sides train MNIST-1D-shaped networks with SGD + momentum, data already on the device: the
 sequential side is one `nn.Module` and one `torch.optim` optimizer per member, stepped one after
-another (`dlstore.zoo.reference`); the cohort side is `CohortTrainer`. The sequential rate is
-measured on `--seq-members` members (its cost is linear in members). Prints model-steps per second
-of both, the ratio, achieved GFLOP/s (3 x the forward FLOPs torch counts, per example) against the
-device's own measured matmul peak, and peak memory; the last line is JSON.
+another (`dlstore.training.reference`); the cohort side is `CohortTrainer`, once with each kernel
+`--kernel` names (`fast`: the one the architecture declares, `Architecture.cohort_kernel`;
+`vmap`: the generic `VmapKernel`; by default both, in one run). The sequential rate is measured on
+`--seq-members` members (its cost is linear in members). Prints model-steps per second of each,
+the ratios, achieved GFLOP/s (3 x the forward FLOPs torch counts, per example) against the
+device's own measured matmul peak, and peak memory; the last line is JSON (`pop_steps_per_s`,
+`speedup`, `gflops`: the first kernel named; `<kernel>_steps_per_s` etc.: each).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import time
 
 import torch
 
+from dlstore.architectures.kernels import VmapKernel
 from dlstore.building.plan import cohort_plan, plan_cohorts
 from dlstore.spec import ZooSpec
 from dlstore.training.cohort import CohortTrainer
@@ -58,6 +63,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def cohort_rate(plan, device: torch.device, kernel: str) -> float:
+    """Model-steps per second of the cohort trainer with `kernel`, its first step left out:
+    first calls are slow (the sequential side is warmed up too)."""
+    first_step = {}
+    trainer = CohortTrainer(plan, device, on_step=lambda t: first_step.setdefault(
+        "seconds", trainer.train_seconds))
+    if kernel == "vmap":
+        trainer.kernel = VmapKernel(plan.arch, plan.input_shape, plan.n_classes)
+    for _ in trainer.run():
+        pass
+    steps = plan.total_steps - plan.start_step - 1
+    return len(plan.members) * steps / (trainer.train_seconds - first_step["seconds"])
+
+
 def spec_for(args, members: int) -> ZooSpec:
     return ZooSpec.from_text(textwrap.dedent(f"""
         name = "bench"
@@ -84,11 +103,21 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--members", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=100, help="at least 2")
     parser.add_argument("--seq-members", type=int, default=8)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--kernel", default="fast,vmap",
+                        help="cohort kernels to measure, comma-separated: fast (the "
+                        "architecture's declared one), vmap (the generic one)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch's CPU threads for both sides (0: torch's default)")
     args = parser.parse_args()
     device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    kernels = args.kernel.split(",")
+    if not kernels or set(kernels) - {"fast", "vmap"}:
+        parser.error(f"--kernel: fast, vmap or both, not {args.kernel!r}")
 
     runs, datas = plan_cohorts(list(spec_for(args, args.members).runs),
                                cohort_size=args.members)[0]
@@ -96,10 +125,7 @@ def main() -> None:
     n_params = sum(v.numel() for v in plan.members[0].init.values())
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    trainer = CohortTrainer(plan, device)
-    for _ in trainer.run():
-        pass
-    pop_rate = args.members * args.steps / trainer.train_seconds
+    pop_rates = {kernel: cohort_rate(plan, device, kernel) for kernel in kernels}
 
     seq_runs = runs[:args.seq_members]
     train_reference(seq_runs[0], datas[0], device=device)  # warm-up: first calls are slow
@@ -116,18 +142,24 @@ def main() -> None:
     result = {
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "arch": args.arch, "members": args.members, "params": n_params, "batch": args.batch,
-        "seq_steps_per_s": round(seq_rate, 1), "pop_steps_per_s": round(pop_rate, 1),
-        "speedup": round(pop_rate / seq_rate, 2),
-        "gflops": round(pop_rate * flops_per_model_step / 1e9, 1),
-        "peak_gflops": round(peak, 1),
-        "peak_memory_mb": round(memory_mb, 1),
+        "threads": torch.get_num_threads(), "seq_steps_per_s": round(seq_rate, 1),
     }
+    for i, (kernel, rate) in enumerate(pop_rates.items()):
+        row = {"steps_per_s": round(rate, 1), "speedup": round(rate / seq_rate, 2),
+               "gflops": round(rate * flops_per_model_step / 1e9, 1)}
+        if i == 0:
+            result.update({"kernel": kernel, "pop_steps_per_s": row["steps_per_s"],
+                           "speedup": row["speedup"], "gflops": row["gflops"]})
+        result.update({f"{kernel}_{k}": v for k, v in row.items()})
+    result.update({"peak_gflops": round(peak, 1), "peak_memory_mb": round(memory_mb, 1)})
     print(f"{args.arch} {n_params} params, batch {args.batch}, {args.members} members, "
-          f"{args.steps} steps on {result['device']}")
+          f"{args.steps} steps on {result['device']}, {result['threads']} threads")
     print(f"  sequential loop : {seq_rate:12,.0f} model-steps/s")
-    print(f"  cohort trainer  : {pop_rate:12,.0f} model-steps/s   ({result['speedup']}x)")
-    print(f"  achieved        : {result['gflops']:12,.1f} GFLOP/s of a measured matmul peak of "
-          f"{peak:,.1f} ({result['gflops'] / peak:.0%})")
+    for kernel, rate in pop_rates.items():
+        gflops = result[f"{kernel}_gflops"]
+        print(f"  cohort ({kernel:4s})   : {rate:12,.0f} model-steps/s   "
+              f"({result[f'{kernel}_speedup']}x), {gflops:,.1f} GFLOP/s of a measured matmul "
+              f"peak of {peak:,.1f} ({gflops / peak:.0%})")
     print(f"  peak memory     : {memory_mb:12,.0f} MiB")
     print(json.dumps(result))
 

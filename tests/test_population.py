@@ -5,9 +5,11 @@ import textwrap
 import pytest
 import torch
 
+from dlstore.architectures.base import init_state
 from dlstore.architectures.registry import ARCHS
 from dlstore.building.plan import cohort_plan, plan_cohorts
 from dlstore.datasets.base import run_data
+from dlstore.experiments.pruning import full_mask, magnitude_prune
 from dlstore.plugins import known_names
 from dlstore.spec import ZooSpec
 from dlstore.training.cohort import CohortTrainer
@@ -115,6 +117,64 @@ def test_cnn1d_matches_reference(seeds, widths):
     """))
     assert len(plan_cohorts(list(spec.runs), cohort_size=8)) == 1
     assert_matches_reference(spec)
+
+
+@pytest.mark.parametrize("optimizer, activation, kernel", [("sgd", "tanh", 5),
+                                                        ("adam", "gelu", 4)])
+def test_cnn1d_tickets_of_mixed_widths_match_reference(optimizer, activation, kernel):
+    # cnn1d's fused kernel with everything a cohort mixes: widths padded to the widest,
+    # pruning masks of several densities (pruned weights start at zero and stay there),
+    # rewound starting weights, three layers (the third reads the second's activations as
+    # blocks), an activation whose gradient at a padded unit is not zero
+    spec = ZooSpec.from_text(textwrap.dedent(f"""
+        name = "cnn-tickets"
+        seeds = 2
+        checkpoints = "every:10"
+        [dataset]
+        name = "mnist1d"
+        n_train = 200
+        [model]
+        arch = "cnn1d"
+        depth = 3
+        kernel = {kernel}
+        activation = "{activation}"
+        [train]
+        optimizer = "{optimizer}"
+        lr = {0.05 if optimizer == "sgd" else 0.005}
+        {"momentum = 0.9" if optimizer == "sgd" else ""}
+        weight_decay = 0.01
+        batch_size = 20
+        steps = 20
+        [grid]
+        model.width = [3, 6]
+    """))
+    [(runs, datas)] = plan_cohorts(list(spec.runs), cohort_size=8)
+    plan = cohort_plan(runs, datas)
+    starts = []
+    for i, (member, run, data) in enumerate(zip(plan.members, runs, datas)):
+        rewound = init_state(run.model, data.input_shape, data.n_classes, 100 + i)
+        mask = (magnitude_prune(full_mask(rewound), rewound, 0.25 * i, 0.1 * i, "global")
+                if i else None)
+        member.init, member.mask = rewound, mask
+        starts.append((rewound, mask))
+    together = {ck.step: ck.params for ck in CohortTrainer(plan).run()}
+    worst = 0.0
+    for i, (run, (rewound, mask)) in enumerate(zip(runs, starts)):
+        alone = train_reference(run, run_data(run.dataset, run.seed), init=rewound, mask=mask)
+        assert sorted(alone) == sorted(together) == [0, 10, 20]
+        for step, state in alone.items():
+            for name, value in state.items():
+                padded = together[step][name][i]
+                corner = padded[tuple(slice(0, n) for n in value.shape)]
+                worst = max(worst, (corner - value).abs().max().item())
+                # outside its true shape, a narrower member is exactly zero
+                assert padded.abs().sum().item() == pytest.approx(corner.abs().sum().item(),
+                                                                  rel=1e-6)
+                if mask is not None and name in mask:  # pruned: exactly zero in both
+                    assert torch.count_nonzero(value[~mask[name]]) == 0
+                    assert torch.count_nonzero(corner[~mask[name]]) == 0
+        assert not torch.equal(alone[20]["convs.0.weight"], alone[0]["convs.0.weight"])
+    assert worst < ATOL, f"cohort and reference differ by {worst}"
 
 
 def test_member_result_does_not_depend_on_its_cohort():

@@ -1,4 +1,5 @@
-"""A 1-D convolutional network for sequence inputs [C, L] (MNIST-1D).
+"""A 1-D convolutional network for sequence inputs [C, L] (MNIST-1D), and its fast cohort kernel
+(the fused convolutions of `dlstore.architectures.fused`).
 """
 
 from __future__ import annotations
@@ -60,6 +61,16 @@ class CNN1dOptions(LayerChain):
 
     def classifier_layer(self) -> str:
         return "out"
+
+    def cohort_kernel(self, input_shape: tuple[int, ...], n_classes: int):
+        # the convolutions as batched matmuls over the member axis, backward written out:
+        # about 5x the generic vmap kernel on a CPU (dlstore.architectures.fused)
+        from dlstore.architectures.fused import ConvLayer, ConvNetKernel
+
+        layers = [ConvLayer(f"convs.{i}", (self.kernel,), (2,), (self.kernel // 2,))
+                  for i in range(self.depth)]
+        return ConvNetKernel(layers, self.activation, "flatten", "out",
+                             _sequence_shape(input_shape))
 
     def build(self, input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
         in_channels, length = _sequence_shape(input_shape)

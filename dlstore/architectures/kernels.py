@@ -6,14 +6,17 @@ Both also give every member's logits and penultimate features on shared inputs
 (`forward_shared`, `features_shared`), one member's logits (`forward_one`, a function of its own
 parameters that `torch.func` can differentiate twice), and name the classifier layer.
 
-Two implementations:
+Three implementations:
 - `VmapKernel`, for any architecture: `torch.func.vmap(grad_and_value(...))` over
   `functional_call` of the architecture's module;
 - `MLPKernel`, the fast kernel `mlp` declares (`Architecture.cohort_kernel`): the forward and
   backward pass written out with batched matmuls (`baddbmm`/`bmm`). On a CPU it is several
   times faster than the generic path at the sizes of a model zoo, because autograd's layouts
-  make the elementwise backward ops and `log_softmax` over ten classes slow there. Equivalence
-  tests pin both against the `torch.optim` reference.
+  make the elementwise backward ops and `log_softmax` over ten classes slow there;
+- `ConvNetKernel` (`dlstore.architectures.fused`), the fast kernel `cnn1d` declares: strided
+  convolutions as batched matmuls over shifted views of blocked inputs, backward written out,
+  for any number of spatial axes.
+Equivalence tests pin them against the `torch.optim` reference.
 
 Buffers. A module's state dict may hold tensors that are not parameters (BatchNorm's running
 statistics and batch counter, cnn2d's dropout seed and counter): a kernel names them in
