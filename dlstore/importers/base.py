@@ -1,0 +1,284 @@
+"""What every published-zoo importer shares: a source is a stream of `SourceRun`s, and
+`commit_runs` writes them into a store with the build's commit protocol.
+
+A format's reader (`raytune`, `unterthiner`, `hf`, `csv`) only reads its files: it yields one
+`SourceRun` per model, whose checkpoints are read when the committer asks for them, so a zoo
+larger than memory streams through. The committer gathers runs into batches of bounded size
+(`BATCH_BYTES` of weights, `BATCH_RUNS` runs); per batch it writes one cohort shard per
+(checkpoint step, tensor shapes) with a member per run, then the batch's checkpoint and metric
+rows and its runs rows last, all under one commit id (`StoreWriter.commit`). A process killed
+in the middle leaves shards no row points to (gc removes them) and rows of a commit whose runs
+rows never landed (no view shows them): a rerun imports that batch again, and the result is the
+result of an uninterrupted import. Run ids are a hash of the zoo and the run's identity in its
+source (`SourceRun.key`), so a second import skips every run the store holds complete.
+
+A run whose files are bad (unreadable, no checkpoints, shapes that change) is left out with one
+line naming the file (`ImportReport.errors`); the rest of the import goes on.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from dlstore.errors import DlstoreError
+from dlstore.ids import hashed_id
+from dlstore.store.leases import BuildLease
+from dlstore.store.tracking import RESERVED, typed_columns
+from dlstore.store.writer import StoreWriter
+
+if TYPE_CHECKING:
+    import torch
+
+    from dlstore.store.store import Store
+
+BATCH_BYTES = 64 * 2**20  # weights held at once before a batch is committed
+BATCH_RUNS = 2000
+
+
+class ImportSourceError(DlstoreError):
+    """A source that cannot be imported: one line naming the file and what was expected."""
+
+
+StateLoader = Callable[[], "dict[str, torch.Tensor]"]
+
+
+@dataclass
+class SourceCheckpoint:
+    step: int
+    epoch: float | None
+    load: StateLoader  # reads the state dict (ImportSourceError naming the file if it cannot)
+
+
+@dataclass
+class SourceRun:
+    """One model of a source: its identity, config (the runs row's config JSON: `model`,
+    `input_shape` and `n_classes` when dlstore can rebuild its network), metrics by step and
+    checkpoints (read lazily)."""
+
+    key: str
+    config: dict
+    metrics: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    checkpoints: list[SourceCheckpoint] = field(default_factory=list)
+    error: str | None = None  # found while listing it: the run is left out with this line
+
+
+@dataclass
+class ImportReport:
+    zoo: str
+    format: str
+    path: str
+    runs: int = 0  # imported by this call
+    skipped: int = 0  # complete in the store already
+    checkpoints: int = 0
+    metric_rows: int = 0
+    errors: list[str] = field(default_factory=list)  # one line per run left out
+    total_runs: int = 0  # the zoo's, after the import
+    total_checkpoints: int = 0
+    total_metric_rows: int = 0
+
+
+def run_id_of(zoo: str, key: str) -> str:
+    return hashed_id(zoo, {"source": key})
+
+
+def commit_runs(store: Store, zoo: str, format: str, path: str, runs: Iterable[SourceRun],
+                total: int | None = None,
+                progress: Callable[[int, int | None], None] | None = None,
+                batch_bytes: int = BATCH_BYTES, batch_runs: int = BATCH_RUNS) -> ImportReport:
+    """Import `runs` into `store` as runs of `zoo`; records the zoo's provenance at the end."""
+    import dlstore
+
+    if not isinstance(zoo, str) or not zoo:
+        raise ImportSourceError("import: give the zoo as a non-empty string (--zoo NAME)")
+    writer = StoreWriter(store)
+    writer.check_writable()
+    report = ImportReport(zoo, format, path)
+    complete = set(store.sql("SELECT run_id FROM runs WHERE zoo = ? AND status = 'complete'",
+                             [zoo])["run_id"].to_list())
+    versions = {"dlstore_version": dlstore.__version__, "torch_version": _torch_version()}
+    batch: list[tuple[str, SourceRun, list[tuple[SourceCheckpoint, dict]]]] = []
+    held = 0
+    seen = 0
+    with BuildLease(store.location, zoo):  # gc spares the shards written before their rows
+        for run in runs:
+            seen += 1
+            run_id = run_id_of(zoo, run.key)
+            if run_id in complete:
+                report.skipped += 1
+            elif run.error:
+                report.errors.append(run.error)
+            else:
+                try:
+                    states = _read_states(run)
+                except ImportSourceError as e:
+                    report.errors.append(str(e))
+                    states = None
+                if states is not None:
+                    batch.append((run_id, run, states))
+                    complete.add(run_id)  # a source listing one model twice imports it once
+                    held += sum(_nbytes(s) for _, s in states)
+                    if held >= batch_bytes or len(batch) >= batch_runs:
+                        _commit_batch(writer, zoo, batch, versions, report)
+                        batch, held = [], 0
+            if progress:
+                progress(seen, total)
+        if batch:
+            _commit_batch(writer, zoo, batch, versions, report)
+    _record_provenance(store, writer, report)
+    return report
+
+
+def _read_states(run: SourceRun) -> list[tuple[SourceCheckpoint, dict]]:
+    """Every checkpoint of the run, read and checked: one network throughout."""
+    states = []
+    shapes = None
+    for ck in sorted(run.checkpoints, key=lambda c: c.step):
+        state = ck.load()
+        now = {k: tuple(v.shape) for k, v in state.items()}
+        if shapes is not None and now != shapes:
+            changed = sorted(k for k in now.keys() | shapes.keys() if now.get(k) != shapes.get(k))
+            raise ImportSourceError(f"run {run.key}: the checkpoint at step {ck.step} differs "
+                                    f"from its earlier ones at {changed[0]!r} "
+                                    f"({shapes.get(changed[0])} -> {now.get(changed[0])})")
+        if states and states[-1][0].step == ck.step:
+            raise ImportSourceError(f"run {run.key}: two checkpoints at step {ck.step}")
+        shapes = now
+        states.append((ck, state))
+    return states
+
+
+def _nbytes(state: dict) -> int:
+    return sum(v.numel() * v.element_size() for v in state.values())
+
+
+def _commit_batch(writer: StoreWriter, zoo: str, batch: list, versions: dict,
+                  report: ImportReport) -> None:
+    import torch
+
+    # one shard per (step, network): members are the batch's runs with that checkpoint
+    groups: dict[tuple, list[tuple[str, SourceCheckpoint, dict, SourceRun]]] = {}
+    for run_id, run, states in batch:
+        arch_json = json.dumps(run.config.get("model"), sort_keys=True) if isinstance(
+            run.config.get("model"), dict) else ""
+        shape = tuple(run.config.get("input_shape") or ())
+        n_classes = int(run.config.get("n_classes") or 0)
+        for ck, state in states:
+            signature = tuple((k, tuple(v.shape), str(v.dtype)) for k, v in state.items())
+            groups.setdefault((ck.step, signature, arch_json, shape, n_classes), []).append(
+                (run_id, ck, state, run))
+    checkpoints = []
+    for (step, _, arch_json, shape, n_classes), members in groups.items():
+        names = list(members[0][2])
+        tensors = {k: torch.stack([m[2][k].detach().cpu() for m in members]) for k in names}
+        blob = writer.put_cohort_shard(tensors, zoo=zoo, step=step, arch_json=arch_json,
+                                       input_shape=shape, n_classes=n_classes,
+                                       run_ids=[m[0] for m in members])
+        first = tensors[names[0]]
+        n_bytes = _nbytes(members[0][2])
+        for member, (run_id, ck, _, _) in enumerate(members):
+            checkpoints.append({"run_id": run_id, "step": step, "epoch": ck.epoch, "blob": blob,
+                                "member": member,
+                                "dtype": str(first.dtype).removeprefix("torch."),
+                                "n_bytes": n_bytes})
+    metrics: dict[str, list] = {k: [] for k in ("run_id", "step", "metric", "tensor", "value")}
+    runs = []
+    for run_id, run, states in batch:
+        n_metrics = 0
+        last_metric = None
+        for step, values in run.metrics:
+            for name, value in values.items():
+                if value is None or math.isnan(value):
+                    continue  # a missing value is no row
+                metrics["run_id"].append(run_id)
+                metrics["step"].append(step)
+                metrics["metric"].append(_metric_name(name))
+                metrics["tensor"].append(None)
+                metrics["value"].append(float(value))
+                n_metrics += 1
+                last_metric = step if last_metric is None else max(last_metric, step)
+        report.metric_rows += n_metrics
+        report.checkpoints += len(states)
+        final = states[-1][0].step if states else last_metric
+        n_params = sum(v.numel() for v in states[0][1].values()) if states else None
+        config = run.config
+        shape = config.get("input_shape")
+        typed = typed_columns(config)
+        if n_params is not None:
+            typed.setdefault("n_params", n_params)
+        runs.append({"run_id": run_id, "zoo": zoo, "status": "complete",
+                     **typed, "input_shape": list(shape) if shape else None,
+                     "config": json.dumps(config, sort_keys=True, default=str),
+                     "final_step": final, **versions})
+    report.runs += len(batch)
+    writer.commit(checkpoints, metrics, runs)
+
+
+def _metric_name(name: str) -> str:
+    """A metric named like a column of the views gets a suffix (as `Store.track` asks)."""
+    return f"{name}_value" if name in RESERVED else name
+
+
+def _record_provenance(store: Store, writer: StoreWriter, report: ImportReport) -> None:
+    """A zoos row saying where the zoo came from and what it holds now; a rerun that adds
+    nothing records nothing new (same text, same hash)."""
+    counts = store.sql(
+        "SELECT (SELECT count(*) FROM runs WHERE zoo = ?) AS runs, "
+        "(SELECT count(*) FROM checkpoints c JOIN runs r USING (run_id) WHERE r.zoo = ?) AS ck, "
+        "(SELECT count(*) FROM metrics m JOIN runs r USING (run_id) WHERE r.zoo = ?) AS rows",
+        [report.zoo] * 3).row(0)
+    report.total_runs, report.total_checkpoints, report.total_metric_rows = map(int, counts)
+    if report.total_runs == 0:
+        return
+    spec = json.dumps({"import": report.format, "path": report.path, "runs": counts[0],
+                       "checkpoints": counts[1], "metric_rows": counts[2]}, sort_keys=True)
+    writer.record_zoo({"zoo": report.zoo, "spec": spec,
+                       "spec_hash": hashlib.sha256(spec.encode()).hexdigest(),
+                       "n_runs": report.total_runs, "source_format": report.format,
+                       "source_path": report.path, "n_checkpoints": report.total_checkpoints,
+                       "n_metric_rows": report.total_metric_rows,
+                       "created_at": dt.datetime.now(dt.timezone.utc),
+                       "dlstore_version": _version()})
+
+
+def _version() -> str:
+    import dlstore
+
+    return dlstore.__version__
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def last_number(text: str) -> int | None:
+    """The last run of digits in `text` (a step in a file or folder name), or None."""
+    digits = ""
+    for ch in reversed(text):
+        if ch.isdigit():
+            digits = ch + digits
+        elif digits:
+            break
+    return int(digits) if digits else None
+
+
+def as_float(value) -> float | None:
+    """A metric value: None for a missing one (empty, null, not a number)."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value) if value.strip() else None
+        except ValueError:
+            return None
+    return None
+
