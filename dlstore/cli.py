@@ -495,12 +495,7 @@ def import_runs_command(
     """Import runs trained elsewhere; rerunning adds nothing, an import cut short resumes."""
     from dlstore.importers.runs import find_runs, import_runs
 
-    try:
-        s = _open(store, storage_option)  # a location that holds something else: refused
-    except StoreError as e:
-        if "does not exist" not in str(e):
-            raise
-        s = None
+    s = _open_existing(store, storage_option)
     find_runs(path)  # a missing or empty source is refused before a store is created
     s = s or _open(store, storage_option, create=True)
     report = import_runs(s, path, zoo)
@@ -527,12 +522,7 @@ def import_command(
     from dlstore.importers.registry import check_source, import_zoo
 
     mapping = _key_values(map_, "--map ", " (COLUMN=CSV_COLUMN)")
-    try:
-        s = _open(store, storage_option)  # a location that holds something else: refused
-    except StoreError as e:
-        if "does not exist" not in str(e):
-            raise
-        s = None
+    s = _open_existing(store, storage_option)
     if s is None:
         check_source(format, path, mapping)  # a bad source is refused before a store is made
         s = _open(store, storage_option, create=True)
@@ -1207,6 +1197,17 @@ def _open(store: str, options: list[str] | None, create: bool = False):
 
     return Store(store, create=create,
                  storage_options=_key_values(options, "--storage-option "))
+
+
+def _open_existing(store: str, storage_option: list[str]):
+    """The store if it exists, None if nothing is there yet (an importer creates it once its
+    source has passed its checks); a location that holds something else is refused."""
+    try:
+        return _open(store, storage_option)
+    except StoreError as e:
+        if "does not exist" not in str(e):
+            raise
+        return None
 
 
 def _key_values(items: list[str] | None, what: str, hint: str = "") -> dict[str, str]:

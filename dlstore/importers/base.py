@@ -22,8 +22,10 @@ import datetime as dt
 import hashlib
 import json
 import math
-from collections.abc import Callable, Iterable
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dlstore.errors import DlstoreError
@@ -256,6 +258,65 @@ def _torch_version() -> str:
     import torch
 
     return torch.__version__
+
+
+def read_state_dict(path: Path, prefix: str = "import",
+                    error: type[DlstoreError] = ImportSourceError) -> dict:
+    """A checkpoint file's state dict (`.safetensors`, or a torch file read with
+    `torch.load(weights_only=True)`: never an arbitrary pickle); a dict holding one under
+    `state_dict` (as Lightning writes) gives that. `error` (one line, `prefix` first) if the
+    file holds anything else."""
+    import torch
+
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            with warnings.catch_warnings():  # torch's note on a pickle protocol: not the user's
+                warnings.simplefilter("ignore", UserWarning)
+                state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any reader failure is this file's fault
+        detail = " ".join(str(e).split())[:200]
+        raise error(f"{prefix}: {path} cannot be read as a checkpoint ({detail})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not (isinstance(state, dict) and state
+            and all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise error(f"{prefix}: {path} holds no state dict (a mapping of names to tensors)")
+    return state
+
+
+def json_lines(path: Path, prefix: str = "import",
+               error: type[DlstoreError] = ImportSourceError) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of a JSON-lines file, blank lines skipped; `error` naming the
+    line if one is not a JSON object."""
+    with path.open() as f:
+        for line, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except ValueError:
+                raise error(f"{prefix}: {path} line {line}: not JSON") from None
+            if not isinstance(row, dict):
+                raise error(f"{prefix}: {path} line {line}: expected an object")
+            yield line, row
+
+
+def source_dirs(root: Path, is_member: Callable[[Path], bool], format: str,
+                expected: str) -> list[Path]:
+    """The member directories of a source: `root` itself if `is_member(root)`, else its
+    subdirectories that are (sorted); one line saying what was `expected` if none."""
+    if not root.is_dir():
+        raise ImportSourceError(f"import {format}: {root} is not a directory")
+    if is_member(root):
+        return [root]
+    found = sorted(p for p in root.iterdir() if p.is_dir() and is_member(p))
+    if not found:
+        raise ImportSourceError(f"import {format}: {root} holds no {expected}")
+    return found
 
 
 def last_number(text: str) -> int | None:

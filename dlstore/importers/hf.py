@@ -22,8 +22,9 @@ from dlstore.importers.base import (
     SourceCheckpoint,
     SourceRun,
     last_number,
+    read_state_dict,
+    source_dirs,
 )
-from dlstore.importers.raytune import read_state_dict
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -33,16 +34,9 @@ def _is_revision(path: Path) -> bool:
 
 
 def model_dirs(root: Path) -> list[Path]:
-    if not root.is_dir():
-        raise ImportSourceError(f"import hf: {root} is not a directory")
-    if any(_is_revision(p) for p in root.iterdir()):
-        return [root]
-    models = sorted(p for p in root.iterdir() if p.is_dir()
-                    and any(_is_revision(q) for q in p.iterdir()))
-    if not models:
-        raise ImportSourceError(f"import hf: {root} holds no revision folder (e.g. step1000/ "
-                                "with config.json and model.safetensors or pytorch_model.bin)")
-    return models
+    return source_dirs(root, lambda p: any(_is_revision(q) for q in p.iterdir()), "hf",
+                       "revision folder (e.g. step1000/ with config.json and "
+                       "model.safetensors or pytorch_model.bin)")
 
 
 def read_source(root: Path, options: dict) -> tuple[int, Iterator[SourceRun]]:
@@ -109,13 +103,4 @@ def read_revision(folder: Path) -> dict:
 
 
 def _read_weights(path: Path) -> dict:
-    if path.suffix != ".safetensors":
-        return read_state_dict(path, strip=False)
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except Exception as e:  # noqa: BLE001 - any reader failure is this file's fault
-        detail = " ".join(str(e).split())[:160]
-        raise ImportSourceError(f"import hf: {path} cannot be read as safetensors ({detail})"
-                                ) from None
+    return read_state_dict(path, "import hf")

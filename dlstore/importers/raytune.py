@@ -28,7 +28,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from dlstore.architectures.modelzoo import VARIANTS, input_size
-from dlstore.importers.base import ImportSourceError, SourceCheckpoint, SourceRun, as_float
+from dlstore.importers.base import (
+    ImportSourceError,
+    SourceCheckpoint,
+    SourceRun,
+    as_float,
+    json_lines,
+    read_state_dict,
+    source_dirs,
+)
 
 # Ray's own fields in result.json, not metrics
 RAY_FIELDS = frozenset({
@@ -44,15 +52,9 @@ _CHECKPOINT = re.compile(r"checkpoint_(\d+)$")
 
 
 def trial_dirs(root: Path) -> list[Path]:
-    if not root.is_dir():
-        raise ImportSourceError(f"import raytune: {root} is not a directory")
-    if (root / "params.json").is_file():
-        return [root]
-    trials = sorted(p for p in root.iterdir() if p.is_dir() and (p / "params.json").is_file())
-    if not trials:
-        raise ImportSourceError(f"import raytune: {root} holds no trial directory (one with "
-                                "params.json, result.json and checkpoint_NNNNNN/)")
-    return trials
+    return source_dirs(root, lambda p: (p / "params.json").is_file(), "raytune",
+                       "trial directory (one with params.json, result.json and "
+                       "checkpoint_NNNNNN/)")
 
 
 def read_source(root: Path, options: dict) -> tuple[int, Iterator[SourceRun]]:
@@ -107,23 +109,13 @@ def trial_config(params: dict, name: str) -> dict:
 def _results(path: Path) -> Iterator[tuple[int, dict[str, float]]]:
     if not path.is_file():
         return
-    with path.open() as f:
-        for line, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-                if not isinstance(row, dict):
-                    raise ValueError
-            except ValueError:
-                raise ImportSourceError(f"import raytune: {path} line {line}: not a JSON "
-                                        "object") from None
-            step = row.get("epoch", row.get("training_iteration"))
-            if isinstance(step, bool) or not isinstance(step, (int, float)) or step < 0:
-                raise ImportSourceError(f"import raytune: {path} line {line}: no epoch or "
-                                        "training_iteration")
-            values = {k: as_float(v) for k, v in row.items() if k not in RAY_FIELDS}
-            yield int(step), {k: v for k, v in values.items() if v is not None}
+    for line, row in json_lines(path, "import raytune"):
+        step = row.get("epoch", row.get("training_iteration"))
+        if isinstance(step, bool) or not isinstance(step, (int, float)) or step < 0:
+            raise ImportSourceError(f"import raytune: {path} line {line}: no epoch or "
+                                    "training_iteration")
+        values = {k: as_float(v) for k, v in row.items() if k not in RAY_FIELDS}
+        yield int(step), {k: v for k, v in values.items() if v is not None}
 
 
 def _checkpoints(trial: Path) -> list[SourceCheckpoint]:
@@ -135,28 +127,15 @@ def _checkpoints(trial: Path) -> list[SourceCheckpoint]:
             if not path.is_file():
                 raise ImportSourceError(f"import raytune: {path} is missing")
             step = int(match.group(1))
-            found.append(SourceCheckpoint(step, float(step), lambda p=path: read_state_dict(p)))
+            found.append(SourceCheckpoint(step, float(step), lambda p=path: read_checkpoint(p)))
     return found
 
 
-def read_state_dict(path: Path, strip: bool = True) -> dict:
-    """A torch checkpoint's state dict, never an arbitrary pickle; a prefix every key has
-    (`module.`, `model.`) dropped when `strip`."""
-    import torch
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any reader failure is this file's fault
-        detail = " ".join(str(e).split())[:160]
-        raise ImportSourceError(f"import: {path} is not a plain torch state dict ({detail})"
-                                ) from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not (isinstance(state, dict) and state
-            and all(isinstance(v, torch.Tensor) for v in state.values())):
-        raise ImportSourceError(f"import: {path} holds no state dict (a mapping of names to "
-                                "tensors)")
-    for prefix in ("module.", "model.") if strip else ():
+def read_checkpoint(path: Path) -> dict:
+    """A trial's state dict; a prefix every key has (`module.`: DataParallel, `model.`)
+    dropped."""
+    state = read_state_dict(path, "import raytune")
+    for prefix in ("module.", "model."):
         if all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
     return state
