@@ -8,10 +8,12 @@ DIR holds one directory per trained model (or is one), each with
   `training::batchsize`, `seed`;
 - `result.json`: JSON lines, one per epoch (metrics such as `train_loss`, `train_acc`,
   `test_loss`, `test_acc`, `val_*`, with Ray's bookkeeping: `training_iteration`, `trial_id`,
-  `time_*`, ...; `epoch` when the trainable logs it, else the iteration is the step);
+  `time_*`, ...). The step is `training_iteration` (the Model Zoos' trainable starts at
+  iteration -1, so 0 is the initialisation's evaluation), or `epoch` when the trainable logs
+  one;
 - `checkpoint_<NNNNNN>/checkpoints`: a torch state dict at epoch NNNNNN (epoch 0 is the
   initialisation), read with `torch.load(weights_only=True)`; a `module.` (DataParallel) or
-  `model.` prefix on its keys is dropped.
+  `model.` prefix on its keys is dropped. The folder's `optimizer` state is not imported.
 
 A run per trial directory, its id from the directory's name; steps are epochs. The params map
 onto the typed runs columns (`optim::lr` -> lr, `optim::wd` -> weight_decay,

@@ -127,6 +127,10 @@ def read_layout(path: Path, width: int) -> tuple[list[tuple[str, str, tuple, tup
             layer = "out" if dense else f"convs.{convs - 1 if kind == 'bias' else convs - 1}"
             name = f"{layer}.{'weight' if kind == 'kernel' else 'bias'}"
         entries.append((name, r["varname"], shape, torch_shape, start, end))
+    covered = max(e[5] for e in entries)
+    if covered != width:
+        raise ImportSourceError(f"import unterthiner: {path} covers {covered} columns and "
+                                f"weights.npy has {width}; layout and weights do not match")
     names = [e[0] for e in entries]
     if len(set(names)) != len(names):
         raise ImportSourceError(f"import unterthiner: {path}: two tensors map to one name "
