@@ -26,14 +26,13 @@ export derives again). A run per model directory, one checkpoint per row, its st
 from __future__ import annotations
 
 import ast
-import gzip
-import io
 import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 
 from dlstore.importers.base import ImportSourceError, SourceCheckpoint, SourceRun, as_float
 from dlstore.schemas import HYPERPARAMETER_COLUMNS
@@ -64,20 +63,19 @@ def read_source(root: Path, options: dict) -> tuple[int, Iterator[SourceRun]]:
         raise ImportSourceError(f"import unterthiner: {weights_path} has shape "
                                 f"{list(weights.shape)}; expected [checkpoints, parameters]")
     layout, tf_order = read_layout(root / "layout.csv", weights.shape[1])
-    header, rows = _read_metrics(root)
-    if len(rows) != weights.shape[0]:
-        raise ImportSourceError(f"import unterthiner: {root / 'metrics.csv'} has {len(rows)} "
-                                f"rows and {weights_path} {weights.shape[0]}; they must match "
-                                "one to one")
-    key_column = "modeldir" if "modeldir" in header else "run_id" if "run_id" in header else None
-    if key_column is None or "step" not in header:
-        raise ImportSourceError(f"import unterthiner: {root / 'metrics.csv'}: expected the "
-                                "columns modeldir (or run_id) and step")
-    by_run: dict[str, list[int]] = {}
-    for i, row in enumerate(rows):
-        by_run.setdefault(row[key_column], []).append(i)
-    return len(by_run), (_run(key, index, rows, weights, layout, tf_order, root)
-                         for key, index in by_run.items())
+    metrics_path, frame = _read_metrics(root)
+    if frame.height != weights.shape[0]:
+        raise ImportSourceError(f"import unterthiner: {metrics_path} has {frame.height} rows "
+                                f"and {weights_path} {weights.shape[0]}; they must match one "
+                                "to one")
+    key_column = next((c for c in ("modeldir", "run_id") if c in frame.columns), None)
+    if key_column is None or "step" not in frame.columns:
+        raise ImportSourceError(f"import unterthiner: {metrics_path}: expected the columns "
+                                "modeldir (or run_id) and step")
+    groups = (frame.with_row_index("_row").group_by(key_column, maintain_order=True)
+              .agg(pl.col("_row")))
+    return groups.height, (_run(str(key), index, frame, weights, layout, tf_order, metrics_path)
+                           for key, index in groups.iter_rows())
 
 
 def read_layout(path: Path, width: int) -> tuple[list[tuple[str, str, tuple, tuple, int, int]],
@@ -145,11 +143,9 @@ def _shape(text: str) -> tuple:
     return tuple(value)
 
 
-def _read_metrics(root: Path) -> tuple[list[str], list[dict]]:
-    """The metrics file's header and rows (every row as text: a few hundred bytes per
-    checkpoint, the weights stay on disk)."""
-    import csv
-
+def _read_metrics(root: Path):
+    """The metrics file as a frame of text columns (columnar: tens of bytes a checkpoint, the
+    weights stay on disk); values are parsed run by run."""
     for name in ("metrics.csv", "metrics.csv.gz"):
         path = root / name
         if path.is_file():
@@ -158,35 +154,28 @@ def _read_metrics(root: Path) -> tuple[list[str], list[dict]]:
         raise ImportSourceError(f"import unterthiner: {root} has no metrics.csv or "
                                 "metrics.csv.gz")
     try:
-        raw = gzip.open(path, "rt", newline="") if path.suffix == ".gz" else path.open(
-            newline="")
-        with raw as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)
-            header = list(reader.fieldnames or [])
-    except (OSError, EOFError, csv.Error, UnicodeDecodeError, io.UnsupportedOperation) as e:
-        raise ImportSourceError(f"import unterthiner: {path} cannot be read ({e})") from None
-    if "modeldir" in header:  # the published file names its first column with an empty header
-        header = [h for h in header if h]
-    return header, rows
+        frame = pl.read_csv(path, infer_schema_length=0)  # every column as text
+    except (pl.exceptions.PolarsError, OSError, UnicodeDecodeError) as e:
+        raise ImportSourceError(f"import unterthiner: {path} cannot be read as CSV "
+                                f"({' '.join(str(e).split())[:160]})") from None
+    return path, frame
 
 
-def _run(key: str, index: list[int], rows: list[dict], weights: np.ndarray, layout: list,
-         tf_order: bool, root: Path) -> SourceRun:
-    first = rows[index[0]]
-    run = SourceRun(key=key, config={"source": key, **_config(first, layout, tf_order)})
-    for i in index:
-        row = rows[i]
+def _run(key: str, index: list[int], frame, weights: np.ndarray, layout: list, tf_order: bool,
+         metrics_path: Path) -> SourceRun:
+    contiguous = index[-1] - index[0] + 1 == len(index)  # as published: a model's rows together
+    rows = (frame.slice(index[0], len(index)) if contiguous else frame[index]).to_dicts()
+    run = SourceRun(key=key, config={"source": key, **_config(rows[0], layout, tf_order)})
+    for i, row in zip(index, rows):
         try:
             step = int(float(row["step"]))
         except (TypeError, ValueError):
-            run.error = (f"import unterthiner: {root / 'metrics.csv'} row {i + 2}: step "
+            run.error = (f"import unterthiner: {metrics_path} row {i + 2}: step "
                          f"{row['step']!r} is not an integer")
             return run
         epoch = as_float(row.get("epoch"))
-        run.checkpoints.append(SourceCheckpoint(step, epoch, lambda i=i: _state(weights, i,
-                                                                                layout,
-                                                                                tf_order)))
+        run.checkpoints.append(SourceCheckpoint(
+            step, epoch, lambda i=i: _state(weights, i, layout, tf_order)))
         values = {}
         for name, text in row.items():
             if not name or name in _NOT_METRICS or name.startswith("config."):
