@@ -534,6 +534,16 @@ def test_csv_summaries_import_metrics_only_runs_with_mapped_columns(tmp_path):
     again = _cli("import", "csv", path, "--zoo", "ptmz", "--map", "width=model_width",
                  "--store", store_path)
     assert "0 runs imported (2 already complete" in again.stdout
+    # a directory of summaries: each file's models are its own runs
+    folder = tmp_path / "summary_metrics"
+    folder.mkdir()
+    for name in ("cifar10_resnet18_summary.csv", "svhn_resnet18_summary.csv"):
+        (folder / name).write_text(path.read_text())
+    report = import_zoo(store, "csv", folder, zoo="ptmz-all", mapping={"width": "model_width"})
+    assert (report.runs, report.metric_rows, report.errors) == (4, 52, [])
+    sources = store.sql("SELECT json_extract_string(config, '$.source') AS s, count(*) AS n "
+                        "FROM runs WHERE zoo = 'ptmz-all' GROUP BY 1").rows()
+    assert sorted(n for _, n in sources) == [2, 2]  # one model name in two files: two runs
 
 
 def test_csv_and_format_errors_are_one_line(tmp_path):
