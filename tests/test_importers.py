@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 import dlstore
 from dlstore.analysis.wsl import WeightDataset
 from dlstore.analysis.wsl_export import export
-from dlstore.architectures.registry import parse_arch_options
+from dlstore.architectures.registry import run_architecture
 from dlstore.building.build import build_zoo
 from dlstore.cli import main
 from dlstore.errors import UsageError
@@ -332,6 +332,10 @@ def test_a_bad_small_cnn_zoo_is_one_line_and_writes_nothing(tmp_path, damage, me
 
 # -- Ray Tune trial directories (the Model Zoos, Schürholt et al. 2022) --------------------------
 
+def _imported_arch(**model):
+    return run_architecture({"run_id": "r", "config": {"model": model}})
+
+
 def _modelzoo_params(seed, dropout=0.0):
     return {"model::type": "CNN", "model::channels_in": 1, "model::nlin": "tanh",
             "model::dropout": dropout, "model::init_type": "kaiming_uniform",
@@ -345,8 +349,7 @@ def write_trial(root, name, seed, epochs=2, dropout=0.0, prefix=""):
     trial.mkdir(parents=True)
     (trial / "params.json").write_text(json.dumps(_modelzoo_params(seed, dropout)))
     torch.manual_seed(seed)
-    net = parse_arch_options({"arch": "modelzoo_cnn", "nlin": "tanh",
-                              "dropout": dropout}).build((1, 28, 28), 10)
+    net = _imported_arch(arch="modelzoo_cnn", nlin="tanh", dropout=dropout).build((1, 28, 28), 10)
     states = []
     with open(trial / "result.json", "w") as f:
         for epoch in range(epochs + 1):  # epoch 0 is the initialisation
@@ -392,7 +395,7 @@ def test_ray_tune_trials_import_and_load_as_the_model_zoo_cnn(tmp_path):
     model = store.load_model(runs[0]["run_id"], 0)  # the initialisation
     assert all(torch.equal(model.state_dict()[k], v) for k, v in states[0].items())
     x = torch.rand(3, 1, 28, 28)
-    ref = parse_arch_options({"arch": "modelzoo_cnn", "nlin": "tanh"}).build((1, 28, 28), 10)
+    ref = _imported_arch(arch="modelzoo_cnn", nlin="tanh").build((1, 28, 28), 10)
     ref.load_state_dict(states[2])
     # the weights are equal bit for bit (above); outputs within the kernels' rounding
     torch.testing.assert_close(store.load_model(runs[0]["run_id"])(x), ref.eval()(x))
@@ -486,7 +489,7 @@ def test_hf_revisions_import_one_run_per_model_and_load_through_transformers(tmp
 
 def test_hf_load_model_without_transformers_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
-    arch = parse_arch_options({"arch": "hf", "config": {"model_type": "gpt_neox"}})
+    arch = _imported_arch(arch="hf", config={"model_type": "gpt_neox"})
     with pytest.raises(UsageError, match=r"needs `transformers` \(pip install 'dlstore\[hf\]'\)"):
         arch.build((32,), 64)
 

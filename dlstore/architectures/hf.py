@@ -16,11 +16,11 @@ from pydantic import Field
 from torch import nn
 
 from dlstore.architectures.base import Architecture
-from dlstore.architectures.registry import register_arch
+from dlstore.architectures.registry import register_imported_arch
 from dlstore.errors import UsageError
 
 
-@register_arch("hf")
+@register_imported_arch("hf")
 class HFOptions(Architecture):
     arch: Literal["hf"]
     config: dict[str, Any] = Field(description="the model's config.json")

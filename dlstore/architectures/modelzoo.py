@@ -25,7 +25,7 @@ from torch import nn
 
 from dlstore.architectures.base import Architecture, weight_tensors
 from dlstore.architectures.cnn2d import image_shape
-from dlstore.architectures.registry import register_arch
+from dlstore.architectures.registry import register_imported_arch
 
 NONLINEARITIES = {"leakyrelu": nn.LeakyReLU, "relu": nn.ReLU, "tanh": nn.Tanh,
                   "sigmoid": nn.Sigmoid, "silu": nn.SiLU, "gelu": nn.GELU}
@@ -68,7 +68,7 @@ class ModelZooCNN(nn.Module):
         return self.module_list[-1](self.features(x))
 
 
-@register_arch("modelzoo_cnn")
+@register_imported_arch("modelzoo_cnn")
 class ModelZooCNNOptions(Architecture):
     arch: Literal["modelzoo_cnn"]
     variant: Literal["CNN", "CNN2", "CNN3"] = Field(default="CNN",
