@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import gzip
 import io
 import json
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -101,8 +103,6 @@ def write_small_cnn_zoo(root, models=3, steps=(0, 86, 2600), gz=False, seed=0):
                          "he_normal", acc, f"{2.0 - 0.5 * k:.4f}", f"{0.12 + 0.3 * k:.4f}",
                          f"{1.9 - 0.5 * k:.4f}"])
     path = root / ("metrics.csv.gz" if gz else "metrics.csv")
-    import gzip
-
     with (gzip.open(path, "wt", newline="") if gz else open(path, "w", newline="")) as f:
         w = csv.writer(f)
         w.writerow(header)
@@ -251,7 +251,7 @@ def test_resumed_after_kill_9_equals_an_uninterrupted_import(tmp_path):
         Tables.append = dying_append
         store = dlstore.open({str(killed)!r}, create=True)
         import_zoo(store, "unterthiner", {str(tmp_path / "sczoo")!r}, zoo="z",
-                   batch_bytes=100_000)  # two runs a batch
+                   batch_bytes=130_000)  # two runs (59,640 bytes each) a batch
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == -9, result.stderr
@@ -270,6 +270,11 @@ def test_resumed_after_kill_9_equals_an_uninterrupted_import(tmp_path):
         assert store.sql(query).rows() == whole.sql(query).rows(), query
     keys = "SELECT run_id, step FROM checkpoints ORDER BY run_id, step"
     assert torch.equal(store.weights(keys)[0], whole.weights(keys)[0])
+    # in one batch, runs of one network share a shard per step (3 steps x 2 activations); the
+    # resumed runs, each larger than its batch, were written a checkpoint per shard
+    members = "SELECT count(*) AS n FROM checkpoints GROUP BY blob ORDER BY n"
+    assert whole.sql(members)["n"].to_list() == [3] * 6
+    assert store.sql(members)["n"].to_list() == [1] * 18
     assert not verify(store).problems
 
 
@@ -415,8 +420,6 @@ def test_bad_trials_are_one_line_each_and_the_rest_imports(tmp_path):
     evil.mkdir()
     (evil / "params.json").write_text(json.dumps(_modelzoo_params(4)))
     (evil / "checkpoint_000000").mkdir()
-    import pickle
-
     class Boom:
         def __reduce__(self):
             return (os.system, ("touch " + str(tmp_path / "pwned"),))

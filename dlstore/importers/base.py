@@ -104,9 +104,18 @@ def commit_runs(store: Store, zoo: str, format: str, path: str, runs: Iterable[S
     complete = set(store.sql("SELECT run_id FROM runs WHERE zoo = ? AND status = 'complete'",
                              [zoo])["run_id"].to_list())
     versions = {"dlstore_version": dlstore.__version__, "torch_version": _torch_version()}
-    batch: list[tuple[str, SourceRun, list[tuple[SourceCheckpoint, dict]]]] = []
-    held = 0
+    batch: list[_Pending] = []
     seen = 0
+
+    def room() -> int:
+        return batch_bytes - sum(p.nbytes for p in batch)
+
+    def make_room() -> None:
+        nonlocal batch
+        if batch:
+            _commit_batch(writer, zoo, batch, versions, report)
+            batch = []
+
     with BuildLease(store.location, zoo):  # gc spares the shards written before their rows
         for run in runs:
             seen += 1
@@ -117,28 +126,41 @@ def commit_runs(store: Store, zoo: str, format: str, path: str, runs: Iterable[S
                 report.errors.append(run.error)
             else:
                 try:
-                    states = _read_states(run)
+                    pending = _read_run(writer, zoo, run_id, run, room, make_room)
                 except ImportSourceError as e:
                     report.errors.append(str(e))
-                    states = None
-                if states is not None:
-                    batch.append((run_id, run, states))
+                else:
+                    batch.append(pending)
                     complete.add(run_id)  # a source listing one model twice imports it once
-                    held += sum(_nbytes(s) for _, s in states)
-                    if held >= batch_bytes or len(batch) >= batch_runs:
-                        _commit_batch(writer, zoo, batch, versions, report)
-                        batch, held = [], 0
+                    if room() <= 0 or len(batch) >= batch_runs:
+                        make_room()
             if progress:
                 progress(seen, total)
-        if batch:
-            _commit_batch(writer, zoo, batch, versions, report)
+        make_room()
     _record_provenance(store, writer, report)
     return report
 
 
-def _read_states(run: SourceRun) -> list[tuple[SourceCheckpoint, dict]]:
-    """Every checkpoint of the run, read and checked: one network throughout."""
-    states = []
+@dataclass
+class _Pending:
+    """A run read and checked, waiting for its batch's commit: checkpoints held in memory
+    (`states`), or, for a run larger than a batch, already written shard by shard (`rows`)."""
+
+    run_id: str
+    run: SourceRun
+    states: list[tuple[SourceCheckpoint, dict]] = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+    n_params: int | None = None
+    nbytes: int = 0  # of the states held
+
+
+def _read_run(writer: StoreWriter, zoo: str, run_id: str, run: SourceRun,
+              room: Callable[[], int], make_room: Callable[[], None]) -> _Pending:
+    """Every checkpoint of the run, read and checked (one network throughout). What does not
+    fit the batch's room commits the batch first; a run larger than a whole batch is written
+    a checkpoint at a time, so memory holds one of its checkpoints (a large checkpoint suite)."""
+    pending = _Pending(run_id, run)
     shapes = None
     for ck in sorted(run.checkpoints, key=lambda c: c.step):
         state = ck.load()
@@ -148,75 +170,91 @@ def _read_states(run: SourceRun) -> list[tuple[SourceCheckpoint, dict]]:
             raise ImportSourceError(f"run {run.key}: the checkpoint at step {ck.step} differs "
                                     f"from its earlier ones at {changed[0]!r} "
                                     f"({shapes.get(changed[0])} -> {now.get(changed[0])})")
-        if states and states[-1][0].step == ck.step:
+        if pending.steps and pending.steps[-1] == ck.step:
             raise ImportSourceError(f"run {run.key}: two checkpoints at step {ck.step}")
         shapes = now
-        states.append((ck, state))
-    return states
+        pending.steps.append(ck.step)
+        if pending.n_params is None:
+            pending.n_params = sum(v.numel() for v in state.values())
+        size = _nbytes(state)
+        if not pending.rows and pending.nbytes + size > room():
+            make_room()  # the runs read before this one commit now
+        if pending.rows or pending.nbytes + size > room():  # larger than a batch
+            for held_ck, held_state in [*pending.states, (ck, state)]:
+                pending.rows += _put_shards(writer, zoo, [(run_id, held_ck, held_state, run)])
+            pending.states, pending.nbytes = [], 0
+        else:
+            pending.states.append((ck, state))
+            pending.nbytes += size
+    return pending
 
 
 def _nbytes(state: dict) -> int:
     return sum(v.numel() * v.element_size() for v in state.values())
 
 
-def _commit_batch(writer: StoreWriter, zoo: str, batch: list, versions: dict,
-                  report: ImportReport) -> None:
+def _put_shards(writer: StoreWriter, zoo: str,
+                entries: list[tuple[str, SourceCheckpoint, dict, SourceRun]]) -> list[dict]:
+    """One cohort shard per (step, network) of `entries` (run id, checkpoint, state, run):
+    its members are the runs with that checkpoint. Returns their checkpoint rows."""
     import torch
 
-    # one shard per (step, network): members are the batch's runs with that checkpoint
-    groups: dict[tuple, list[tuple[str, SourceCheckpoint, dict, SourceRun]]] = {}
-    for run_id, run, states in batch:
-        arch_json = json.dumps(run.config.get("model"), sort_keys=True) if isinstance(
-            run.config.get("model"), dict) else ""
+    groups: dict[tuple, list[tuple[str, SourceCheckpoint, dict]]] = {}
+    for run_id, ck, state, run in entries:
+        model = run.config.get("model")
+        arch_json = json.dumps(model, sort_keys=True) if isinstance(model, dict) else ""
         shape = tuple(run.config.get("input_shape") or ())
         n_classes = int(run.config.get("n_classes") or 0)
-        for ck, state in states:
-            signature = tuple((k, tuple(v.shape), str(v.dtype)) for k, v in state.items())
-            groups.setdefault((ck.step, signature, arch_json, shape, n_classes), []).append(
-                (run_id, ck, state, run))
-    checkpoints = []
+        signature = tuple((k, tuple(v.shape), str(v.dtype)) for k, v in state.items())
+        groups.setdefault((ck.step, signature, arch_json, shape, n_classes), []).append(
+            (run_id, ck, state))
+    rows = []
     for (step, _, arch_json, shape, n_classes), members in groups.items():
         names = list(members[0][2])
         tensors = {k: torch.stack([m[2][k].detach().cpu() for m in members]) for k in names}
         blob = writer.put_cohort_shard(tensors, zoo=zoo, step=step, arch_json=arch_json,
                                        input_shape=shape, n_classes=n_classes,
                                        run_ids=[m[0] for m in members])
-        first = tensors[names[0]]
+        dtype = str(tensors[names[0]].dtype).removeprefix("torch.")
         n_bytes = _nbytes(members[0][2])
-        for member, (run_id, ck, _, _) in enumerate(members):
-            checkpoints.append({"run_id": run_id, "step": step, "epoch": ck.epoch, "blob": blob,
-                                "member": member,
-                                "dtype": str(first.dtype).removeprefix("torch."),
-                                "n_bytes": n_bytes})
+        rows += [{"run_id": run_id, "step": step, "epoch": ck.epoch, "blob": blob,
+                  "member": member, "dtype": dtype, "n_bytes": n_bytes}
+                 for member, (run_id, ck, _) in enumerate(members)]
+    return rows
+
+
+def _commit_batch(writer: StoreWriter, zoo: str, batch: list[_Pending], versions: dict,
+                  report: ImportReport) -> None:
+    """The batch's shards, then its checkpoint and metric rows and its runs rows last, under
+    one commit id."""
+    checkpoints = _put_shards(writer, zoo, [(p.run_id, ck, state, p.run) for p in batch
+                                            for ck, state in p.states])
+    checkpoints += [row for p in batch for row in p.rows]
     metrics: dict[str, list] = {k: [] for k in ("run_id", "step", "metric", "tensor", "value")}
     runs = []
-    for run_id, run, states in batch:
-        n_metrics = 0
+    for p in batch:
         last_metric = None
-        for step, values in run.metrics:
+        for step, values in p.run.metrics:
             for name, value in values.items():
                 if value is None or math.isnan(value):
                     continue  # a missing value is no row
-                metrics["run_id"].append(run_id)
+                metrics["run_id"].append(p.run_id)
                 metrics["step"].append(step)
                 metrics["metric"].append(_metric_name(name))
                 metrics["tensor"].append(None)
                 metrics["value"].append(float(value))
-                n_metrics += 1
+                report.metric_rows += 1
                 last_metric = step if last_metric is None else max(last_metric, step)
-        report.metric_rows += n_metrics
-        report.checkpoints += len(states)
-        final = states[-1][0].step if states else last_metric
-        n_params = sum(v.numel() for v in states[0][1].values()) if states else None
-        config = run.config
+        report.checkpoints += len(p.steps)
+        config = p.run.config
         shape = config.get("input_shape")
         typed = typed_columns(config)
-        if n_params is not None:
-            typed.setdefault("n_params", n_params)
-        runs.append({"run_id": run_id, "zoo": zoo, "status": "complete",
+        if p.n_params is not None:
+            typed.setdefault("n_params", p.n_params)
+        runs.append({"run_id": p.run_id, "zoo": zoo, "status": "complete",
                      **typed, "input_shape": list(shape) if shape else None,
                      "config": json.dumps(config, sort_keys=True, default=str),
-                     "final_step": final, **versions})
+                     "final_step": p.steps[-1] if p.steps else last_metric, **versions})
     report.runs += len(batch)
     writer.commit(checkpoints, metrics, runs)
 
