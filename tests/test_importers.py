@@ -490,6 +490,23 @@ def test_hf_revisions_import_one_run_per_model_and_load_through_transformers(tmp
     torch.testing.assert_close(loaded(tokens).logits, original.eval()(tokens).logits)
 
 
+def test_hf_sharded_revisions_are_joined(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPTNeoXConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2,
+                                        num_attention_heads=2, intermediate_size=32,
+                                        max_position_embeddings=32, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.GPTNeoXForCausalLM(config)
+    model.save_pretrained(tmp_path / "tiny" / "step512", max_shard_size="10KB")
+    assert len(list((tmp_path / "tiny" / "step512").glob("model-*-of-*.safetensors"))) > 1
+    store = dlstore.open(tmp_path / "s", create=True)
+    report = import_zoo(store, "hf", tmp_path / "tiny", zoo="one")
+    assert (report.runs, report.checkpoints, report.errors) == (1, 1, [])
+    (run_id,) = store.run_ids()
+    loaded = store.load_model(run_id, 512)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
 def test_hf_load_model_without_transformers_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
     arch = _imported_arch(arch="hf", config={"model_type": "gpt_neox"})
