@@ -28,7 +28,7 @@ from dlstore.analysis.wsl_export import export
 from dlstore.architectures.registry import run_architecture
 from dlstore.building.build import build_zoo
 from dlstore.cli import main
-from dlstore.errors import UsageError
+from dlstore.errors import SpecError, UsageError
 from dlstore.importers import import_zoo
 from dlstore.importers.base import ImportSourceError, run_id_of
 from dlstore.spec import ZooSpec
@@ -505,6 +505,12 @@ def test_hf_sharded_revisions_are_joined(tmp_path):
     (run_id,) = store.run_ids()
     loaded = store.load_model(run_id, 512)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_spec_cannot_train_the_imported_networks():
+    with pytest.raises(SpecError, match="'modelzoo_cnn' is the network of imported zoos"):
+        ZooSpec.from_text('name = "x"\n[dataset]\nname = "digits"\n[model]\n'
+                          'arch = "modelzoo_cnn"\n[train]\nsteps = 2\nbatch_size = 8\n')
 
 
 def test_hf_load_model_without_transformers_says_what_to_install(monkeypatch):
