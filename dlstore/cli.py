@@ -380,25 +380,33 @@ def gc(
 
 _ZOOS_QUERY = """
     WITH z AS (SELECT zoo, arg_max(spec_hash, created_at) AS spec_hash,
+                      arg_max(source_format, created_at) AS source,
+                      arg_max(source_path, created_at) AS source_path,
                       min(created_at) AS created_at FROM zoos GROUP BY zoo),
     r AS (SELECT zoo, count(*) AS runs, count(*) FILTER (WHERE status = 'complete') AS complete,
                  count(*) FILTER (WHERE status = 'diverged') AS diverged,
                  count(*) FILTER (WHERE status NOT IN ('complete', 'diverged')) AS other,
                  min(created_at) AS first_run FROM runs GROUP BY zoo),
     c AS (SELECT r.zoo, count(*) AS checkpoints, sum(c.n_bytes)::BIGINT AS size_bytes
-          FROM checkpoints c JOIN runs r USING (run_id) GROUP BY r.zoo)
-    SELECT zoo, z.spec_hash, coalesce(r.runs, 0) AS runs, coalesce(r.complete, 0) AS complete,
+          FROM checkpoints c JOIN runs r USING (run_id) GROUP BY r.zoo),
+    m AS (SELECT r.zoo, count(*) AS metric_rows FROM metrics m JOIN runs r USING (run_id)
+          GROUP BY r.zoo)
+    SELECT zoo, z.spec_hash, z.source, z.source_path, coalesce(r.runs, 0) AS runs,
+           coalesce(r.complete, 0) AS complete,
            coalesce(r.diverged, 0) AS diverged, coalesce(r.other, 0) AS other,
            coalesce(c.checkpoints, 0) AS checkpoints, coalesce(c.size_bytes, 0) AS size_bytes,
+           coalesce(m.metric_rows, 0) AS metric_rows,
            coalesce(z.created_at, r.first_run) AS created_at
-    FROM z FULL JOIN r USING (zoo) LEFT JOIN c USING (zoo) ORDER BY zoo"""
+    FROM z FULL JOIN r USING (zoo) LEFT JOIN c USING (zoo) LEFT JOIN m USING (zoo)
+    ORDER BY zoo"""
 
 
 @app.command()
 def zoos(store: str = StoreOption,
          storage_option: list[str] = StorageOptions,
          format: Format = FormatOption) -> None:
-    """Every zoo in the store: spec hash, runs by status, checkpoints, size, created."""
+    """Every zoo in the store: spec hash, source (imported zoos: format and path), runs by
+    status, checkpoints, size, metric rows, created (imported)."""
     frame = _open(store, storage_option).sql(_ZOOS_QUERY)
     if format is Format.table:
         frame = frame.with_columns(
@@ -487,17 +495,56 @@ def import_runs_command(
     """Import runs trained elsewhere; rerunning adds nothing, an import cut short resumes."""
     from dlstore.importers.runs import find_runs, import_runs
 
-    try:
-        s = _open(store, storage_option)  # a location that holds something else: refused
-    except StoreError as e:
-        if "does not exist" not in str(e):
-            raise
-        s = None
+    s = _open_existing(store, storage_option)
     find_runs(path)  # a missing or empty source is refused before a store is created
     s = s or _open(store, storage_option, create=True)
     report = import_runs(s, path, zoo)
     out.print(f"zoo [bold]{zoo}[/]: {report.runs} runs imported ({report.skipped} already "
               f"complete): {report.checkpoints} checkpoints, {report.metric_rows} metric values")
+
+
+@app.command("import")
+def import_command(
+    format: str = typer.Argument(..., metavar="FORMAT",
+                                 help="raytune, unterthiner, hf or csv (see README, "
+                                 "'Importing published zoos')."),
+    path: Path = typer.Argument(..., help="The source: a directory (raytune, unterthiner, hf) "
+                                "or a CSV file or directory of them (csv)."),
+    zoo: str = typer.Option(..., "--zoo", help="The zoo the imported runs form."),
+    map_: list[str] = typer.Option(None, "--map", metavar="COLUMN=CSV_COLUMN",
+                                   help="csv: the CSV column that fills a runs column "
+                                   "(repeatable), e.g. --map width=model_width."),
+    store: str = StoreOption,
+    storage_option: list[str] = StorageOptions,
+) -> None:
+    """Import a published zoo in its own layout; rerunning adds nothing, an import cut short
+    resumes. A run whose files are bad is left out with one line; the exit code is then 1."""
+    from dlstore.importers.registry import check_source, import_zoo
+
+    mapping = _key_values(map_, "--map ", " (COLUMN=CSV_COLUMN)")
+    s = _open_existing(store, storage_option)
+    if s is None:
+        check_source(format, path, mapping)  # a bad source is refused before a store is made
+        s = _open(store, storage_option, create=True)
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(),
+               TextColumn("{task.completed}/{task.total} runs"), TimeElapsedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=False) as bar:
+        task = bar.add_task(f"{zoo}: importing {format}", total=None)
+
+        def advance(done: int, total: int | None) -> None:
+            bar.update(task, completed=done, total=total)
+
+        report = import_zoo(s, format, path, zoo, mapping=mapping, progress=advance)
+    for line in report.errors:
+        err.print(line, markup=False, highlight=False, soft_wrap=True)
+    out.print(f"zoo [bold]{zoo}[/]: {report.runs} runs imported ({report.skipped} already "
+              f"complete, {len(report.errors)} left out): {report.checkpoints} checkpoints, "
+              f"{report.metric_rows} metric values; the zoo holds {report.total_runs} runs, "
+              f"{report.total_checkpoints} checkpoints, {report.total_metric_rows} metric "
+              "values", soft_wrap=True)
+    if report.errors:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -1150,6 +1197,17 @@ def _open(store: str, options: list[str] | None, create: bool = False):
 
     return Store(store, create=create,
                  storage_options=_key_values(options, "--storage-option "))
+
+
+def _open_existing(store: str, storage_option: list[str]):
+    """The store if it exists, None if nothing is there yet (an importer creates it once its
+    source has passed its checks); a location that holds something else is refused."""
+    try:
+        return _open(store, storage_option)
+    except StoreError as e:
+        if "does not exist" not in str(e):
+            raise
+        return None
 
 
 def _key_values(items: list[str] | None, what: str, hint: str = "") -> dict[str, str]:
