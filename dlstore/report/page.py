@@ -12,11 +12,13 @@ from __future__ import annotations
 import functools
 import html
 import json
+import os
 import re
 from importlib import resources
 
 from dlstore.errors import UsageError
 from dlstore.report import queries
+from dlstore.store.location import cache_dir
 from dlstore.store.store import Store
 
 
@@ -38,13 +40,27 @@ def report_data(store: Store, zoos: list[str] | None = None) -> dict:
 
 @functools.cache
 def vega_bundle() -> str:
-    """Vega, Vega-Lite and Vega-Embed as one script (built once per process, ~1.5 s)."""
+    """Vega, Vega-Lite and Vega-Embed as one script. Bundling takes 1.5-5 s, so the result is
+    kept in the dlstore cache ($DLSTORE_CACHE) under the version of vl-convert that made it."""
     try:
         import vl_convert
     except ImportError as e:
         raise UsageError(f"the report draws its charts with Vega-Lite from vl-convert-python, "
                          f"which cannot be imported ({e}); pip install vl-convert-python") from None
-    return vl_convert.javascript_bundle()
+    kept = cache_dir() / f"vega-bundle-{getattr(vl_convert, '__version__', 'unknown')}.js"
+    try:
+        return kept.read_text()
+    except (OSError, UnicodeDecodeError):
+        pass
+    bundle = vl_convert.javascript_bundle()
+    try:  # a cache that cannot be written only costs the next report the same seconds
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        temporary = kept.with_name(f".{kept.name}.{os.getpid()}.tmp")
+        temporary.write_text(bundle)
+        os.replace(temporary, kept)
+    except OSError:
+        pass
+    return bundle
 
 
 def _asset(name: str) -> str:
