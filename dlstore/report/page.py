@@ -80,6 +80,7 @@ def render(data: dict, live: bool = False, title: str | None = None) -> str:
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,">
 <title>{html.escape(title)}</title>
 <style>{_asset("report.css")}</style>
 </head><body>
@@ -96,7 +97,8 @@ def render(data: dict, live: bool = False, title: str | None = None) -> str:
 def error_page(message: str, status: int) -> str:
     """The error panel a server answers a bad request with: one line, never a traceback."""
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>dlstore: error {status}</title>
+<html lang="en"><head><meta charset="utf-8"><link rel="icon" href="data:,">
+<title>dlstore: error {status}</title>
 <style>{_asset("report.css")}</style></head><body>
 <main><div class="panel error-panel" role="alert"><h2>error {status}</h2>
 <p class="error-message">{html.escape(message)}</p>

@@ -197,12 +197,13 @@ def phase_diagram(store: Store, zoo: str) -> dict | None:
 
 
 def _varying(store: Store, view: str, zoo: str) -> list[str]:
-    """The grid axes with more than one value in the zoo's rows of `view`, most values first."""
+    """The grid axes with more than one value in the zoo's rows of `view`, most values first;
+    n_params last, since it follows from the architecture's own axes."""
     have = set(store.sql(f"SELECT * FROM {view} LIMIT 0").columns)
     axes = [a for a in AXES if a in have and a not in ("arch", "dataset")]
     counts = store.sql(f"SELECT {', '.join(f'count(DISTINCT {a}) AS {a}' for a in axes)} "
                        f"FROM {view} WHERE zoo = ?", [zoo]).row(0, named=True)
-    return sorted((a for a in axes if counts[a] > 1), key=lambda a: -counts[a])
+    return sorted((a for a in axes if counts[a] > 1), key=lambda a: (a == "n_params", -counts[a]))
 
 
 def tickets(store: Store, zoo: str) -> dict | None:

@@ -6,8 +6,8 @@ lock (a DuckDB connection is not shared across threads); the page is rebuilt whe
 Delta version changes, which the page polls for (`/api/version`), so it follows a build's
 commits. SQL goes through `Store.sql`, the same sandbox as `dlstore sql`.
 
-Routes: `/` (the report; `?zoo=NAME`, repeatable, narrows it), `/api/sql?q=SQL` (JSON rows or
-{"error": ...}), `/api/version`. Anything else, or a query string that cannot be read, is an
+Routes: `/` (the report; `?zoo=NAME`, repeatable, narrows it), `/api/sql?q=SQL` (JSON rows, or
+{"error": "refused: ..."} for SQL that `dlstore sql` refuses), `/api/version`. Anything else, or a query string that cannot be read, is an
 error panel; an error inside a request is answered with one line and the server keeps serving.
 """
 
@@ -74,7 +74,8 @@ class ReportServer(ThreadingHTTPServer):
         key = (version, tuple(zoos))
         with self.lock:
             if key not in self._pages:
-                self._pages = {key: render(report_data(self.store, zoos or None), live=True)}
+                data = report_data(self.store, zoos or None)
+                self._pages = {key: render({**data, "version": version}, live=True)}
             return self._pages[key]
 
     def sql(self, query: str) -> dict:
@@ -133,8 +134,10 @@ class _Handler(BaseHTTPRequestHandler):
             raise BadRequest("give one query: /api/sql?q=SELECT ...")
         try:
             answer = self.server.sql(queries[0])
-        except DlstoreError as e:  # refused or wrong SQL: the page shows it in its error panel
-            self._json(HTTPStatus.BAD_REQUEST, {"error": str(e)})
+        except DlstoreError as e:
+            # refused or wrong SQL is an answer, not a failed request: the page shows it in its
+            # error panel (and the browser logs no failed load)
+            self._json(HTTPStatus.OK, {"error": str(e)})
             return
         self._json(HTTPStatus.OK, answer)
 

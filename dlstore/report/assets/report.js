@@ -509,7 +509,7 @@
   }
 
   function watchCommits() {
-    let seen = null;
+    let seen = D.version === undefined ? null : D.version;  // the commits the page was made from
     setInterval(() => {
       fetch("/api/version").then((r) => r.json()).then((a) => {
         if (seen !== null && a.version !== seen) location.reload();
