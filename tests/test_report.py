@@ -15,7 +15,10 @@ from dlstore.cli import main
 from dlstore.errors import NotFoundError
 from dlstore.report import queries
 from dlstore.report.page import render, report_data
-from tests.report_fixtures import FIT_QUERY, phases_store  # noqa: F401 - a fixture
+from tests import report_fixtures
+from tests.report_fixtures import FIT_QUERY
+
+phases_store = report_fixtures.phases_store  # a fixture shared with the browser tests
 
 
 def _embedded(html: str) -> dict:
@@ -39,7 +42,8 @@ def test_the_page_is_self_contained_and_holds_every_run(built_store, tmp_path):
     # an empty data: URI, so that a browser asks for no favicon)
     markup = re.sub(r"(<script[^>]*>).*?</script>", r"\1</script>", html, flags=re.S)
     assert markup.count("<script") == 3
-    assert not re.search(r"<(script|link|img|iframe)[^>]+(src|href)=["'](?!data:)", markup, re.I)
+    assert not re.search(r"<(script|link|img|iframe)[^>]+(src|href)=[\"'](?!data:)", markup,
+                         re.I)
     assert "vegaEmbed" in html
     data = _embedded(html)
     zoo = data["zoos"][0]

@@ -17,7 +17,12 @@ import pytest
 from dlstore.report.page import render, report_data
 from dlstore.report.server import ReportServer
 from dlstore.store.store import Store
-from tests.report_fixtures import Page, browser, phases_store  # noqa: F401 - fixtures
+from tests import report_fixtures
+from tests.report_fixtures import Page
+
+# fixtures shared with tests/test_report.py
+browser = report_fixtures.browser
+phases_store = report_fixtures.phases_store
 
 PHASES = {"I", "II", "III", "IV-A", "IV-B"}
 

@@ -6,9 +6,10 @@ lock (a DuckDB connection is not shared across threads); the page is rebuilt whe
 Delta version changes, which the page polls for (`/api/version`), so it follows a build's
 commits. SQL goes through `Store.sql`, the same sandbox as `dlstore sql`.
 
-Routes: `/` (the report; `?zoo=NAME`, repeatable, narrows it), `/api/sql?q=SQL` (JSON rows, or
-{"error": "refused: ..."} for SQL that `dlstore sql` refuses), `/api/version`. Anything else, or a query string that cannot be read, is an
-error panel; an error inside a request is answered with one line and the server keeps serving.
+Routes: `/` (the report; `?zoo=NAME`, repeatable, narrows it), `/api/sql?q=SQL` (JSON rows,
+or {"error": "refused: ..."} for SQL that `dlstore sql` refuses), `/api/version`. Anything
+else, or a query string that cannot be read, is an error panel; an error inside a request is
+answered with one line, and the server keeps serving.
 """
 
 from __future__ import annotations
