@@ -155,7 +155,8 @@ def _ident(name: str) -> str:
 
 def curves(store: Store, zoo: str) -> dict | None:
     """Whole-model metrics along training: per metric, one [run index, steps, epochs, values]
-    entry per run (run index: its row in the runs table, ordered by run_id)."""
+    entry per run (run index: its row in the runs table, ordered by run_id; steps and epochs:
+    indices into `steps` and `epochs`, the distinct lists, which most runs of a zoo share)."""
     frame, sql = run(store, """
         SELECT run_id, metric, step, epoch, value FROM curves
         WHERE zoo = ? ORDER BY metric, run_id, step""", [zoo])
@@ -165,13 +166,20 @@ def curves(store: Store, zoo: str) -> dict | None:
     index = {r: i for i, r in enumerate(ids.to_list())}
     grouped = frame.group_by(["metric", "run_id"], maintain_order=True).agg(
         "step", "epoch", "value")
+    lists: dict[str, dict[tuple, int]] = {"steps": {}, "epochs": {}}
+
+    def shared(kind: str, values: list) -> int:
+        return lists[kind].setdefault(tuple(values), len(lists[kind]))
+
     series: dict[str, list] = {}
     for metric, run_id, steps, epochs, values in grouped.iter_rows():
         has_epochs = any(e is not None for e in epochs)
         series.setdefault(metric, []).append(
-            [index.get(run_id), steps, [rounded(e) for e in epochs] if has_epochs else None,
+            [index.get(run_id), shared("steps", steps),
+             shared("epochs", [rounded(e) for e in epochs]) if has_epochs else None,
              [rounded(v) for v in values]])
-    return {"sql": sql, "series": series}
+    return {"sql": sql, "series": series,
+            **{kind: [list(k) for k in found] for kind, found in lists.items()}}
 
 
 def phase_diagram(store: Store, zoo: str) -> dict | None:

@@ -229,6 +229,12 @@
   function curvesPanel(zoo, runs, state) {
     const zooName = zoo.summary.zoo;
     const series = zoo.curves.series;
+    if (!zoo.curves.resolved) {  // the shared step and epoch lists, by reference
+      for (const entries of Object.values(series)) for (const e of entries) {
+        e[1] = zoo.curves.steps[e[1]]; e[2] = e[2] === null ? null : zoo.curves.epochs[e[2]];
+      }
+      zoo.curves.resolved = true;
+    }
     const metrics = Object.keys(series);
     const hyper = zoo.runs.hyper;
     const groupable = varying(runs, hyper.filter((c) => c !== "seed"));
