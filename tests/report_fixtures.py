@@ -111,3 +111,14 @@ class Page:
 
     def close(self) -> None:
         self.context.close()
+
+
+@pytest.fixture(scope="session")
+def tickets_store(tmp_path_factory) -> Store:
+    """tests/test_tickets.py's small tickets zoo (32 runs: tickets, controls, stability copies,
+    a transfer to Adam). Tests must not modify it."""
+    from tests.test_tickets import TICKET_SPEC
+
+    store = Store(tmp_path_factory.mktemp("report-tickets") / "s", create=True)
+    build_zoo(ZooSpec.from_text(TICKET_SPEC), store, device="cpu")
+    return store

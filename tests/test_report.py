@@ -18,7 +18,9 @@ from dlstore.report.page import render, report_data
 from tests import report_fixtures
 from tests.report_fixtures import FIT_QUERY
 
-phases_store = report_fixtures.phases_store  # a fixture shared with the browser tests
+# fixtures shared with the browser tests
+phases_store = report_fixtures.phases_store
+tickets_store = report_fixtures.tickets_store
 
 
 def _embedded(html: str) -> dict:
@@ -134,3 +136,15 @@ def _refused(argv: list[str], message: str, capsys) -> None:
         main(argv)
     err = capsys.readouterr().err
     assert stop.value.code == 1 and err.count("\n") == 1 and message in err, err
+
+
+def test_a_tickets_zoo_has_accuracy_by_density_and_the_transfer_matrix(tickets_store):
+    tickets = report_data(tickets_store)["zoos"][0]["tickets"]
+    density = dict(zip(tickets["density"]["columns"], tickets["density"]["data"]))
+    assert {"dense", "ticket", "reinit", "random_mask"} <= set(density["kind"])
+    assert set(density["level"]) == {0, 1, 2}
+    assert tickets_store.sql(tickets["density"]["sql"]).height == len(density["kind"])
+    transfer = dict(zip(tickets["transfer"]["columns"], tickets["transfer"]["data"]))
+    assert set(zip(transfer["source_condition"], transfer["target_condition"])) == {
+        ("base", "adam")}
+    assert all(0 <= v <= 1 for v in transfer["transferred"])

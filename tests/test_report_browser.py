@@ -23,6 +23,7 @@ from tests.report_fixtures import Page
 # fixtures shared with tests/test_report.py
 browser = report_fixtures.browser
 phases_store = report_fixtures.phases_store
+tickets_store = report_fixtures.tickets_store
 
 PHASES = {"I", "II", "III", "IV-A", "IV-B"}
 
@@ -205,3 +206,18 @@ def test_serve_says_where_it_listens(phases_store):
         process.wait(timeout=30)
     assert line.startswith(f"serving {phases_store.root} on http://127.0.0.1:")
     assert "only this machine can reach it" in line
+
+
+def test_a_tickets_zoo_draws_density_curves_and_the_transfer_matrix(page, tickets_store,
+                                                                    tmp_path):
+    path = tmp_path / "tickets.html"
+    path.write_text(render(report_data(tickets_store)))
+    page.open(path.as_uri())
+    p = page.page
+    # ticket, reinit, random_mask along the levels (dense is one point at level 0)
+    kinds = p.locator(".tickets-chart .mark-line.role-mark path").count()
+    assert kinds >= 3
+    cells = p.locator(".transfer-chart .mark-rect.role-mark path").count()
+    assert cells == 1  # base -> adam at the chosen level
+    page.screenshot(tmp_path, "report-tickets")
+    assert page.errors == []

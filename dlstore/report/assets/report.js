@@ -383,7 +383,8 @@
     const out = [];
     const rows = rowsOf(tk.density);
     const p = panel("Lottery tickets: accuracy against density", "tickets-panel");
-    const chains = [...new Set(rows.map((r) => `${r.condition} / rewind ${r.rewind_step}`))];
+    const chains = [...new Set(rows.filter((r) => r.kind !== "dense").map((r) => `${r.condition} / rewind ${r.rewind_step}`))]
+      .sort((a, b) => (!a.startsWith("base /")) - (!b.startsWith("base /")));  // the spec's own first
     const chain = select("chain", chains, chains[0], () => draw());
     const chart = el("div", {class: "chart tickets-chart"});
     p.append(el("div", {class: "controls"}, labelled("condition / rewind", chain)), chart,
