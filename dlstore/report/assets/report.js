@@ -24,7 +24,7 @@
     : typeof v === "number" ? String(v) : "'" + String(v).replace(/'/g, "''") + "'";
   const ident = (n) => /^[a-z_][a-z0-9_]*$/.test(n) ? n : '"' + n.replace(/"/g, '""') + '"';
   const fmt = (v) => v === null || v === undefined ? "" : typeof v === "number"
-    ? (Number.isInteger(v) ? String(v) : Number(v.toPrecision(4)).toString()) : String(v);
+    ? (Number.isInteger(v) && Math.abs(v) < 1e15 ? String(v) : Number(v.toPrecision(4)).toString()) : String(v);
   function bytes(n) {
     const units = ["B", "KiB", "MiB", "GiB", "TiB"]; let i = 0;
     while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
