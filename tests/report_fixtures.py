@@ -42,6 +42,7 @@ PHASES_SPEC = textwrap.dedent("""
 """)
 FIT_QUERY = ("SELECT n_params AS x, avg(value) AS loss FROM final WHERE zoo = 'ph' "
              "AND metric = 'test_loss' GROUP BY n_params ORDER BY n_params")
+WSL_QUERY = "SELECT run_id, step FROM checkpoints WHERE step = 40"
 CHROMIUM = "/usr/bin/chromium"
 BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 # where the screenshots go: $DLSTORE_SCREENSHOTS, else the test's pytest tmp directory
@@ -50,18 +51,20 @@ SCREENSHOTS = os.environ.get("DLSTORE_SCREENSHOTS")
 
 @pytest.fixture(scope="session")
 def phases_store(tmp_path_factory) -> Store:
-    """A store of the `ph` zoo with a power-law fit of its test loss against n_params. Tests
-    must not modify it."""
+    """A store of the `ph` zoo with a power-law fit of its test loss against n_params and a
+    weight-space fit of its test accuracy. Tests must not modify it."""
     path = tmp_path_factory.mktemp("report") / "s"
     store = Store(path, create=True)
     build_zoo(ZooSpec.from_text(PHASES_SPEC), store, device="cpu")
-    plot = tmp_path_factory.mktemp("fit") / "scaling.png"
-    try:
-        main(["fit", "scaling", "--store", str(path), "--query", FIT_QUERY, "--x", "x",
-              "--y", "loss", "--bootstrap", "20", "--label", "ph-width", "--plot", str(plot),
-              "--format", "json"])
-    except SystemExit as e:
-        assert e.code in (0, None)
+    figures = tmp_path_factory.mktemp("fit")
+    for argv in (["fit", "scaling", "--query", FIT_QUERY, "--x", "x", "--y", "loss",
+                  "--bootstrap", "20", "--label", "ph-width", "--plot", str(figures / "s.png")],
+                 ["wsl", "fit", "--query", WSL_QUERY, "--target", "test_acc", "--label",
+                  "ph-wsl", "--plot", str(figures / "w.png")]):
+        try:
+            main([*argv, "--store", str(path), "--format", "json"])
+        except SystemExit as e:
+            assert e.code in (0, None)
     return Store(path)
 
 

@@ -90,6 +90,9 @@ def test_a_zoo_with_groups_and_a_fit_has_a_phase_diagram_and_the_fit(phases_stor
     assert set(fit["params"]) == {"E", "A", "alpha"} and set(fit["ci"]) == {"E", "A", "alpha"}
     assert fit["query"] == FIT_QUERY and fit["points"]["names"] == ["x", "loss"]
     assert len(fit["points"]["data"][0]) == 4
+    (wsl,) = data["fits"]["wsl"]
+    assert wsl["label"] == "ph-wsl" and wsl["params"]["target"] == "test_acc"
+    assert -1 <= wsl["params"]["kendall_tau"] <= 1 and wsl["params"]["n_test_runs"] >= 1
     json.dumps(data, allow_nan=False)  # every value the page embeds is valid JSON
 
 

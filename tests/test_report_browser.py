@@ -129,7 +129,7 @@ def test_curves_draw_one_trace_per_ticked_run(page, report_file):
     assert page.errors == []
 
 
-def test_the_fits_tab_shows_the_scaling_fit(page, report_file, tmp_path):
+def test_the_fits_tab_shows_the_scaling_and_weight_space_fits(page, report_file, tmp_path):
     page.open(report_file.as_uri())
     page.page.click("nav button[data-zoo=fits]")
     panel = page.page.locator(".scaling-panel")
@@ -137,6 +137,9 @@ def test_the_fits_tab_shows_the_scaling_fit(page, report_file, tmp_path):
     assert "ph-width" in panel.locator("h2").inner_text()
     assert panel.locator(".scaling-chart .mark-symbol.role-mark path").count() == 4  # the 4 points
     assert panel.locator(".interval-chart .mark-rule.role-mark line").count() == 3  # E, A, alpha
+    wsl = page.page.locator(".wsl-panel")
+    assert "ph-wsl" in wsl.locator("table").inner_text()
+    assert wsl.locator(".wsl-chart .mark-rect.role-mark path").count() == 1  # its score
     page.screenshot(tmp_path, "report-fits")
     assert page.errors == []
 

@@ -101,9 +101,10 @@ def zoo_names(store: Store, wanted: list[str] | None) -> list[str]:
 def summary(store: Store, zoo: str) -> dict:
     have = set(store.sql("SELECT * FROM zoos LIMIT 0").columns)
     picked = [c for c in ZOO_COLUMNS if c in have]
+    latest = "ORDER BY created_at DESC " if "created_at" in have else ""
     spec, spec_sql = run(store, f"""
-        SELECT {', '.join(picked)} FROM zoos WHERE zoo = ?
-        ORDER BY created_at DESC LIMIT 1""", [zoo])
+        SELECT {', '.join(picked) or 'zoo'} FROM zoos WHERE zoo = ?
+        {latest}LIMIT 1""", [zoo])
     counts, counts_sql = run(store, """
         WITH r AS (SELECT run_id, status, device, train_seconds FROM runs WHERE zoo = ?),
         c AS (SELECT count(*) AS checkpoints, coalesce(sum(n_bytes), 0)::BIGINT AS weight_bytes
