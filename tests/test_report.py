@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -15,6 +16,7 @@ from dlstore.cli import main
 from dlstore.errors import NotFoundError
 from dlstore.report import queries
 from dlstore.report.page import render, report_data
+from dlstore.store.store import Store
 from tests import report_fixtures
 from tests.report_fixtures import FIT_QUERY
 
@@ -151,3 +153,22 @@ def test_a_tickets_zoo_has_accuracy_by_density_and_the_transfer_matrix(tickets_s
     assert set(zip(transfer["source_condition"], transfer["target_condition"])) == {
         ("base", "adam")}
     assert all(0 <= v <= 1 for v in transfer["transferred"])
+
+
+def test_tracked_runs_without_a_spec_and_with_nan_values(tmp_path):
+    store = Store(tmp_path / "s", create=True)
+    with warnings.catch_warnings():  # tracking warns once of the non-finite value
+        warnings.simplefilter("ignore")
+        for lr in (0.1, 10.0):
+            with store.track("mine", {"lr": lr, "seed": 0}) as run:
+                for step in range(3):
+                    run.log(step, train_loss=float("nan") if lr > 1 else 1.0 / (step + 1))
+    data = report_data(store)
+    (zoo,) = data["zoos"]
+    assert zoo["summary"]["spec"] is None
+    assert zoo["summary"]["facts"]["origin"] == "tracked or imported (no spec recorded)"
+    assert zoo["summary"]["facts"]["runs"] == 2 and zoo["summary"]["facts"]["checkpoints"] == 0
+    losses = dict(zip(*(zoo["runs"]["data"][zoo["runs"]["columns"].index(c)]
+                        for c in ("lr", "train_loss"))))
+    assert losses == {0.1: pytest.approx(1 / 3), 10.0: None}  # NaN is null in the page
+    assert "NaN" not in render(data).split('<script id="dlstore-data"')[1].split("</script>")[0]
