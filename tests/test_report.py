@@ -92,6 +92,11 @@ def test_a_zoo_with_groups_and_a_fit_has_a_phase_diagram_and_the_fit(phases_stor
     assert set(fit["params"]) == {"E", "A", "alpha"} and set(fit["ci"]) == {"E", "A", "alpha"}
     assert fit["query"] == FIT_QUERY and fit["points"]["names"] == ["x", "loss"]
     assert len(fit["points"]["data"][0]) == 4
+    # 4 widths: the double-descent figure (error against width) has what it needs
+    (recipe,) = zoo["recipes"]
+    assert recipe["recipe"] == "double-descent" and recipe["x"] == "width"
+    assert recipe["data"][recipe["columns"].index("width")] == [4, 8, 16, 32]
+    assert phases_store.sql(recipe["sql"]).height == 4
     (wsl,) = data["fits"]["wsl"]
     assert wsl["label"] == "ph-wsl" and wsl["params"]["target"] == "test_acc"
     assert -1 <= wsl["params"]["kendall_tau"] <= 1 and wsl["params"]["n_test_runs"] >= 1

@@ -81,6 +81,9 @@ def _check_report(page, n_runs: int) -> None:
     assert cells == 8 and p.locator(".phase-chart .mark-rect.role-mark path").count() == cells
     labels = p.locator(".phase-chart .mark-text.role-mark text").all_text_contents()
     assert len(labels) == cells and set(labels) <= PHASES
+    # the double-descent recipe's figure: train and test error against width
+    assert p.get_attribute(".recipe-chart", "data-traces") == "2"
+    assert p.locator(".recipe-chart .mark-line.role-mark path").count() == 2
     # every panel shows its SQL
     panels = p.locator("section.panel:not(.sql-panel):visible")
     assert panels.count() >= 5

@@ -33,6 +33,7 @@ def report_data(store: Store, zoos: list[str] | None = None) -> dict:
             "curves": queries.curves(store, zoo),
             "phases": queries.phase_diagram(store, zoo),
             "tickets": queries.tickets(store, zoo),
+            "recipes": queries.recipes(store, zoo),
         } for zoo in names],
         "fits": queries.fits(store),
     }

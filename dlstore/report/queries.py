@@ -14,6 +14,7 @@ import re
 
 import polars as pl
 
+from dlstore.analysis import phenomena
 from dlstore.analysis.phases import AXES, phase_of, phase_query, spec_thresholds
 from dlstore.errors import NotFoundError
 from dlstore.store.store import Store
@@ -35,6 +36,8 @@ def literal(value) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(literal(v) for v in value) + "]"
     return "'" + str(value).replace("'", "''") + "'"
 
 
@@ -279,3 +282,54 @@ def _fit_points(store: Store, kind: str, query: str) -> dict | None:
     if len(wanted) < 2 or any(c not in frame.columns for c in wanted):
         return None
     return {"names": wanted, **columns(frame.select(wanted))}
+
+
+# recipe -> (its table, the x column, the y columns, the column that colours lines, x scale)
+RECIPES = {
+    "double-descent": (phenomena.double_descent_table, "width", ("train_error", "test_error"),
+                       None, "log"),
+    "grokking": (phenomena.grokking_table, "step", ("train_acc", "test_acc"), "weight_decay",
+                 "symlog"),
+    "neural-collapse": (phenomena.collapse_table, "step", phenomena.COLLAPSE_COLUMNS, None,
+                        "linear"),
+    "simplicity-bias": (phenomena.simplicity_table, "step", ("test_acc", "clone_acc"), None,
+                        "linear"),
+}
+
+
+class _Recording:
+    """A store whose `sql` runs each query as its text with the parameters inlined and keeps
+    that text: the SQL an analysis function ran, to show under its figure."""
+
+    def __init__(self, store: Store):
+        self._store = store
+        self.queries: list[str] = []
+
+    def sql(self, query: str, params: list | None = None):
+        frame, text = run(self._store, query, params)
+        self.queries.append(text)
+        return frame
+
+    def __getattr__(self, name: str):
+        return getattr(self._store, name)
+
+
+def recipes(store: Store, zoo: str) -> list[dict]:
+    """The recipes' figures the zoo has data for (`dlstore plot double-descent` ...): what each
+    recipe's table holds (means over seeds, dlstore.analysis.phenomena), and its SQL."""
+    out = []
+    for name, (table, x, ys, colour, scale) in RECIPES.items():
+        try:
+            phenomena.check_recipe(store, zoo, name)
+            recording = _Recording(store)
+            frame = table(recording, zoo)
+        except NotFoundError:
+            continue
+        if not frame.height:
+            continue
+        out.append({"recipe": name, "x": x, "y": list(ys), "colour": colour, "x_scale": scale,
+                    "sql": recording.queries[-1],
+                    "note": f"dlstore.analysis.phenomena.{table.__name__}: means over seeds "
+                            "(errors are 1 - accuracy); the same table as "
+                            f"`dlstore plot {name}`", **columns(frame)})
+    return out

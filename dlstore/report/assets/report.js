@@ -94,6 +94,7 @@
     if (heat) root.append(heat);
     if (zoo.phases) root.append(phasePanel(zoo.phases));
     if (zoo.tickets) for (const p of ticketPanels(zoo.tickets)) root.append(p);
+    for (const r of zoo.recipes || []) root.append(recipePanel(r));
     return root;
   }
 
@@ -424,6 +425,31 @@
       drawT(); out.push(tp);
     }
     return out;
+  }
+
+  // -- the recipes' figures: a recipe's table, one line per y column (and colour value) --
+  function recipePanel(r) {
+    const p = panel("Recipe: " + r.recipe, "recipe-panel");
+    const chart = el("div", {class: "chart recipe-chart"});
+    p.append(chart, el("p", {class: "note", text: r.note + "; bands: one standard deviation over seeds"}), sqlBlock(r.sql));
+    const values = [];
+    for (const row of rowsOf(r)) for (const y of r.y) {
+      const v = row[y]; if (v === null || v === undefined) continue;
+      const sd = row[y + "_std"];
+      const line = r.colour ? `${y}, ${r.colour} ${fmt(row[r.colour])}` : y;
+      values.push({x: row[r.x], metric: y, line: line, value: v,
+                   lo: sd === null || sd === undefined ? v : v - sd, hi: sd === null || sd === undefined ? v : v + sd});
+    }
+    chart.setAttribute("data-traces", String(new Set(values.map((v) => v.line)).size));
+    const x = {field: "x", type: "quantitative", title: r.x, scale: {type: r.x_scale}};
+    embed(chart, {width: "container", height: 260, data: {values: values},
+      encoding: {x: x, color: {field: "line", type: "nominal", title: null}},
+      layer: [
+        {mark: {type: "area", opacity: 0.15}, encoding: {y: {field: "lo", type: "quantitative", title: null}, y2: {field: "hi"}}},
+        {mark: {type: "line", point: true}, encoding: {y: {field: "value", type: "quantitative"}, strokeDash: {field: "metric", type: "nominal", legend: null},
+          tooltip: [{field: "line"}, {field: "x", title: r.x}, {field: "value", format: ".4g"}]}},
+      ]});
+    return p;
   }
 
   // -- fits (store-wide) -----------------------------------------------------------------
