@@ -1081,6 +1081,62 @@ def _print_result(table: pl.DataFrame, signature: dict, out_path: Path, format: 
     _note(f"figure -> {out_path}", format)
 
 
+# -- the report page and the server --------------------------------------------------------------
+
+
+@app.command()
+def report(
+    store: str = StoreOption,
+    storage_option: list[str] = StorageOptions,
+    zoo: list[str] = typer.Option(None, "--zoo", help="A zoo to report on (repeatable; "
+                                  "default: every zoo in the store)."),
+    out_path: Path = typer.Option(Path("report.html"), "--out",
+                                  help="The HTML file to write (one self-contained page)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+) -> None:
+    """Write one self-contained HTML page per store: for each zoo its summary, runs table,
+    learning curves and the analyses it has data for, each panel with the SQL behind it."""
+    import time
+
+    from dlstore.report.page import render, report_data
+    from dlstore.report.write import page_path, write_page
+
+    start = time.perf_counter()
+    out_path = page_path(out_path, force)  # before any work
+    s = _open(store, storage_option)
+    data = report_data(s, zoo or None)
+    size = write_page(render(data), out_path)
+    runs = sum(len(z["runs"]["data"][0]) if z["runs"]["data"] else 0 for z in data["zoos"])
+    out.print(f"report of {len(data['zoos'])} zoo(s), {runs:,} runs -> {out_path} "
+              f"({size / 1e6:.1f} MB, {time.perf_counter() - start:.1f} s)",
+              markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def serve(
+    store: str = StoreOption,
+    storage_option: list[str] = StorageOptions,
+    port: int = typer.Option(8765, min=0, max=65535, help="Port to listen on (0: a free one)."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind: 127.0.0.1 keeps it on this "
+                             "machine; 0.0.0.0 shares it with the network (no login!)."),
+) -> None:
+    """Serve the report live over STORE (it follows a build's commits) with a read-only SQL
+    box that obeys the rules of `dlstore sql`; Ctrl-C stops it."""
+    from dlstore.report.server import ReportServer
+
+    server = ReportServer(_open(store, storage_option), host, port)
+    where = ("only this machine can reach it" if host in ("127.0.0.1", "localhost", "::1")
+             else f"bound to {host}: other machines can reach it, with no login")
+    out.print(f"serving {store} on {server.url} ({where}); Ctrl-C stops", markup=False,
+              highlight=False, soft_wrap=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        err.print("stopped", highlight=False)
+    finally:
+        server.server_close()
+
+
 tickets_app = typer.Typer(no_args_is_help=True, help="Lottery tickets found while building zoos.")
 app.add_typer(tickets_app, name="tickets")
 

@@ -78,15 +78,11 @@ def _check_axes(*axes: str) -> None:
             raise QueryError(f"{axis!r} is not a grid axis; use one of {', '.join(AXES)}")
 
 
-def phase_table(store: Store, x: str, y: str, zoo: str | None = None,
-                thresholds: PhaseOptions | None = None) -> pl.DataFrame:
-    """One row per (x, y) cell: the means over its groups (and seeds) of train_loss,
-    hessian_top_eig (null if not recorded), mode_connectivity and cka at each group's last
-    group-metric step, the number of groups, and the phase label."""
+def phase_query(x: str, y: str) -> str:
+    """The SQL behind `phase_table` (one `?`: the zoo), for checked axes x and y: shown by
+    the report under its phase diagram, to copy into `dlstore sql`."""
     _check_axes(x, y)
-    zoo = zoo_of(store, zoo)
-    thresholds = thresholds or spec_thresholds(store, zoo)
-    frame = store.sql(f"""
+    return f"""
         WITH last AS (SELECT group_id, max(step) AS step FROM group_metrics
                       WHERE zoo = ? AND metric = 'mode_connectivity'  -- seed groups only
                       GROUP BY group_id),
@@ -107,7 +103,18 @@ def phase_table(store: Store, x: str, y: str, zoo: str | None = None,
                avg(hessian) AS hessian_top_eig, avg(mc) AS mode_connectivity,
                avg(cka) AS cka, count(*) AS groups
         FROM per_group JOIN per_run USING (group_id)
-        GROUP BY x, y ORDER BY x, y""", [zoo])
+        GROUP BY x, y ORDER BY x, y"""
+
+
+def phase_table(store: Store, x: str, y: str, zoo: str | None = None,
+                thresholds: PhaseOptions | None = None) -> pl.DataFrame:
+    """One row per (x, y) cell: the means over its groups (and seeds) of train_loss,
+    hessian_top_eig (null if not recorded), mode_connectivity and cka at each group's last
+    group-metric step, the number of groups, and the phase label."""
+    _check_axes(x, y)
+    zoo = zoo_of(store, zoo)
+    thresholds = thresholds or spec_thresholds(store, zoo)
+    frame = store.sql(phase_query(x, y), [zoo])
     labels = [phase_of(r["train_loss"], r["mode_connectivity"], r["cka"],
                        r["hessian_top_eig"], thresholds) for r in frame.iter_rows(named=True)]
     return frame.with_columns(pl.Series("phase", labels, dtype=pl.String))
