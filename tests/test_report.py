@@ -171,9 +171,23 @@ def test_tracked_runs_without_a_spec_and_with_nan_values(tmp_path):
     data = report_data(store)
     (zoo,) = data["zoos"]
     assert zoo["summary"]["spec"] is None
-    assert zoo["summary"]["facts"]["origin"] == "tracked or imported (no spec recorded)"
+    assert zoo["summary"]["facts"]["origin"] == "tracked"
     assert zoo["summary"]["facts"]["runs"] == 2 and zoo["summary"]["facts"]["checkpoints"] == 0
     losses = dict(zip(*(zoo["runs"]["data"][zoo["runs"]["columns"].index(c)]
                         for c in ("lr", "train_loss"))))
     assert losses == {0.1: pytest.approx(1 / 3), 10.0: None}  # NaN is null in the page
     assert "NaN" not in render(data).split('<script id="dlstore-data"')[1].split("</script>")[0]
+
+
+def test_an_imported_zoo_says_where_it_came_from(tmp_path):
+    from dlstore.importers import import_zoo
+
+    path = tmp_path / "summary.csv"
+    path.write_text("model,epoch,width,test_acc\n" + "".join(
+        f"m{m},{epoch},{2 * (m + 1)},{0.1 * (epoch + 1):.1f}\n"
+        for m in range(2) for epoch in range(3)))
+    store = Store(tmp_path / "s", create=True)
+    import_zoo(store, "csv", path, zoo="published")
+    (zoo,) = report_data(store)["zoos"]
+    assert zoo["summary"]["facts"]["origin"] == f"imported (csv from {path})"
+    assert zoo["summary"]["facts"]["runs"] == 2 and zoo["summary"]["facts"]["metric_rows"] == 6

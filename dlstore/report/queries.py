@@ -25,7 +25,8 @@ RUN_COLUMNS = ("status", *[c for c in AXES if c != "status"], "seed", "final_ste
                "diverged_step", "device", "train_seconds")
 # columns of the zoos view a summary shows where the store has them (a store written by an
 # older or newer dlstore may lack some: the summary says what it has)
-ZOO_COLUMNS = ("spec", "spec_hash", "created_at", "dlstore_version", "origin", "source")
+ZOO_COLUMNS = ("spec", "spec_hash", "created_at", "dlstore_version", "source_format",
+               "source_path")
 
 
 def literal(value) -> str:
@@ -125,16 +126,18 @@ def summary(store: Store, zoo: str) -> dict:
         FROM c, m""", [zoo])
     row = {k: plain(v) for k, v in spec.row(0, named=True).items()} if spec.height else {}
     facts = {k: plain(v) for k, v in counts.row(0, named=True).items()}
-    facts["origin"] = row.pop("origin", None) or _origin(bool(row.get("spec")))
+    facts["origin"] = _origin(row)
     return {"zoo": zoo, "spec": row.pop("spec", None), "zoo_row": row, "facts": facts,
             "missing_columns": [c for c in ZOO_COLUMNS if c not in have],
             "sql": [spec_sql, counts_sql]}
 
 
-def _origin(has_spec: bool) -> str:
-    """Where a zoo came from, where the zoos view has no origin column: a zoo built from a spec
-    records it; tracked and imported runs record none, and nothing else tells them apart yet."""
-    return "built" if has_spec else "tracked or imported (no spec recorded)"
+def _origin(zoo_row: dict) -> str:
+    """Where a zoo came from: `dlstore import` records its source's format and path, a build
+    its spec; tracked runs (`Store.track`, the integrations, `import-runs`) record neither."""
+    if zoo_row.get("source_format"):
+        return f"imported ({zoo_row['source_format']} from {zoo_row.get('source_path')})"
+    return "built" if zoo_row.get("spec") else "tracked"
 
 
 def runs_table(store: Store, zoo: str) -> dict:
