@@ -224,6 +224,7 @@ def curve_metrics(kernel, norms: NormStatistics, a: Params, bend: Params, b: Par
     dtype = next(iter(bend.values())).dtype
     ts = torch.linspace(0.0, 1.0, n_points, dtype=torch.float64, device=x_train.device)
     n_pairs = y_train.shape[0]
+    x_train = x_train[:int(n_train.max())]  # what no pair sees is not evaluated
     with torch.no_grad():
         points = curve_points(a, bend, b, ts.to(dtype))
         points = with_statistics(norms, points, x_train, n_train, n_points, chunk)
