@@ -55,12 +55,13 @@ def reference_bend(arch, shape, n_classes, a, b, x, y, seed, steps, lr, momentum
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                  lambda s: garipov_lr_factor(s, steps))
     sampler = CurveSampler([seed], [x.shape[0]], batch)
+    current = {k: a[k].clone() for k in buffers}  # the module's forwards update them in place
     for _ in range(steps):
         t, idx = sampler.draw()
         t, idx = t[0], idx[0]
         point = {k: (1 - t) ** 2 * a[k] + 2 * t * (1 - t) * c + t ** 2 * b[k]
                  for k, c in bend.items()}
-        state = {**point, **{k: a[k].clone() for k in buffers}}
+        state = {**point, **current}
         loss = (F.cross_entropy(functional_call(module, state, (x[idx],)), y[idx])
                 + 0.5 * wd * sum((p ** 2).sum() for p in point.values()))
         optimizer.zero_grad()
@@ -91,6 +92,8 @@ def test_garipov_schedule():
      40),
     # BatchNorm: the generic vmap kernel with buffers
     ({"arch": "resnet", "width": 4, "stages": 1}, {"name": "digits"}, 6),
+    # dropout: its seed and counter buffers advance with the training forwards
+    ({"arch": "cnn2d", "width": 4, "dropout": 0.5}, {"name": "digits"}, 6),
 ])
 def test_bend_training_equals_a_plain_reference_loop(arch_options, dataset, steps):
     """Three pairs trained as one stack; the first and the last each end where the plain loop
@@ -303,3 +306,27 @@ def test_bad_curve_options_are_refused_in_one_line():
         ZooSpec.from_text(ZOO.replace("lr = 0.05 }", "lr = -1 }"))
     with pytest.raises(SpecError, match="metrics.curve"):
         ZooSpec.from_text(ZOO.replace("pairs = 2,", "pair = 2,"))
+
+
+@pytest.mark.slow
+def test_the_phases_curve_zoo_shows_phase_iv_where_the_line_shows_iii(tmp_path):
+    """zoo/phases-curve.toml on a corner of its grid (2 seeds): a small training set at a
+    moderate learning rate fits and its seeds are joined by a trained curve (IV), though the
+    straight line between them has a barrier (III); the full training set keeps a barrier along
+    the curve too (III); the largest learning rate fits nothing (II)."""
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "zoo" / "phases-curve.toml").read_text()
+    text = text.replace("seeds = 3", "seeds = 2")
+    text = text.replace("train.lr = [0.003, 0.01, 0.03, 0.1, 0.3, 1.0]", "train.lr = [0.03, 1.0]")
+    text = text.replace("dataset.n_train = [250, 500, 1000, 2000, 4000]",
+                        "dataset.n_train = [250, 4000]")
+    store = Store(tmp_path / "s", create=True)
+    build_zoo(ZooSpec.from_text(text), store, device="cpu")
+    curve = phase_table(store, "lr", "n_train", zoo="phases-curve")
+    line = phase_table(store, "lr", "n_train", zoo="phases-curve", mc="line")
+    phases = dict(zip(zip(curve["lr"], curve["n_train"]), curve["phase"]))
+    assert phases[(0.03, 250)] in ("IV-A", "IV-B")
+    assert dict(zip(zip(line["lr"], line["n_train"]), line["phase"]))[(0.03, 250)] == "III"
+    assert phases[(0.03, 4000)] == "III"
+    assert phases[(1.0, 4000)] == "II"

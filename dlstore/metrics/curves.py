@@ -110,8 +110,10 @@ def train_bends(kernel, a: Params, b: Params, x: torch.Tensor, y: torch.Tensor,
                 sampler: CurveSampler, steps: int, lr: float, momentum: float,
                 weight_decay: float) -> Params:
     """The trained bends [P, ...] of the pairs (a_i, b_i) of the stacks `a`, `b` (parameters and
-    buffers, state-dict order), on inputs `x` [N, ...] and each pair's labels `y` [P, N]. A
-    pair whose loss turns NaN or infinite keeps the bend it had (its momentum is dropped)."""
+    buffers, state-dict order), on inputs `x` [N, ...] and each pair's labels `y` [P, N]. The
+    buffers start as a's and follow the training forwards (running statistics do not enter a
+    train-mode forward; they are recomputed where the curve is evaluated). A pair whose loss
+    turns NaN or infinite keeps the bend it had (its momentum is dropped)."""
     buffers = tuple(getattr(kernel, "buffers", ()))
     bend = {k: ((a[k] + b[k]) / 2).clone() for k in a if k not in buffers}
     fixed = {k: a[k] for k in buffers}
@@ -125,8 +127,8 @@ def train_bends(kernel, a: Params, b: Params, x: torch.Tensor, y: torch.Tensor,
         t, idx = sampler.draw()
         point = bezier(a, bend, b, t)
         xb, yb = x[idx], y.gather(1, idx)
-        if buffers:
-            losses, grads, _ = kernel.loss_grads_and_buffers({**point, **fixed}, xb, yb)
+        if buffers:  # carried on as the trainer carries them (e.g. a dropout's counter)
+            losses, grads, fixed = kernel.loss_grads_and_buffers({**point, **fixed}, xb, yb)
         else:
             losses, grads = kernel.loss_and_grads(point, xb, yb)
         alive = alive & torch.isfinite(losses)
