@@ -32,7 +32,7 @@ from dlstore.metrics.curves import (
     train_bends,
 )
 from dlstore.metrics.families import CurveOptions
-from dlstore.metrics.groups import Group, empty_columns, find_groups, group_steps
+from dlstore.metrics.groups import Group, add_rows, empty_columns, find_groups, group_steps
 from dlstore.seeds import derive_seed
 from dlstore.stacks import stack_labels
 from dlstore.store.writer import StoreWriter
@@ -72,12 +72,7 @@ def compute_curve_metrics(writer: StoreWriter, zoo: str, options: CurveOptions,
     for k, batch in enumerate(items):
         columns = empty_columns()
         for (group, step), values in zip(batch, _batch_metrics(store, batch, options, device)):
-            for name, value in values.items():
-                for column, item in (("group_id", group.group_id), ("zoo", zoo),
-                                     ("run_ids", [r["run_id"] for r in group.runs]),
-                                     ("group_key", group.key), ("step", step),
-                                     ("metric", name), ("value", value)):
-                    columns[column].append(item)
+            add_rows(columns, group, step, values)
             computed += 1
         writer.record_group_metrics(columns)
         if progress:

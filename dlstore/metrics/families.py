@@ -209,19 +209,14 @@ class GroupOptions(BaseModel):
                            "train-split barriers")
 
 
-class CurveOptions(BaseModel):
+class CurveOptions(GroupOptions):
     """Over the seeds of each config: barriers and mode connectivity along a trained quadratic
     Bezier curve between two seeds (computed after the build, from the store). The optimizer
     settings default to Garipov et al.'s (`train.py`: SGD, lr 0.01, momentum 0.9, weight decay
     1e-4 on the curve's point, batch 128, their schedule); the number of steps is this
-    project's choice."""
+    project's choice. `at` and `pairs` as for the straight line."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    at: CheckpointSelection = Field(
-        default="last", description="checkpoints to compute at: all, last, or a list of steps "
-        "(each a checkpoint step of every run)")
     points: int = Field(default=11, ge=2, description="evenly spaced points on the curve")
-    pairs: int = Field(default=10, ge=1, description="most pairs of seeds per group")
     subsample: int = Field(default=4096, ge=1, description="first n training examples for the "
                            "train-split barriers and the BatchNorm statistics")
     steps: int = Field(default=2000, ge=0, description="training steps of each curve's bend")

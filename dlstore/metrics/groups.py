@@ -88,13 +88,8 @@ def compute_group_metrics(writer: StoreWriter, zoo: str, options: GroupOptions,
         for step in group_steps(store, group, options):
             if (group.group_id, step) in done:
                 continue
-            values = group_metrics_at(store, group, step, options, torch.device(device))
-            for name, value in values.items():
-                for column, item in (("group_id", group.group_id), ("zoo", zoo),
-                                     ("run_ids", [r["run_id"] for r in group.runs]),
-                                     ("group_key", group.key), ("step", step),
-                                     ("metric", name), ("value", value)):
-                    columns[column].append(item)
+            add_rows(columns, group, step,
+                     group_metrics_at(store, group, step, options, torch.device(device)))
             computed += 1
         if (k + 1) % COMMIT_GROUPS == 0:
             writer.record_group_metrics(columns)
@@ -103,6 +98,17 @@ def compute_group_metrics(writer: StoreWriter, zoo: str, options: GroupOptions,
             progress(k + 1, len(groups))
     writer.record_group_metrics(columns)
     return computed
+
+
+def add_rows(columns: dict[str, list], group: Group, step: int,
+             values: dict[str, float]) -> None:
+    """The `group_metrics` rows of `values` ({metric: value}) of `group` at `step`."""
+    for name, value in values.items():
+        for column, item in (("group_id", group.group_id), ("zoo", group.zoo),
+                             ("run_ids", [r["run_id"] for r in group.runs]),
+                             ("group_key", group.key), ("step", step),
+                             ("metric", name), ("value", value)):
+            columns[column].append(item)
 
 
 def empty_columns() -> dict[str, list]:
