@@ -846,6 +846,8 @@ def plot_phases(
     zoo: str = typer.Option(None, help="Zoo (needed when several have group metrics)."),
     out_path: Path = typer.Option(Path("phases.png"), "--out",
                                   help=_OUT_HELP.format("phases.png")),
+    mc: str = typer.Option("auto", help="Mode connectivity: auto (along the trained curve when "
+                           "the zoo has it, else the line), line or curve."),
     format: Format = FormatOption,
 ) -> None:
     """Phase diagram after Yang et al. 2021, thresholds from the zoo's [phases] spec table;
@@ -854,7 +856,7 @@ def plot_phases(
     from dlstore.plots import phase_figure
 
     out_path = _figure_path(out_path, "phases.png")
-    table = phase_table(_open(store, storage_option), x, y, zoo)
+    table = phase_table(_open(store, storage_option), x, y, zoo, mc=mc)
     _print_frame(table, format)
     counts = ", ".join(f"{p}: {n}" for p, n in phase_counts(table).items())
     mc = table["mc_metric"][0]

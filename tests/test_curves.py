@@ -9,12 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
+from typer.testing import CliRunner
 
 from dlstore.analysis.phases import phase_table
 from dlstore.architectures.base import init_state
 from dlstore.architectures.kernels import buffer_names
 from dlstore.architectures.registry import parse_arch_options
 from dlstore.building.build import build_zoo
+from dlstore.cli import app
 from dlstore.datasets.base import run_data
 from dlstore.datasets.registry import parse_dataset_options
 from dlstore.errors import SpecError
@@ -299,6 +301,19 @@ def test_phase_table_uses_curve_mc_when_the_zoo_has_it(curve_store):
     assert table["mode_connectivity"].to_list() == pytest.approx(curve["mc"].to_list())
     line = phase_table(curve_store, "lr", "n_train", zoo="curvy", mc="line")
     assert set(line["mc_metric"]) == {"mode_connectivity"}
+
+
+def test_plot_phases_says_which_mode_connectivity_it_used(curve_store, tmp_path):
+    runner = CliRunner()
+    store = str(curve_store.root)
+    args = ["plot", "phases", "--store", store, "--zoo", "curvy", "--x", "lr", "--y", "n_train"]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "p.png")])
+    assert result.exit_code == 0, result.output
+    assert "mode connectivity: curve_mode_connectivity" in result.output
+    result = runner.invoke(app, [*args, "--mc", "line", "--out", str(tmp_path / "l.png")])
+    assert "mode connectivity: mode_connectivity" in result.output
+    result = runner.invoke(app, [*args, "--mc", "bend"])
+    assert result.exit_code == 1 and "mc must be auto, line or curve" in str(result.exception)
 
 
 def test_bad_curve_options_are_refused_in_one_line():
