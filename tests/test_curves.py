@@ -21,7 +21,7 @@ from dlstore.datasets.base import run_data
 from dlstore.datasets.registry import parse_dataset_options
 from dlstore.errors import SpecError
 from dlstore.metrics.connectivity import interpolation_barrier
-from dlstore.metrics.curve_groups import _batch_metrics, compute_curve_metrics
+from dlstore.metrics.curve_groups import compute_curve_metrics, curve_metrics_of
 from dlstore.metrics.curves import (
     CURVE_METRICS,
     CurveSampler,
@@ -287,9 +287,10 @@ def test_groups_trained_together_equal_each_group_alone(curve_store):
     alone gets the same values."""
     options = ZooSpec.from_text(ZOO).metrics.curve
     groups = find_groups(curve_store, "curvy")
-    together = _batch_metrics(curve_store, [(g, 60) for g in groups], options, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    together = curve_metrics_of(curve_store, [(g, 60) for g in groups], options, cpu)
     for group, values in zip(groups, together):
-        alone, = _batch_metrics(curve_store, [(group, 60)], options, torch.device("cpu"))
+        alone, = curve_metrics_of(curve_store, [(group, 60)], options, cpu)
         assert alone == pytest.approx(values, abs=1e-6)
 
 

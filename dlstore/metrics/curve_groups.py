@@ -66,12 +66,13 @@ def compute_curve_metrics(writer: StoreWriter, zoo: str, options: CurveOptions,
         for step in group_steps(store, group, options):
             if (group.group_id, step) not in done:
                 batches.setdefault(key, []).append((group, step))
-    items = [batch[i:i + max(1, MAX_PAIRS // options.pairs)] for batch in batches.values()
-             for i in range(0, len(batch), max(1, MAX_PAIRS // options.pairs))]
+    per_stack = max(1, MAX_PAIRS // options.pairs)  # (group, step)s
+    items = [batch[i:i + per_stack] for batch in batches.values()
+             for i in range(0, len(batch), per_stack)]
     computed = 0
     for k, batch in enumerate(items):
         columns = empty_columns()
-        for (group, step), values in zip(batch, _batch_metrics(store, batch, options, device)):
+        for (group, step), values in zip(batch, curve_metrics_of(store, batch, options, device)):
             add_rows(columns, group, step, values)
             computed += 1
         writer.record_group_metrics(columns)
@@ -80,7 +81,7 @@ def compute_curve_metrics(writer: StoreWriter, zoo: str, options: CurveOptions,
     return computed
 
 
-def _batch_metrics(store, batch: list[tuple[Group, int]], options: CurveOptions,
+def curve_metrics_of(store, batch: list[tuple[Group, int]], options: CurveOptions,
                    device: torch.device) -> list[dict[str, float]]:
     """The curve metrics of each (group, step) of `batch`, all its pairs trained together."""
     first = batch[0][0].runs[0]
