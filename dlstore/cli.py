@@ -178,6 +178,8 @@ def _build_zoo(zoo, store: str, storage_option: list[str] | None, device: Device
         f"{report.cohorts} cohorts, {report.checkpoints} cohort checkpoints, "
         f"{report.seconds:.1f} s ({report.train_seconds:.1f} s in training steps)"
         + (f", group metrics of {report.group_steps} groups x steps" if report.group_steps
+           else "")
+        + (f", curve metrics of {report.curve_steps} groups x steps" if report.curve_steps
            else "") + f" -> {store}" + (f" (shard {part[0]}/{part[1]})" if part else "")
     )
 
@@ -824,6 +826,7 @@ def metrics_compute(
     """Add the metrics SPEC's [metrics] asks for to its runs already in STORE (a rebuild skips
     complete runs, so metrics added to a spec later are computed here); resumable."""
     from dlstore.metrics.backfill import backfill_checkpoint_metrics
+    from dlstore.metrics.curve_groups import compute_curve_metrics
     from dlstore.metrics.groups import compute_group_metrics
     from dlstore.spec import ZooSpec
     from dlstore.store.writer import StoreWriter
@@ -835,12 +838,15 @@ def metrics_compute(
     writer = StoreWriter(s)
     checkpoints = backfill_checkpoint_metrics(writer, zoo.name, zoo.runs, zoo.metrics,
                                               device=dev)
-    groups = 0
+    groups = curves = 0
     if zoo.metrics.groups is not None:
         groups = compute_group_metrics(writer, zoo.name, zoo.metrics.groups,
                                        {r.run_id for r in zoo.runs}, device=dev)
+    if zoo.metrics.curve is not None:
+        curves = compute_curve_metrics(writer, zoo.name, zoo.metrics.curve,
+                                       {r.run_id for r in zoo.runs}, device=dev)
     out.print(f"zoo [bold]{zoo.name}[/]: metrics added at {checkpoints} checkpoints, group "
-              f"metrics of {groups} groups x steps")
+              f"metrics of {groups} and curve metrics of {curves} groups x steps")
 
 
 @metrics_app.command("groups")
@@ -887,18 +893,22 @@ def plot_phases(
     zoo: str = typer.Option(None, help="Zoo (needed when several have group metrics)."),
     out_path: Path = typer.Option(Path("phases.png"), "--out",
                                   help=_OUT_HELP.format("phases.png")),
+    mc: str = typer.Option("auto", help="Mode connectivity: auto (along the trained curve when "
+                           "the zoo has it, else the line), line or curve."),
     format: Format = FormatOption,
 ) -> None:
-    """Phase diagram after Yang et al. 2021, thresholds from the zoo's [phases] spec table."""
+    """Phase diagram after Yang et al. 2021, thresholds from the zoo's [phases] spec table;
+    mode connectivity along the trained curve when the zoo has it (the output says which)."""
     from dlstore.analysis.phases import phase_counts, phase_table
     from dlstore.plots import phase_figure
 
     out_path = _figure_path(out_path, "phases.png")
-    table = phase_table(_open(store, storage_option), x, y, zoo)
+    table = phase_table(_open(store, storage_option), x, y, zoo, mc=mc)
     _print_frame(table, format)
     counts = ", ".join(f"{p}: {n}" for p, n in phase_counts(table).items())
-    _save(phase_figure(table, x, y), out_path)
-    _note(f"phases ({counts}) -> {out_path}", format)
+    mc = table["mc_metric"][0]
+    _save(phase_figure(table, x, y, title=f"phases (Yang et al. 2021; mc: {mc})"), out_path)
+    _note(f"phases ({counts}; mode connectivity: {mc}) -> {out_path}", format)
 
 
 @plot_app.command("metric")

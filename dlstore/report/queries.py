@@ -15,7 +15,14 @@ import re
 import polars as pl
 
 from dlstore.analysis import phenomena
-from dlstore.analysis.phases import AXES, phase_of, phase_query, spec_thresholds
+from dlstore.analysis.phases import (
+    AXES,
+    mc_metric,
+    phase_of,
+    phase_params,
+    phase_query,
+    spec_thresholds,
+)
 from dlstore.errors import NotFoundError
 from dlstore.store.store import Store
 
@@ -199,7 +206,8 @@ def phase_diagram(store: Store, zoo: str) -> dict | None:
     if len(axes) < 2:
         return None
     x, y = axes[:2]
-    frame, sql = run(store, phase_query(x, y), [zoo])
+    metric = mc_metric(store, zoo)
+    frame, sql = run(store, phase_query(x, y), phase_params(zoo, metric))
     thresholds = spec_thresholds(store, zoo)
     labels = [phase_of(r["train_loss"], r["mode_connectivity"], r["cka"], r["hessian_top_eig"],
                        thresholds) if r["train_loss"] is not None
@@ -208,7 +216,8 @@ def phase_diagram(store: Store, zoo: str) -> dict | None:
     frame = frame.with_columns(pl.Series("phase", labels, dtype=pl.String))
     return {"sql": sql, "x": x, "y": y, "thresholds": thresholds.model_dump(),
             "note": "phase: dlstore.analysis.phases.phase_of of each cell, with the zoo's "
-                    "[phases] thresholds", **columns(frame)}
+                    f"[phases] thresholds; mode connectivity: {metric}", "mc_metric": metric,
+            **columns(frame)}
 
 
 def _varying(store: Store, view: str, zoo: str) -> list[str]:
