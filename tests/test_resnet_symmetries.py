@@ -87,3 +87,65 @@ def test_groupnorm_is_refused_in_one_line():
     with pytest.raises(UndeclaredProperty, match="groupnorm") as err:
         hidden_layers(layout, arch)
     assert "\n" not in str(err.value)
+
+
+TINY_RESNETS = """
+name = "{name}"
+seeds = 2
+checkpoints = [0, 4]
+[dataset]
+name = "digits"
+[model]
+arch = "resnet"
+width = 4
+stages = 2
+norm = "{norm}"
+group_size = 2
+[train]
+batch_size = 20
+steps = 4
+lr = 0.05
+"""
+
+
+@pytest.fixture(scope="module")
+def resnet_store(tmp_path_factory):
+    from dlstore.building.build import build_zoo
+    from dlstore.spec import ZooSpec
+    from dlstore.store.store import Store
+
+    store = Store(tmp_path_factory.mktemp("resnets") / "store", create=True)
+    for norm in ("batchnorm", "groupnorm"):
+        build_zoo(ZooSpec.from_text(TINY_RESNETS.format(name=f"rn-{norm}", norm=norm)), store,
+                  device="cpu")
+    return store
+
+
+def test_canonical_weights_of_a_built_batchnorm_resnet_are_permutation_invariant(resnet_store):
+    from dlstore.analysis.wsl import WeightDataset, runs_architecture
+
+    query = ("SELECT run_id, step FROM checkpoints JOIN runs USING (run_id) "
+             "WHERE zoo = 'rn-batchnorm' ORDER BY run_id, step")
+    keys = resnet_store.sql(query)
+    flat, layout = resnet_store.weights(keys)
+    arch = runs_architecture(resnet_store, keys["run_id"].to_list())
+    layers = hidden_layers(layout, arch)
+    permuted = layout.flatten(random_permutation(layout.unflatten(flat), layers,
+                                                 torch.Generator().manual_seed(3)))
+    assert not torch.equal(permuted, flat)
+    canonical = WeightDataset(resnet_store, query, features="canonical", splits={"train": 0.5,
+                              "test": 0.5})
+    again = layout.flatten(canonicalize(layout.unflatten(permuted), layers))
+    torch.testing.assert_close(again, canonical.features.to(again.dtype), atol=1e-6, rtol=0)
+
+
+def test_wsl_refuses_canonical_groupnorm_resnets_in_one_line(resnet_store, tmp_path, capsys):
+    from tests.test_cli_output import cli
+
+    query = ("SELECT run_id, step FROM checkpoints JOIN runs USING (run_id) "
+             "WHERE zoo = 'rn-groupnorm'")
+    code, _, err = cli(capsys, "wsl", "fit", "--store", str(resnet_store.root), "--query", query,
+                       "--features", "canonical", "--split", "0.5,0,0.5", "--plot",
+                       str(tmp_path / "x.png"))
+    assert code == 1 and "groupnorm" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
