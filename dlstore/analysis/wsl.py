@@ -450,16 +450,21 @@ def _encode_target(values: pl.Series, task: str) -> tuple[str, list | None, torc
 def _pull_stats(store: Store, keys: pl.DataFrame, batch_size: int
                 ) -> tuple[torch.Tensor, list[str]]:
     """Statistics features of every row, pulled in batches per layout (stats need no common
-    layout: runs of several widths get the same features at their true shapes)."""
+    layout: runs of several widths get the same features at their true shapes). Features are
+    of the tensors every run holds: a tensor only some runs have (cnn2d's dropout buffers,
+    present where dropout > 0) has no value for the others."""
     layouts, which = store.weight_layouts(keys)
     names_of = [[e.name for e in lay.entries] for lay in layouts]
-    if any(n != names_of[0] for n in names_of):
-        raise LayoutError(f"stats features need the same tensors in every run; the query mixes "
+    common = [n for n in names_of[0] if all(n in other for other in names_of[1:])]
+    if not common:
+        raise LayoutError(f"stats features need tensors that every run holds; the query mixes "
                           f"{names_of[0]} and {next(n for n in names_of if n != names_of[0])}")
     which = np.asarray(which)
     out: torch.Tensor | None = None
     names: list[str] = []
     for k, lay in enumerate(layouts):
+        shapes = {e.name: e.shape for e in lay.entries}
+        lay = Layout.from_shapes([(n, shapes[n]) for n in common], lay.dtype)
         rows = np.flatnonzero(which == k)
         done = 0
         for _, flat in store.iter_weights(keys[rows], batch_size=batch_size, layout=lay):
