@@ -45,7 +45,8 @@ def test_the_recipe_validates_into_a_thousand_runs_varied_along_the_papers_axes(
     assert max(fractions) == 4_000 and min(fractions) == 400
     # checkpoints over training: initialisation, during, end
     steps = first.checkpoint_steps(first.train.total_steps(first.dataset.n_train))
-    assert len(steps) >= 3 and steps[0] == 0
+    assert len(steps) >= 5 and steps[0] == 0 and steps[-1] == first.train.total_steps(
+        first.dataset.n_train)
     assert len({run.run_id for run in runs}) == len(runs)
 
 
@@ -76,6 +77,11 @@ def two_builds(tmp_path_factory):
 QUERY = "SELECT run_id, step FROM checkpoints ORDER BY run_id, step"
 
 
+def checkpoints_per_run(spec: ZooSpec) -> int:
+    run = spec.runs[0]
+    return len(run.checkpoint_steps(run.train.total_steps(run.dataset.n_train)))
+
+
 def test_a_shrunken_copy_trains(two_builds):
     spec, (store, _) = two_builds
     loss = store.sql("SELECT run_id, step, value FROM metrics WHERE metric = 'train_loss' "
@@ -85,7 +91,7 @@ def test_a_shrunken_copy_trains(two_builds):
         by_run.setdefault(row["run_id"], []).append(row["value"])
     assert sorted(by_run) == sorted(run.run_id for run in spec.runs)
     for run_id, values in by_run.items():
-        assert len(values) == 3 and values[-1] < values[0], run_id
+        assert len(values) == checkpoints_per_run(spec) and values[-1] < values[0], run_id
     best = store.sql("SELECT max(value) AS v FROM final WHERE metric = 'test_acc'")["v"][0]
     assert best > 0.3  # of 10 classes, after 32 steps
     # the init scale is the draw times the factor: the same draw (same seed, scheme) at 1.5
@@ -109,7 +115,8 @@ def test_two_builds_give_the_same_runs_and_weights(two_builds):
     for store in (first, second):
         assert sorted(store.sql("SELECT run_id FROM runs")["run_id"].to_list()) == ids
     keys = first.sql(QUERY).rows()
-    assert keys == second.sql(QUERY).rows() and len(keys) == 3 * len(ids)
+    assert keys == second.sql(QUERY).rows()
+    assert len(keys) == checkpoints_per_run(spec) * len(ids)
     for run_id, step in keys:  # every tensor, dropout's seed and counter included
         a, b = first.load_state_dict(run_id, step), second.load_state_dict(run_id, step)
         assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
@@ -123,11 +130,12 @@ def test_stats_features_span_runs_with_and_without_dropout(two_builds):
     # tensors every run holds, the convolutions' and the classifier's weights and biases
     from dlstore.analysis.wsl import WeightDataset, fit_predictor
 
-    _, (store, _) = two_builds
+    spec, (store, _) = two_builds
     ds = WeightDataset(store, QUERY, target="test_acc", features="stats",
                        splits={"train": 0.5, "test": 0.5})
     tensors = {name.rsplit(".", 1)[0] for name in ds.feature_names}
     assert tensors == {f"convs.{i}.{p}" for i in range(3) for p in ("weight", "bias")} | {
         "out.weight", "out.bias"}
-    assert ds.features.shape == (12, 8 * 7) and torch.isfinite(ds.features).all()
+    assert ds.features.shape == (4 * checkpoints_per_run(spec), 8 * 7)
+    assert torch.isfinite(ds.features).all()
     assert fit_predictor(ds, model="linear").kendall_tau is not None
