@@ -139,3 +139,19 @@ def test_stats_features_span_runs_with_and_without_dropout(two_builds):
     assert ds.features.shape == (4 * checkpoints_per_run(spec), 8 * 7)
     assert torch.isfinite(ds.features).all()
     assert fit_predictor(ds, model="linear").kendall_tau is not None
+
+
+def test_weights_as_data_leave_out_integer_buffers(two_builds):
+    # dropout's seed and call counter are int64: the call counter is the training step, which a
+    # weight-space feature must not see; weights as data are the floating-point tensors only
+    _, (store, _) = two_builds
+    query = ("SELECT c.run_id, c.step FROM checkpoints c JOIN runs r USING (run_id) "
+             "WHERE json_extract(r.config, '$.model.dropout')::DOUBLE > 0 ORDER BY ALL")
+    run_id, step = store.sql(query).row(-1)
+    state = store.load_state_dict(run_id, step)
+    assert {k for k, v in state.items() if not v.is_floating_point()}  # the run has them
+    flat, layout = store.weights(query)
+    assert [e.name for e in layout.entries] == [k for k, v in state.items()
+                                                if v.is_floating_point()]
+    assert torch.equal(flat[-1], torch.cat([v.flatten() for v in state.values()
+                                            if v.is_floating_point()]))

@@ -451,8 +451,9 @@ def _pull_stats(store: Store, keys: pl.DataFrame, batch_size: int
                 ) -> tuple[torch.Tensor, list[str]]:
     """Statistics features of every row, pulled in batches per layout (stats need no common
     layout: runs of several widths get the same features at their true shapes). Features are
-    of the tensors every run holds: a tensor only some runs have (cnn2d's dropout buffers,
-    present where dropout > 0) has no value for the others."""
+    of the tensors every run holds: a tensor only some runs have has no value for the others
+    (weights as data hold floating-point tensors only: `Store.weights` leaves out integer
+    buffers such as cnn2d's dropout counter, which would give away the training step)."""
     layouts, which = store.weight_layouts(keys)
     names_of = [[e.name for e in lay.entries] for lay in layouts]
     common = [n for n in names_of[0] if all(n in other for other in names_of[1:])]
