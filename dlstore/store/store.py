@@ -413,18 +413,21 @@ class Store:
         layout_of_shard = np.zeros(len(names), dtype=np.int64)
         capacity = np.zeros(len(names), dtype=np.int64)
         seen: dict[tuple, int] = {}  # shard header -> index into layouts
+        first_shard: dict[tuple, int] = {}  # shard header -> the first shard that has it
         for code, blob in enumerate(names):
             tensors, capacity[code] = self.blobs.layout(blob)
             if tensors not in seen:
-                # weights as data are the floating-point tensors: integer ones (BatchNorm's
-                # batch counter, dropout's seed and call counter) are bookkeeping, and would
-                # give away how far a checkpoint has trained
+                # weights as data are, by default, the floating-point tensors: integer ones
+                # (BatchNorm's batch counter, dropout's seed and call counter) are bookkeeping
+                # that would give away how far a checkpoint has trained (a layout given may
+                # still name them)
                 real = [t for t in tensors if "float" in t[2]]
                 shard_layout = Layout.from_shapes([(name, shape) for name, shape, _ in real],
                                                   real[0][2] if real else "float32")
                 if shard_layout not in layouts:
                     layouts.append(shard_layout)
                 seen[tensors] = layouts.index(shard_layout)
+                first_shard[tensors] = code
             layout_of_shard[code] = seen[tensors]
         beyond = np.flatnonzero(members >= capacity[codes])
         if len(beyond):
@@ -435,8 +438,9 @@ class Store:
                                    f"{members[beyond[0]]}")
         layout_of_row = layout_of_shard[codes].tolist()
         if layout is not None:
-            for i, shard_layout in enumerate(layouts):
-                _check_fits(shard_layout, layout, keys.row(layout_of_row.index(i)))
+            for tensors, code in first_shard.items():  # every tensor, integer ones included
+                whole = Layout.from_shapes([(name, shape) for name, shape, _ in tensors])
+                _check_fits(whole, layout, keys.row(int(np.flatnonzero(codes == code)[0])))
         elif need_one_layout:
             if not layouts:
                 raise NotFoundError("the query returned no checkpoints; give a layout to get an "
