@@ -4,9 +4,13 @@
     python bench/train_throughput.py --width 128 --members 512          # ~23k
     python bench/train_throughput.py --arch cnn1d --width 16 --members 256
     python bench/train_throughput.py --arch cnn1d --kernel fast --threads 1
+    python bench/train_throughput.py --arch cnn2d --members 256            # 4,970 params, mnist
+    python bench/train_throughput.py --arch resnet --stages 2 --members 32
     python bench/train_throughput.py --device cuda --members 10000
 
-Both sides train MNIST-1D-shaped networks with SGD + momentum, data already on the device: the
+Both sides train with SGD + momentum, data already on the device (`--dataset`: MNIST-1D for mlp and
+cnn1d, the 28x28x1 `mnist` digits for cnn2d and resnet; `--width`, `--depth`, `--stages`: the
+architecture's own defaults where not given, but width 32 and depth 2 for mlp and cnn1d): the
 sequential side is one `nn.Module` and one `torch.optim` optimizer per member, stepped one after
 another (`dlstore.training.reference`); the cohort side is `CohortTrainer`, once with each kernel
 `--kernel` names (`fast`: the one the architecture declares, `Architecture.cohort_kernel`;
@@ -63,9 +67,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def cohort_rate(plan, device: torch.device, kernel: str) -> float:
-    """Model-steps per second of the cohort trainer with `kernel`, its first step left out:
-    first calls are slow (the sequential side is warmed up too)."""
+def cohort_rate(plan, device: torch.device, kernel: str) -> tuple[float, str]:
+    """Model-steps per second of the cohort trainer with `kernel`, its first step left out
+    (first calls are slow; the sequential side is warmed up too), and the kernel's class."""
     first_step = {}
     trainer = CohortTrainer(plan, device, on_step=lambda t: first_step.setdefault(
         "seconds", trainer.train_seconds))
@@ -74,20 +78,31 @@ def cohort_rate(plan, device: torch.device, kernel: str) -> float:
     for _ in trainer.run():
         pass
     steps = plan.total_steps - plan.start_step - 1
-    return len(plan.members) * steps / (trainer.train_seconds - first_step["seconds"])
+    return (len(plan.members) * steps / (trainer.train_seconds - first_step["seconds"]),
+            type(trainer.kernel).__name__)
+
+
+# what the bench trains where a flag is not given: MNIST-1D and the MLP / 1-D CNN rows README
+# has always measured; the image networks on real 28x28 digits at their own default sizes
+DEFAULTS = {"mlp": {"dataset": "mnist1d", "width": 32, "depth": 2},
+            "cnn1d": {"dataset": "mnist1d", "width": 32, "depth": 2},
+            "cnn2d": {"dataset": "mnist"},
+            "resnet": {"dataset": "mnist"}}
 
 
 def spec_for(args, members: int) -> ZooSpec:
+    defaults = DEFAULTS[args.arch]
+    model = "\n".join(f"{field} = {value}" for field in ("width", "depth", "stages")
+                       if (value := getattr(args, field, None) or defaults.get(field)))
     return ZooSpec.from_text(textwrap.dedent(f"""
         name = "bench"
         seeds = {members}
         checkpoints = [0]
         [dataset]
-        name = "mnist1d"
+        name = "{args.dataset or defaults['dataset']}"
         [model]
         arch = "{args.arch}"
-        width = {args.width}
-        depth = {args.depth}
+    """) + model + textwrap.dedent(f"""
         [train]
         lr = 0.01
         momentum = 0.9
@@ -98,9 +113,11 @@ def spec_for(args, members: int) -> ZooSpec:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="mlp", choices=["mlp", "cnn1d"])
-    parser.add_argument("--width", type=int, default=32)
-    parser.add_argument("--depth", type=int, default=2)
+    parser.add_argument("--arch", default="mlp", choices=list(DEFAULTS))
+    parser.add_argument("--dataset", default=None, help="mnist1d or mnist (default: by arch)")
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--depth", type=int, default=None, help="mlp, cnn1d, cnn2d")
+    parser.add_argument("--stages", type=int, default=None, help="resnet")
     parser.add_argument("--members", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=100, help="at least 2")
@@ -125,7 +142,8 @@ def main() -> None:
     n_params = sum(v.numel() for v in plan.members[0].init.values())
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    pop_rates = {kernel: cohort_rate(plan, device, kernel) for kernel in kernels}
+    measured = {kernel: cohort_rate(plan, device, kernel) for kernel in kernels}
+    pop_rates = {kernel: rate for kernel, (rate, _) in measured.items()}
 
     seq_runs = runs[:args.seq_members]
     train_reference(seq_runs[0], datas[0], device=device)  # warm-up: first calls are slow
@@ -145,7 +163,8 @@ def main() -> None:
         "threads": torch.get_num_threads(), "seq_steps_per_s": round(seq_rate, 1),
     }
     for i, (kernel, rate) in enumerate(pop_rates.items()):
-        row = {"steps_per_s": round(rate, 1), "speedup": round(rate / seq_rate, 2),
+        row = {"class": measured[kernel][1], "steps_per_s": round(rate, 1),
+               "speedup": round(rate / seq_rate, 2),
                "gflops": round(rate * flops_per_model_step / 1e9, 1)}
         if i == 0:
             result.update({"kernel": kernel, "pop_steps_per_s": row["steps_per_s"],
@@ -159,7 +178,7 @@ def main() -> None:
         gflops = result[f"{kernel}_gflops"]
         print(f"  cohort ({kernel:4s})   : {rate:12,.0f} model-steps/s   "
               f"({result[f'{kernel}_speedup']}x), {gflops:,.1f} GFLOP/s of a measured matmul "
-              f"peak of {peak:,.1f} ({gflops / peak:.0%})")
+              f"peak of {peak:,.1f} ({gflops / peak:.0%}), {measured[kernel][1]}")
     print(f"  peak memory     : {memory_mb:12,.0f} MiB")
     print(json.dumps(result))
 

@@ -117,6 +117,17 @@ class CNN2dOptions(Architecture):
     def classifier_layer(self) -> str:
         return "out"
 
+    def cohort_kernel(self, input_shape: tuple[int, ...], n_classes: int):
+        # the convolutions as batched matmuls over the member axis, backward written out
+        # (dlstore.architectures.fused): several times the generic vmap kernel on a CPU
+        from dlstore.architectures.fused import ConvLayer, ConvNetKernel
+
+        if self.dropout > 0:  # its masks are the module's own: the generic kernel runs it
+            return super().cohort_kernel(input_shape, n_classes)
+        image_shape(input_shape, self.arch)
+        layers = [ConvLayer(f"convs.{i}", (3, 3), (2, 2), (1, 1)) for i in range(self.depth)]
+        return ConvNetKernel(layers, self.activation, "mean", "out", input_shape)
+
     def padded_axes(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
         # kernels [out, in, 3, 3]: channels on both axes; biases [out]; the classifier [C, d]
         # takes one pooled channel per column; the dropout buffers are scalars
