@@ -12,8 +12,15 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from dlstore.architectures.base import init_state
 from dlstore.architectures.cnn1d import CNN1dOptions
+from dlstore.architectures.cnn2d import CNN2dOptions
 from dlstore.architectures.fused import ConvLayer, ConvNetKernel
 from dlstore.architectures.kernels import VmapKernel
+from dlstore.building.plan import cohort_plan, plan_cohorts
+from dlstore.datasets.base import run_data
+from dlstore.experiments.pruning import full_mask, magnitude_prune
+from dlstore.training.cohort import CohortTrainer
+from dlstore.training.reference import train_reference
+from tests.test_image_models import image_spec
 
 # float32 sums in another order than autograd's; the differences seen are ~1e-7
 ATOL = 1e-5
@@ -199,3 +206,82 @@ class _FeaturesOf(nn.Module):
 
     def forward(self, x):
         return self.net.features(x)
+
+
+# -- cnn2d declares the fused kernel ------------------------------------------------------------
+
+CNN2D = [  # options, input shape
+    (dict(), (1, 28, 28)),  # the Small CNN Zoo's 4,970-parameter network on MNIST
+    (dict(width=5, depth=6, activation="tanh"), (3, 9, 7)),  # reaches 1x1, not square
+    (dict(width=3, depth=1, activation="gelu"), (2, 12, 12)),  # one layer: the first is the last
+]
+
+
+@pytest.mark.parametrize("fields, shape", CNN2D)
+def test_cnn2d_kernel_matches_autograd_through_its_module(fields, shape):
+    options = CNN2dOptions(arch="cnn2d", **fields)
+    fast, reference = options.cohort_kernel(shape, 10), VmapKernel(options, shape, 10)
+    assert isinstance(fast, ConvNetKernel) and not reference.buffers
+    params = stacked([init_state(options, shape, 10, seed) for seed in range(4)])
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand((4, 6, *shape), generator=g)
+    y = torch.randint(0, 10, (4, 6), generator=g)
+    losses, grads = fast.loss_and_grads(params, x, y)
+    want_losses, want_grads = reference.loss_and_grads(params, x, y)
+    assert_close(losses, want_losses)
+    assert list(grads) == list(params)
+    for name in params:
+        assert_close(grads[name], want_grads[name])
+    shared = torch.rand((9, *shape), generator=g)
+    assert_close(fast.forward_shared(params, shared), reference.forward_shared(params, shared))
+    assert_close(fast.features_shared(params, shared),
+                 reference.features_shared(params, shared))
+    one = {k: v[1] for k, v in params.items()}
+    assert_close(fast.forward_one(one, shared), reference.forward_one(one, shared))
+    assert fast.classifier == "out"
+
+
+def test_cnn2d_with_dropout_trains_on_the_generic_kernel():
+    # the fused kernel draws no dropout masks: cnn2d hands a dropout network to VmapKernel,
+    # which runs the module's own hashed masks (and carries their seed and counter buffers)
+    kernel = CNN2dOptions(arch="cnn2d", dropout=0.3).cohort_kernel((1, 8, 8), 10)
+    assert type(kernel) is VmapKernel
+    assert kernel.buffers == ("dropout.seed", "dropout.calls")
+
+
+@pytest.mark.parametrize("optimizer, activation", [("sgd", "relu"), ("adam", "tanh")])
+def test_cnn2d_fused_tickets_of_mixed_widths_match_the_reference_loop(optimizer, activation):
+    # everything a cnn2d cohort mixes, trained by the fused kernel: widths padded to the
+    # widest, pruning masks of several densities, rewound starts, weight decay, momentum/adam
+    lr, momentum = (0.05, "momentum = 0.9") if optimizer == "sgd" else (0.005, "")
+    spec = image_spec(f'arch = "cnn2d"\nactivation = "{activation}"',
+                      f"model.width = [3, 6]\ntrain.lr = [{lr}]",
+                      train=f'optimizer = "{optimizer}"\nweight_decay = 0.01\n{momentum}',
+                      checkpoints="[0, 15]")
+    [(runs, datas)] = plan_cohorts(list(spec.runs), cohort_size=8)
+    plan = cohort_plan(runs, datas)
+    trainer = CohortTrainer(plan)
+    assert isinstance(trainer.kernel, ConvNetKernel)
+    starts = []
+    for i, (member, run, data) in enumerate(zip(plan.members, runs, datas)):
+        rewound = init_state(run.model, data.input_shape, data.n_classes, 100 + i)
+        mask = (magnitude_prune(full_mask(rewound), rewound, 0.25 * i, 0.1 * i, "global")
+                if i else None)
+        member.init, member.mask = rewound, mask
+        starts.append((rewound, mask))
+    together = {ck.step: ck.params for ck in trainer.run()}
+    worst = 0.0
+    for i, (run, (rewound, mask)) in enumerate(zip(runs, starts)):
+        alone = train_reference(run, run_data(run.dataset, run.seed), init=rewound, mask=mask)
+        assert sorted(alone) == sorted(together) == [0, 15]
+        for name, value in alone[15].items():
+            padded = together[15][name][i]
+            corner = padded[tuple(slice(0, n) for n in value.shape)]
+            worst = max(worst, (corner - value).abs().max().item())
+            # outside its true shape a narrower member is exactly zero
+            assert torch.count_nonzero(padded) == torch.count_nonzero(corner)
+            if mask is not None and name in mask:  # pruned: exactly zero in both
+                assert torch.count_nonzero(value[~mask[name]]) == 0
+                assert torch.count_nonzero(corner[~mask[name]]) == 0
+        assert not torch.equal(alone[15]["convs.1.weight"], alone[0]["convs.1.weight"])
+    assert worst < ATOL, f"cohort and reference differ by {worst}"
