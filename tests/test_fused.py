@@ -20,7 +20,7 @@ from dlstore.datasets.base import run_data
 from dlstore.experiments.pruning import full_mask, magnitude_prune
 from dlstore.training.cohort import CohortTrainer
 from dlstore.training.reference import train_reference
-from tests.test_image_models import image_spec
+from tests.test_image_models import DIGITS, image_spec
 
 # float32 sums in another order than autograd's; the differences seen are ~1e-7
 ATOL = 1e-5
@@ -241,20 +241,50 @@ def test_cnn2d_kernel_matches_autograd_through_its_module(fields, shape):
     assert fast.classifier == "out"
 
 
-def test_cnn2d_with_dropout_trains_on_the_generic_kernel():
-    # the fused kernel draws no dropout masks: cnn2d hands a dropout network to VmapKernel,
-    # which runs the module's own hashed masks (and carries their seed and counter buffers)
-    kernel = CNN2dOptions(arch="cnn2d", dropout=0.3).cohort_kernel((1, 8, 8), 10)
-    assert type(kernel) is VmapKernel
-    assert kernel.buffers == ("dropout.seed", "dropout.calls")
+def test_cnn2d_dropout_in_the_fused_kernel_is_the_modules_own():
+    # the fused kernel draws each member's masks from its own seed and forward count, as the
+    # module does: losses, gradients and buffers as the generic kernel gives them, step by step
+    options = CNN2dOptions(arch="cnn2d", width=6, dropout=0.4)
+    fast, reference = options.cohort_kernel(DIGITS, 10), VmapKernel(options, DIGITS, 10)
+    assert isinstance(fast, ConvNetKernel)
+    assert fast.buffers == reference.buffers == ("dropout.seed", "dropout.calls")
+    states = [init_state(options, DIGITS, 10, seed) for seed in range(4)]
+    state = {k: torch.stack([s[k] for s in states]) for k in states[0]}
+    state["dropout.calls"] = torch.tensor([0, 3, 7, 3])
+    params = [k for k in state if k not in fast.buffers]
+    state |= stacked([{k: s[k] for k in params} for s in states])
+    g = torch.Generator().manual_seed(3)
+    for _ in range(2):
+        x, y = torch.rand((4, 16, *DIGITS), generator=g), torch.randint(0, 10, (4, 16), generator=g)
+        losses, grads, buffers = fast.loss_grads_and_buffers(state, x, y)
+        want_losses, want_grads, want_buffers = reference.loss_grads_and_buffers(state, x, y)
+        assert_close(losses, want_losses)
+        assert list(grads) == params
+        for name in params:
+            assert_close(grads[name], want_grads[name])
+        for name in fast.buffers:
+            assert torch.equal(buffers[name], want_buffers[name])
+        state |= buffers
+    assert state["dropout.calls"].tolist() == [2, 5, 9, 5]
+    # dropout acts: without it the same weights on the same batch give other losses
+    undropped = options.model_copy(update={"dropout": 0.0}).cohort_kernel(DIGITS, 10)
+    assert not torch.allclose(undropped.loss_and_grads(
+        {k: state[k] for k in params}, x, y)[0], losses)
+    shared = torch.rand((5, *DIGITS), generator=g)  # evaluation: no dropout, as in eval mode
+    assert_close(fast.forward_shared(state, shared), reference.forward_shared(state, shared))
+    with pytest.raises(ValueError, match="loss_grads_and_buffers"):
+        fast.loss_and_grads({k: state[k] for k in params}, x, y)
 
 
-@pytest.mark.parametrize("optimizer, activation", [("sgd", "relu"), ("adam", "tanh")])
-def test_cnn2d_fused_tickets_of_mixed_widths_match_the_reference_loop(optimizer, activation):
+@pytest.mark.parametrize("optimizer, activation, dropout", [("sgd", "relu", 0.0),
+                                                            ("adam", "tanh", 0.3)])
+def test_cnn2d_fused_tickets_of_mixed_widths_match_the_reference_loop(optimizer, activation,
+                                                                     dropout):
     # everything a cnn2d cohort mixes, trained by the fused kernel: widths padded to the
-    # widest, pruning masks of several densities, rewound starts, weight decay, momentum/adam
+    # widest, pruning masks of several densities, rewound starts, weight decay, momentum/adam,
+    # dropout (each member's own masks, also where its width is padded)
     lr, momentum = (0.05, "momentum = 0.9") if optimizer == "sgd" else (0.005, "")
-    spec = image_spec(f'arch = "cnn2d"\nactivation = "{activation}"',
+    spec = image_spec(f'arch = "cnn2d"\nactivation = "{activation}"\ndropout = {dropout}',
                       f"model.width = [3, 6]\ntrain.lr = [{lr}]",
                       train=f'optimizer = "{optimizer}"\nweight_decay = 0.01\n{momentum}',
                       checkpoints="[0, 15]")

@@ -65,12 +65,36 @@ class HashedDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, d]
         if not self.training:
             return x
-        key = _hash((self.seed + _hash(self.calls & _LOW32)) & _LOW32)
+        mask = dropout_mask(self.seed, self.calls, x.shape[0], x.shape[1], self.p, x.dtype)
         self.calls.add_(1)
-        rows = _hash((key ^ torch.arange(x.shape[0], device=x.device)) & _LOW32)  # [N]
-        units = torch.arange(x.shape[1], device=x.device)
-        uniform = _hash(rows[:, None] ^ _hash(units)[None, :]).to(x.dtype) / 2.0**32  # [N, d]
-        return x * (uniform >= self.p).to(x.dtype) / (1.0 - self.p)
+        return x * mask / (1.0 - self.p)
+
+
+def dropout_mask(seed: torch.Tensor, calls: torch.Tensor, n: int, d: int, p: float,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """The masks [..., n, d] (1 kept, 0 dropped) of networks with seeds and forward counts
+    [...] (0-d for one network, [P] for a cohort's stacks) on a batch of n examples of d
+    units: unit j's draw depends on j alone, so a narrower network's masks are the leading
+    columns of a wider one's."""
+    key = _hash((seed + _hash(calls & _LOW32)) & _LOW32)
+    rows = _hash((key[..., None] ^ torch.arange(n, device=seed.device)) & _LOW32)  # [..., n]
+    units = _hash(torch.arange(d, device=seed.device))
+    uniform = _hash(rows[..., :, None] ^ units).to(dtype) / 2.0**32  # [..., n, d]
+    return (uniform >= p).to(dtype)
+
+
+class CohortDropout:
+    """`HashedDropout` of a whole cohort at once, for the fused kernel (`FeatureDropout`)."""
+
+    buffers = ("dropout.seed", "dropout.calls")
+
+    def __init__(self, rate: float):
+        self.rate = rate
+
+    def keep(self, buffers, batch: int, units: int, dtype: torch.dtype):
+        seed, calls = buffers["dropout.seed"], buffers["dropout.calls"]
+        return (dropout_mask(seed, calls, batch, units, self.rate, dtype),
+                {"dropout.seed": seed, "dropout.calls": calls + 1})
 
 
 class CNN2d(nn.Module):
@@ -122,11 +146,11 @@ class CNN2dOptions(Architecture):
         # (dlstore.architectures.fused): several times the generic vmap kernel on a CPU
         from dlstore.architectures.fused import ConvLayer, ConvNetKernel
 
-        if self.dropout > 0:  # its masks are the module's own: the generic kernel runs it
-            return super().cohort_kernel(input_shape, n_classes)
         image_shape(input_shape, self.arch)
         layers = [ConvLayer(f"convs.{i}", (3, 3), (2, 2), (1, 1)) for i in range(self.depth)]
-        return ConvNetKernel(layers, self.activation, "mean", "out", input_shape)
+        # dropout draws the module's own masks (`dropout_mask`), from its buffers
+        return ConvNetKernel(layers, self.activation, "mean", "out", input_shape,
+                             dropout=CohortDropout(self.dropout) if self.dropout > 0 else None)
 
     def padded_axes(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
         # kernels [out, in, 3, 3]: channels on both axes; biases [out]; the classifier [C, d]

@@ -47,7 +47,7 @@ import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +65,19 @@ _ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "gelu": F.gelu}
 Activation = Literal["relu", "tanh", "gelu"]
 # role, shape -> an uninitialised tensor (a workspace's reused memory, or a fresh one)
 Buffer = Callable[[str, tuple[int, ...]], torch.Tensor]
+
+
+class FeatureDropout(Protocol):
+    """Inverted dropout on the head's features whose masks are the network's own (state-dict
+    buffers, `buffers`), so that the kernel draws what the module draws: `keep` gives the
+    masks [P, B, d] (1 kept, 0 dropped) of one training forward of B examples and the buffers
+    as that forward leaves them; kept features are scaled by 1 / (1 - `rate`)."""
+
+    rate: float
+    buffers: tuple[str, ...]
+
+    def keep(self, buffers: Params, batch: int, units: int, dtype: torch.dtype
+             ) -> tuple[torch.Tensor, Params]: ...
 
 
 @dataclass(frozen=True)
@@ -301,12 +314,19 @@ class ConvNetKernel:
 
     The same interface as `MLPKernel`: `loss_and_grads` for training, `forward_shared` and
     `features_shared` for the metrics, `forward_one` for what `torch.func` differentiates
-    (Hessians), `classifier`."""
+    (Hessians), `classifier`.
+
+    With `dropout` on the head's features the module has buffers (its masks' state, named in
+    `buffers`): training goes through `loss_grads_and_buffers`, as `VmapKernel`'s does, and
+    everything that evaluates runs without dropout, as the module in eval mode."""
 
     def __init__(self, layers: list[ConvLayer], activation: Activation,
                  head: Literal["flatten", "mean"], classifier: str,
-                 input_shape: tuple[int, ...], chunk_bytes: int = CHUNK_BYTES):
+                 input_shape: tuple[int, ...], chunk_bytes: int = CHUNK_BYTES,
+                 dropout: FeatureDropout | None = None):
         self.layers = layers
+        self.dropout = dropout
+        self.buffers = dropout.buffers if dropout is not None else ()
         self.activation = activation
         self.head = head
         self.classifier = classifier
@@ -447,14 +467,16 @@ class ConvNetKernel:
 
     def _chunk_loss_and_grads(self, params: Params, matrices: dict[str, list], x: torch.Tensor,
                               y: torch.Tensor, geometries: list[_Geometry], buffer: Buffer,
-                              out: Params) -> torch.Tensor:
+                              out: Params, kept: torch.Tensor | None) -> torch.Tensor:
         """The members' losses [P]; their gradients written to `out` (in the matmuls' layouts,
-        as `loss_and_grads` allocates them)."""
+        as `loss_and_grads` allocates them); `kept`: dropout masks of the features [P, B, d]."""
         n_members, batch = y.shape
         h, saved = self._forward(params, matrices, x, geometries, buffer, keep=True)
         last = geometries[-1]
         n = len(last.out)
         features = self._features(h, last.out, buffer)  # [P, B, d]
+        if kept is not None:  # as the module computes it: x * mask / (1 - p)
+            features = features * kept / (1.0 - self.dropout.rate)
         head_weight = matrices[self.classifier][0]  # [P, n_classes, d]
         logits = self._logits(features, head_weight, params[f"{self.classifier}.bias"])
         losses, grad = cross_entropy_and_grad(logits, y)  # [P], [P, B, n_classes]
@@ -462,6 +484,8 @@ class ConvNetKernel:
         torch.sum(grad, 1, out=out[f"{self.classifier}.bias"])
         grad_features = torch.bmm(grad, head_weight, out=buffer("features.grad",
                                                                 features.shape))
+        if kept is not None:  # (g * mask) / (1 - p): exactly autograd's (g / (1 - p)) * mask
+            grad_features.mul_(kept).div_(1.0 - self.dropout.rate)
         c_last, valid = h.shape[-1], (slice(None), *(slice(0, m) for m in last.out))
         if self.head == "flatten":  # [P, *S, B, C], as the valid positions of the grid
             sources = [(grad_features.view(n_members, batch, *last.out, c_last)
@@ -527,10 +551,27 @@ class ConvNetKernel:
         step = max(1, min(n_members, self.chunk_bytes // (4 * batch * max(floats, 1))))
         return [slice(s, s + step) for s in range(0, n_members, step)]
 
+    def loss_grads_and_buffers(self, state: Params, x: torch.Tensor, y: torch.Tensor
+                               ) -> tuple[torch.Tensor, Params, Params]:
+        """Losses [P], gradients of the parameters and the buffers after this training forward
+        ([P, ...] each), from stacks `state` of parameters and buffers (the dropout's)."""
+        params = {k: v for k, v in state.items() if k not in self.buffers}
+        kept, buffers = self.dropout.keep({k: state[k] for k in self.buffers}, y.shape[1],
+                                          params[f"{self.classifier}.weight"].shape[-1],
+                                          x.dtype)
+        losses, grads = self._loss_and_grads(params, x, y, kept)
+        return losses, grads, buffers
+
     def loss_and_grads(self, params: Params, x: torch.Tensor, y: torch.Tensor
                        ) -> tuple[torch.Tensor, Params]:
         """Per-member mean cross-entropy [P] and gradients of inputs `x` [P, B, ...] with labels
-        `y` [P, B] (each member its own batch)."""
+        `y` [P, B] (each member its own batch), of a network without dropout."""
+        if self.dropout is not None:
+            raise ValueError("a network with dropout trains through loss_grads_and_buffers")
+        return self._loss_and_grads(params, x, y, None)
+
+    def _loss_and_grads(self, params: Params, x: torch.Tensor, y: torch.Tensor,
+                        kept: torch.Tensor | None) -> tuple[torch.Tensor, Params]:
         n_members, batch = y.shape
         geometries = self._geometries(params)
         matrices = self._prepare(params, geometries)
@@ -551,7 +592,7 @@ class ConvNetKernel:
             losses[s] = self._chunk_loss_and_grads(
                 {k: v[s] for k, v in params.items()},
                 {k: [m[s] for m in v] for k, v in matrices.items()}, x[s], y[s], geometries,
-                buffer, {k: v[s] for k, v in grads.items()})
+                buffer, {k: v[s] for k, v in grads.items()}, None if kept is None else kept[s])
         n = len(self.input_shape) - 1
         for g, layer in zip(geometries, self.layers):
             name = f"{layer.name}.weight"
