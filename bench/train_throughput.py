@@ -15,10 +15,12 @@ sequential side is one `nn.Module` and one `torch.optim` optimizer per member, s
 another (`dlstore.training.reference`); the cohort side is `CohortTrainer`, once with each kernel
 `--kernel` names (`fast`: the one the architecture declares, `Architecture.cohort_kernel`;
 `vmap`: the generic `VmapKernel`; by default both, in one run). The sequential rate is measured on
-`--seq-members` members (its cost is linear in members). Prints model-steps per second of each,
-the ratios, achieved GFLOP/s (3 x the forward FLOPs torch counts, per example) against the
-device's own measured matmul peak, and peak memory; the last line is JSON (`pop_steps_per_s`,
-`speedup`, `gflops`: the first kernel named; `<kernel>_steps_per_s` etc.: each).
+`--seq-members` members (its cost is linear in members). `--repeats N` measures N rounds of every
+side in turn and reports medians, and the range of the ratios per round. Prints model-steps per
+second of each, the ratios, achieved GFLOP/s (3 x the forward FLOPs torch counts, per example)
+against the device's own measured matmul peak, and peak memory; the last line is JSON
+(`pop_steps_per_s`, `speedup`, `gflops`: the first kernel named; `<kernel>_steps_per_s` etc.:
+each).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import textwrap
 import time
 
@@ -122,6 +125,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=100, help="at least 2")
     parser.add_argument("--seq-members", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds of every side in turn (medians, ratios per round)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--kernel", default="fast,vmap",
                         help="cohort kernels to measure, comma-separated: fast (the "
@@ -142,19 +147,27 @@ def main() -> None:
     n_params = sum(v.numel() for v in plan.members[0].init.values())
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    measured = {kernel: cohort_rate(plan, device, kernel) for kernel in kernels}
-    pop_rates = {kernel: rate for kernel, (rate, _) in measured.items()}
-
     seq_runs = runs[:args.seq_members]
     train_reference(seq_runs[0], datas[0], device=device)  # warm-up: first calls are slow
-    started = time.perf_counter()
-    for run, data in zip(seq_runs, datas):
-        train_reference(run, data, device=device)
-    _sync(device)
-    seq_rate = len(seq_runs) * args.steps / (time.perf_counter() - started)
+    # rounds of every side in turn, each reported as its median and the ratios per round:
+    # on a shared machine the load drifts within a run, and a ratio of the same round holds
+    rounds = []
+    for _ in range(args.repeats):
+        measured = {kernel: cohort_rate(plan, device, kernel) for kernel in kernels}
+        started = time.perf_counter()
+        for run, data in zip(seq_runs, datas):
+            train_reference(run, data, device=device)
+        _sync(device)
+        seq = len(seq_runs) * args.steps / (time.perf_counter() - started)
+        rounds.append((measured, seq, matmul_peak(device)))
+    seq_rate = statistics.median(seq for _, seq, _ in rounds)
+    peak = statistics.median(peak for _, _, peak in rounds)
+    pop_rates = {kernel: statistics.median(m[kernel][0] for m, _, _ in rounds)
+                 for kernel in kernels}
+    ratios = {kernel: sorted(m[kernel][0] / seq for m, seq, _ in rounds) for kernel in kernels}
+    classes = {kernel: rounds[0][0][kernel][1] for kernel in kernels}
 
     flops_per_model_step = 3 * args.batch * forward_flops(plan)  # backward ~ 2x forward
-    peak = matmul_peak(device)
     memory_mb = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     result = {
@@ -163,8 +176,9 @@ def main() -> None:
         "threads": torch.get_num_threads(), "seq_steps_per_s": round(seq_rate, 1),
     }
     for i, (kernel, rate) in enumerate(pop_rates.items()):
-        row = {"class": measured[kernel][1], "steps_per_s": round(rate, 1),
-               "speedup": round(rate / seq_rate, 2),
+        row = {"class": classes[kernel], "steps_per_s": round(rate, 1),
+               "speedup": round(statistics.median(ratios[kernel]), 2),
+               "speedup_range": [round(ratios[kernel][0], 2), round(ratios[kernel][-1], 2)],
                "gflops": round(rate * flops_per_model_step / 1e9, 1)}
         if i == 0:
             result.update({"kernel": kernel, "pop_steps_per_s": row["steps_per_s"],
@@ -172,13 +186,15 @@ def main() -> None:
         result.update({f"{kernel}_{k}": v for k, v in row.items()})
     result.update({"peak_gflops": round(peak, 1), "peak_memory_mb": round(memory_mb, 1)})
     print(f"{args.arch} {n_params} params, batch {args.batch}, {args.members} members, "
-          f"{args.steps} steps on {result['device']}, {result['threads']} threads")
+          f"{args.steps} steps on {result['device']}, {result['threads']} threads, "
+          f"medians of {args.repeats} rounds")
     print(f"  sequential loop : {seq_rate:12,.0f} model-steps/s")
     for kernel, rate in pop_rates.items():
         gflops = result[f"{kernel}_gflops"]
         print(f"  cohort ({kernel:4s})   : {rate:12,.0f} model-steps/s   "
-              f"({result[f'{kernel}_speedup']}x), {gflops:,.1f} GFLOP/s of a measured matmul "
-              f"peak of {peak:,.1f} ({gflops / peak:.0%}), {measured[kernel][1]}")
+              f"({result[f'{kernel}_speedup']}x, rounds {ratios[kernel][0]:.2f}-"
+              f"{ratios[kernel][-1]:.2f}x), {gflops:,.1f} GFLOP/s of a measured matmul "
+              f"peak of {peak:,.1f} ({gflops / peak:.0%}), {classes[kernel]}")
     print(f"  peak memory     : {memory_mb:12,.0f} MiB")
     print(json.dumps(result))
 
