@@ -21,6 +21,10 @@ of a per-network seed (drawn from the init seed when the module is built), a cou
 training forwards, the example's position in its batch and the unit: two int64 buffers
 (`dropout.seed`, `dropout.calls`) that travel in the state dict, advance in train mode only, and
 make a cohort member's dropout exactly the reference's.
+
+A cohort trains on the fused convolution kernel (`dlstore.architectures.fused`: every member's
+convolutions as batched matmuls, backward written out), dropout included: `dropout_mask` draws
+the masks of a whole cohort from the stacked seeds and counters, as the module draws its own.
 """
 
 from __future__ import annotations
