@@ -35,8 +35,10 @@ member's gradient at once since members do not interact): on a CPU (oneDNN) they
 faster than the generic `vmap` kernel, about 5x slower than this (bench/conv_kernels.py prints
 the three side by side: 328, 298 and 1,575 model-steps/s in the run above).
 For cnn2d's 2-D network (16 channels of 3x3 at stride 2 on 28x28x1, batch 128, one thread,
-64 members, the machine shared with other jobs) grouped `conv2d`s ran 69-108 model-steps/s
-(channels-last 77-93) where this kernel ran 117-151: the same picture in 2-D.
+64 members, the machine shared with other jobs; `bench/conv_kernels.py --arch cnn2d`) grouped
+`conv2d`s ran 47-62 model-steps/s, `vmap` 42-57, this kernel 91-135: the same picture in 2-D.
+There a member's intermediates exceed `CHUNK_BYTES`, so chunks are single members; larger
+budgets ran slower (109 at 64 MiB, 77 at 256, against 135 in the same run).
 
 On a CPU members go through in chunks of about `CHUNK_BYTES` of intermediates: a step is
 bound by memory traffic, so a chunk that stays in cache runs faster per member than the whole
