@@ -16,11 +16,9 @@ from dlstore.architectures.cnn2d import CNN2dOptions
 from dlstore.architectures.fused import ConvLayer, ConvNetKernel
 from dlstore.architectures.kernels import VmapKernel
 from dlstore.building.plan import cohort_plan, plan_cohorts
-from dlstore.datasets.base import run_data
-from dlstore.experiments.pruning import full_mask, magnitude_prune
 from dlstore.training.cohort import CohortTrainer
-from dlstore.training.reference import train_reference
 from tests.test_image_models import DIGITS, image_spec
+from tests.test_population import assert_tickets_match_reference, rewind_and_prune
 
 # float32 sums in another order than autograd's; the differences seen are ~1e-7
 ATOL = 1e-5
@@ -60,19 +58,23 @@ def test_cnn1d_kernel_matches_autograd_through_the_module(fields, shape):
     g = torch.Generator().manual_seed(1)
     x = torch.randn((6, 7, *shape), generator=g)  # each member its own batch
     y = torch.randint(0, 5, (6, 7), generator=g)
+    assert_kernels_agree(fast, reference, params, x, y, torch.randn((11, *shape), generator=g))
+
+
+def assert_kernels_agree(fast, reference, params, x, y, shared):
+    """Losses, gradients, shared logits and features, and one member's logits of two kernels."""
     losses, grads = fast.loss_and_grads(params, x, y)
     want_losses, want_grads = reference.loss_and_grads(params, x, y)
     assert_close(losses, want_losses)
     assert list(grads) == list(params)
     for name in params:
         assert_close(grads[name], want_grads[name])
-    shared = torch.randn((11, *shape), generator=g)
     assert_close(fast.forward_shared(params, shared), reference.forward_shared(params, shared))
     assert_close(fast.features_shared(params, shared),
                  reference.features_shared(params, shared))
-    one = {k: v[2] for k, v in params.items()}
+    one = {k: v[1] for k, v in params.items()}
     assert_close(fast.forward_one(one, shared), reference.forward_one(one, shared))
-    assert fast.classifier == "out"
+    assert fast.classifier == reference.classifier == "out"
 
 
 def test_members_in_chunks_give_what_the_cohort_at_once_gives():
@@ -226,19 +228,7 @@ def test_cnn2d_kernel_matches_autograd_through_its_module(fields, shape):
     g = torch.Generator().manual_seed(2)
     x = torch.rand((4, 6, *shape), generator=g)
     y = torch.randint(0, 10, (4, 6), generator=g)
-    losses, grads = fast.loss_and_grads(params, x, y)
-    want_losses, want_grads = reference.loss_and_grads(params, x, y)
-    assert_close(losses, want_losses)
-    assert list(grads) == list(params)
-    for name in params:
-        assert_close(grads[name], want_grads[name])
-    shared = torch.rand((9, *shape), generator=g)
-    assert_close(fast.forward_shared(params, shared), reference.forward_shared(params, shared))
-    assert_close(fast.features_shared(params, shared),
-                 reference.features_shared(params, shared))
-    one = {k: v[1] for k, v in params.items()}
-    assert_close(fast.forward_one(one, shared), reference.forward_one(one, shared))
-    assert fast.classifier == "out"
+    assert_kernels_agree(fast, reference, params, x, y, torch.rand((9, *shape), generator=g))
 
 
 def test_cnn2d_dropout_in_the_fused_kernel_is_the_modules_own():
@@ -292,26 +282,6 @@ def test_cnn2d_fused_tickets_of_mixed_widths_match_the_reference_loop(optimizer,
     plan = cohort_plan(runs, datas)
     trainer = CohortTrainer(plan)
     assert isinstance(trainer.kernel, ConvNetKernel)
-    starts = []
-    for i, (member, run, data) in enumerate(zip(plan.members, runs, datas)):
-        rewound = init_state(run.model, data.input_shape, data.n_classes, 100 + i)
-        mask = (magnitude_prune(full_mask(rewound), rewound, 0.25 * i, 0.1 * i, "global")
-                if i else None)
-        member.init, member.mask = rewound, mask
-        starts.append((rewound, mask))
+    starts = rewind_and_prune(plan, runs, datas)
     together = {ck.step: ck.params for ck in trainer.run()}
-    worst = 0.0
-    for i, (run, (rewound, mask)) in enumerate(zip(runs, starts)):
-        alone = train_reference(run, run_data(run.dataset, run.seed), init=rewound, mask=mask)
-        assert sorted(alone) == sorted(together) == [0, 15]
-        for name, value in alone[15].items():
-            padded = together[15][name][i]
-            corner = padded[tuple(slice(0, n) for n in value.shape)]
-            worst = max(worst, (corner - value).abs().max().item())
-            # outside its true shape a narrower member is exactly zero
-            assert torch.count_nonzero(padded) == torch.count_nonzero(corner)
-            if mask is not None and name in mask:  # pruned: exactly zero in both
-                assert torch.count_nonzero(value[~mask[name]]) == 0
-                assert torch.count_nonzero(corner[~mask[name]]) == 0
-        assert not torch.equal(alone[15]["convs.1.weight"], alone[0]["convs.1.weight"])
-    assert worst < ATOL, f"cohort and reference differ by {worst}"
+    assert_tickets_match_reference(runs, starts, together, [0, 15], "convs.1.weight")
