@@ -6,7 +6,7 @@ STORE ?= dlstore-store
 # CPU build of torch from this machine's disk first, so that nothing pulls a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test test-slow lint bench clean
+.PHONY: setup browser demo test test-slow lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -16,6 +16,16 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
+
+# Debian's chromium for the report's browser tests (Playwright drives it; it downloads no
+# browser of its own): installed once, quietly, where apt-get can (root, or sudo without a
+# password); the tests say why they skip where it cannot be installed
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo "sudo -n" ); \
+	  $$SUDO apt-get update -qq >/dev/null && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; } \
+	  || echo "chromium could not be installed: the browser tests will skip" >&2
 
 demo: setup
 	$(BIN)/dlstore build-zoo zoo/quickstart.toml --store $(STORE)

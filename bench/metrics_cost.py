@@ -3,6 +3,7 @@
     python bench/metrics_cost.py families --width 32 --members 1024     # per checkpoint
     python bench/metrics_cost.py build zoo/quickstart.toml --variants before,defaults,costly
     python bench/metrics_cost.py build zoo/mnist1d-10k.toml --seeds 10   # a 1,000-run slice
+    python bench/metrics_cost.py groups --width 128 --configs 10 --seeds 3  # per group
 
 `families`: one trained checkpoint of a cohort of MNIST-1D MLPs (SGD, 200 steps), evaluated
 family by family with the spec's defaults (`basic`: losses and accuracies on the full splits,
@@ -13,8 +14,16 @@ and the median kept; prints seconds per checkpoint for the cohort and the ratio 
 
 `build`: builds the spec into fresh temporary stores with `[metrics]` set to each of `--variants`
 (first `before`: the defaults before per-tensor metrics existed; see --help), each `--repeats`
-times in turn, the median kept; prints wall seconds, metric rows and the ratios to `before`. The
-last line of either mode is JSON.
+times in turn, the median kept; prints wall seconds, metric rows and the ratios to `before`.
+
+`groups`: builds `--configs` MNIST-1D MLP configs (learning rates) x `--seeds` seeds (SGD, 3,000
+steps) into a temporary store once, then computes the group families on it, each `--repeats`
+times in turn into fresh copies of the store, the median kept: `groups` (straight-line barriers,
+mode connectivity, CKA, disagreement: the spec's defaults) and `curve` (a trained Bezier curve per
+pair: the spec's defaults, `--curve-steps` steps); prints seconds per group and the ratio to
+`groups`.
+
+The last line of every mode is JSON.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import argparse
 import dataclasses
 import json
 import re
+import shutil
 import statistics
 import tempfile
 import textwrap
@@ -33,9 +43,18 @@ import torch
 
 from dlstore.building.build import build_zoo
 from dlstore.building.plan import cohort_plan, plan_cohorts
-from dlstore.metrics.families import CollapseOptions, GroupOptions, HessianOptions, MetricsOptions
+from dlstore.metrics.curve_groups import compute_curve_metrics
+from dlstore.metrics.families import (
+    CollapseOptions,
+    CurveOptions,
+    GroupOptions,
+    HessianOptions,
+    MetricsOptions,
+)
+from dlstore.metrics.groups import compute_group_metrics
 from dlstore.spec import ZooSpec
 from dlstore.store.store import Store
+from dlstore.store.writer import StoreWriter
 from dlstore.training.cohort import CohortTrainer
 
 FAMILIES = ("basic", "statistics", "spectra", "hessian", "neural_collapse")
@@ -125,6 +144,55 @@ def build(args) -> dict:
     return {"mode": "build", "spec": args.spec, "runs": len(spec.runs), "results": results}
 
 
+def groups(args) -> dict:
+    lrs = [round(0.01 * 1.5 ** i, 5) for i in range(args.configs)]
+    spec = ZooSpec.from_text(textwrap.dedent(f"""
+        name = "bench"
+        seeds = {args.seeds}
+        checkpoints = [0, 3000]
+        [dataset]
+        name = "mnist1d"
+        [model]
+        arch = "mlp"
+        width = {args.width}
+        depth = 2
+        [train]
+        momentum = 0.9
+        steps = 3000
+        [grid]
+        train.lr = {lrs}
+        [metrics]
+        statistics = false
+        spectra = false
+    """))
+    families = {"groups": lambda writer: compute_group_metrics(
+                    writer, "bench", GroupOptions(), device=args.device),
+                "curve": lambda writer: compute_curve_metrics(
+                    writer, "bench", CurveOptions(steps=args.curve_steps), device=args.device)}
+    times: dict[str, list[float]] = {f: [] for f in families}
+    with tempfile.TemporaryDirectory() as tmp:
+        built = Path(tmp) / "built"
+        build_zoo(spec, Store(built, create=True), device=args.device)
+        for _ in range(args.repeats):
+            for family, compute in families.items():
+                copy = Path(tmp) / family
+                shutil.rmtree(copy, ignore_errors=True)
+                shutil.copytree(built, copy)
+                writer = StoreWriter(Store(copy))
+                started = time.perf_counter()
+                n_groups = compute(writer)
+                times[family].append((time.perf_counter() - started) / n_groups)
+    median = {f: statistics.median(t) for f, t in times.items()}
+    print(f"{args.configs} groups of {args.seeds} MLPs (width {args.width}, depth 2, "
+          f"{args.seeds * (args.seeds - 1) // 2} pairs each) on {args.device}, per group:")
+    for family, seconds in median.items():
+        print(f"  {family:8s} {seconds:8.3f} s   {seconds / median['groups']:7.2f} x groups")
+    return {"mode": "groups", "configs": args.configs, "seeds": args.seeds,
+            "width": args.width, "curve_steps": args.curve_steps,
+            "seconds_per_group": median,
+            "ratio_to_groups": {f: s / median["groups"] for f, s in median.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -144,9 +212,17 @@ def main() -> None:
                      "costly (defaults + Hessian, collapse, groups)")
     bld.add_argument("--repeats", type=int, default=1, help="builds of each variant (median)")
     bld.add_argument("--device", default="cpu")
+    grp = sub.add_parser("groups")
+    grp.add_argument("--width", type=int, default=128)
+    grp.add_argument("--configs", type=int, default=10)
+    grp.add_argument("--seeds", type=int, default=3)
+    grp.add_argument("--curve-steps", type=int, default=CurveOptions().steps)
+    grp.add_argument("--repeats", type=int, default=3)
+    grp.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.manual_seed(0)
-    print(json.dumps(families(args) if args.mode == "families" else build(args)))
+    modes = {"families": families, "build": build, "groups": groups}
+    print(json.dumps(modes[args.mode](args)))
 
 
 if __name__ == "__main__":

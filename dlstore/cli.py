@@ -178,6 +178,8 @@ def _build_zoo(zoo, store: str, storage_option: list[str] | None, device: Device
         f"{report.cohorts} cohorts, {report.checkpoints} cohort checkpoints, "
         f"{report.seconds:.1f} s ({report.train_seconds:.1f} s in training steps)"
         + (f", group metrics of {report.group_steps} groups x steps" if report.group_steps
+           else "")
+        + (f", curve metrics of {report.curve_steps} groups x steps" if report.curve_steps
            else "") + f" -> {store}" + (f" (shard {part[0]}/{part[1]})" if part else "")
     )
 
@@ -380,25 +382,33 @@ def gc(
 
 _ZOOS_QUERY = """
     WITH z AS (SELECT zoo, arg_max(spec_hash, created_at) AS spec_hash,
+                      arg_max(source_format, created_at) AS source,
+                      arg_max(source_path, created_at) AS source_path,
                       min(created_at) AS created_at FROM zoos GROUP BY zoo),
     r AS (SELECT zoo, count(*) AS runs, count(*) FILTER (WHERE status = 'complete') AS complete,
                  count(*) FILTER (WHERE status = 'diverged') AS diverged,
                  count(*) FILTER (WHERE status NOT IN ('complete', 'diverged')) AS other,
                  min(created_at) AS first_run FROM runs GROUP BY zoo),
     c AS (SELECT r.zoo, count(*) AS checkpoints, sum(c.n_bytes)::BIGINT AS size_bytes
-          FROM checkpoints c JOIN runs r USING (run_id) GROUP BY r.zoo)
-    SELECT zoo, z.spec_hash, coalesce(r.runs, 0) AS runs, coalesce(r.complete, 0) AS complete,
+          FROM checkpoints c JOIN runs r USING (run_id) GROUP BY r.zoo),
+    m AS (SELECT r.zoo, count(*) AS metric_rows FROM metrics m JOIN runs r USING (run_id)
+          GROUP BY r.zoo)
+    SELECT zoo, z.spec_hash, z.source, z.source_path, coalesce(r.runs, 0) AS runs,
+           coalesce(r.complete, 0) AS complete,
            coalesce(r.diverged, 0) AS diverged, coalesce(r.other, 0) AS other,
            coalesce(c.checkpoints, 0) AS checkpoints, coalesce(c.size_bytes, 0) AS size_bytes,
+           coalesce(m.metric_rows, 0) AS metric_rows,
            coalesce(z.created_at, r.first_run) AS created_at
-    FROM z FULL JOIN r USING (zoo) LEFT JOIN c USING (zoo) ORDER BY zoo"""
+    FROM z FULL JOIN r USING (zoo) LEFT JOIN c USING (zoo) LEFT JOIN m USING (zoo)
+    ORDER BY zoo"""
 
 
 @app.command()
 def zoos(store: str = StoreOption,
          storage_option: list[str] = StorageOptions,
          format: Format = FormatOption) -> None:
-    """Every zoo in the store: spec hash, runs by status, checkpoints, size, created."""
+    """Every zoo in the store: spec hash, source (imported zoos: format and path), runs by
+    status, checkpoints, size, metric rows, created (imported)."""
     frame = _open(store, storage_option).sql(_ZOOS_QUERY)
     if format is Format.table:
         frame = frame.with_columns(
@@ -487,17 +497,56 @@ def import_runs_command(
     """Import runs trained elsewhere; rerunning adds nothing, an import cut short resumes."""
     from dlstore.importers.runs import find_runs, import_runs
 
-    try:
-        s = _open(store, storage_option)  # a location that holds something else: refused
-    except StoreError as e:
-        if "does not exist" not in str(e):
-            raise
-        s = None
+    s = _open_existing(store, storage_option)
     find_runs(path)  # a missing or empty source is refused before a store is created
     s = s or _open(store, storage_option, create=True)
     report = import_runs(s, path, zoo)
     out.print(f"zoo [bold]{zoo}[/]: {report.runs} runs imported ({report.skipped} already "
               f"complete): {report.checkpoints} checkpoints, {report.metric_rows} metric values")
+
+
+@app.command("import")
+def import_command(
+    format: str = typer.Argument(..., metavar="FORMAT",
+                                 help="raytune, unterthiner, hf or csv (see README, "
+                                 "'Importing published zoos')."),
+    path: Path = typer.Argument(..., help="The source: a directory (raytune, unterthiner, hf) "
+                                "or a CSV file or directory of them (csv)."),
+    zoo: str = typer.Option(..., "--zoo", help="The zoo the imported runs form."),
+    map_: list[str] = typer.Option(None, "--map", metavar="COLUMN=CSV_COLUMN",
+                                   help="csv: the CSV column that fills a runs column "
+                                   "(repeatable), e.g. --map width=model_width."),
+    store: str = StoreOption,
+    storage_option: list[str] = StorageOptions,
+) -> None:
+    """Import a published zoo in its own layout; rerunning adds nothing, an import cut short
+    resumes. A run whose files are bad is left out with one line; the exit code is then 1."""
+    from dlstore.importers.registry import check_source, import_zoo
+
+    mapping = _key_values(map_, "--map ", " (COLUMN=CSV_COLUMN)")
+    s = _open_existing(store, storage_option)
+    if s is None:
+        check_source(format, path, mapping)  # a bad source is refused before a store is made
+        s = _open(store, storage_option, create=True)
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(),
+               TextColumn("{task.completed}/{task.total} runs"), TimeElapsedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=False) as bar:
+        task = bar.add_task(f"{zoo}: importing {format}", total=None)
+
+        def advance(done: int, total: int | None) -> None:
+            bar.update(task, completed=done, total=total)
+
+        report = import_zoo(s, format, path, zoo, mapping=mapping, progress=advance)
+    for line in report.errors:
+        err.print(line, markup=False, highlight=False, soft_wrap=True)
+    out.print(f"zoo [bold]{zoo}[/]: {report.runs} runs imported ({report.skipped} already "
+              f"complete, {len(report.errors)} left out): {report.checkpoints} checkpoints, "
+              f"{report.metric_rows} metric values; the zoo holds {report.total_runs} runs, "
+              f"{report.total_checkpoints} checkpoints, {report.total_metric_rows} metric "
+              "values", soft_wrap=True)
+    if report.errors:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -777,6 +826,7 @@ def metrics_compute(
     """Add the metrics SPEC's [metrics] asks for to its runs already in STORE (a rebuild skips
     complete runs, so metrics added to a spec later are computed here); resumable."""
     from dlstore.metrics.backfill import backfill_checkpoint_metrics
+    from dlstore.metrics.curve_groups import compute_curve_metrics
     from dlstore.metrics.groups import compute_group_metrics
     from dlstore.spec import ZooSpec
     from dlstore.store.writer import StoreWriter
@@ -788,12 +838,15 @@ def metrics_compute(
     writer = StoreWriter(s)
     checkpoints = backfill_checkpoint_metrics(writer, zoo.name, zoo.runs, zoo.metrics,
                                               device=dev)
-    groups = 0
+    groups = curves = 0
     if zoo.metrics.groups is not None:
         groups = compute_group_metrics(writer, zoo.name, zoo.metrics.groups,
                                        {r.run_id for r in zoo.runs}, device=dev)
+    if zoo.metrics.curve is not None:
+        curves = compute_curve_metrics(writer, zoo.name, zoo.metrics.curve,
+                                       {r.run_id for r in zoo.runs}, device=dev)
     out.print(f"zoo [bold]{zoo.name}[/]: metrics added at {checkpoints} checkpoints, group "
-              f"metrics of {groups} groups x steps")
+              f"metrics of {groups} and curve metrics of {curves} groups x steps")
 
 
 @metrics_app.command("groups")
@@ -840,18 +893,22 @@ def plot_phases(
     zoo: str = typer.Option(None, help="Zoo (needed when several have group metrics)."),
     out_path: Path = typer.Option(Path("phases.png"), "--out",
                                   help=_OUT_HELP.format("phases.png")),
+    mc: str = typer.Option("auto", help="Mode connectivity: auto (along the trained curve when "
+                           "the zoo has it, else the line), line or curve."),
     format: Format = FormatOption,
 ) -> None:
-    """Phase diagram after Yang et al. 2021, thresholds from the zoo's [phases] spec table."""
+    """Phase diagram after Yang et al. 2021, thresholds from the zoo's [phases] spec table;
+    mode connectivity along the trained curve when the zoo has it (the output says which)."""
     from dlstore.analysis.phases import phase_counts, phase_table
     from dlstore.plots import phase_figure
 
     out_path = _figure_path(out_path, "phases.png")
-    table = phase_table(_open(store, storage_option), x, y, zoo)
+    table = phase_table(_open(store, storage_option), x, y, zoo, mc=mc)
     _print_frame(table, format)
     counts = ", ".join(f"{p}: {n}" for p, n in phase_counts(table).items())
-    _save(phase_figure(table, x, y), out_path)
-    _note(f"phases ({counts}) -> {out_path}", format)
+    mc = table["mc_metric"][0]
+    _save(phase_figure(table, x, y, title=f"phases (Yang et al. 2021; mc: {mc})"), out_path)
+    _note(f"phases ({counts}; mode connectivity: {mc}) -> {out_path}", format)
 
 
 @plot_app.command("metric")
@@ -1034,6 +1091,62 @@ def _print_result(table: pl.DataFrame, signature: dict, out_path: Path, format: 
     _note(f"figure -> {out_path}", format)
 
 
+# -- the report page and the server --------------------------------------------------------------
+
+
+@app.command()
+def report(
+    store: str = StoreOption,
+    storage_option: list[str] = StorageOptions,
+    zoo: list[str] = typer.Option(None, "--zoo", help="A zoo to report on (repeatable; "
+                                  "default: every zoo in the store)."),
+    out_path: Path = typer.Option(Path("report.html"), "--out",
+                                  help="The HTML file to write (one self-contained page)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+) -> None:
+    """Write one self-contained HTML page per store: for each zoo its summary, runs table,
+    learning curves and the analyses it has data for, each panel with the SQL behind it."""
+    import time
+
+    from dlstore.report.page import render, report_data
+    from dlstore.report.write import page_path, write_page
+
+    start = time.perf_counter()
+    out_path = page_path(out_path, force)  # before any work
+    s = _open(store, storage_option)
+    data = report_data(s, zoo or None)
+    size = write_page(render(data), out_path)
+    runs = sum(len(z["runs"]["data"][0]) if z["runs"]["data"] else 0 for z in data["zoos"])
+    out.print(f"report of {len(data['zoos'])} zoo(s), {runs:,} runs -> {out_path} "
+              f"({size / 1e6:.1f} MB, {time.perf_counter() - start:.1f} s)",
+              markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def serve(
+    store: str = StoreOption,
+    storage_option: list[str] = StorageOptions,
+    port: int = typer.Option(8765, min=0, max=65535, help="Port to listen on (0: a free one)."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind: 127.0.0.1 keeps it on this "
+                             "machine; 0.0.0.0 shares it with the network (no login!)."),
+) -> None:
+    """Serve the report live over STORE (it follows a build's commits) with a read-only SQL
+    box that obeys the rules of `dlstore sql`; Ctrl-C stops it."""
+    from dlstore.report.server import ReportServer
+
+    server = ReportServer(_open(store, storage_option), host, port)
+    where = ("only this machine can reach it" if host in ("127.0.0.1", "localhost", "::1")
+             else f"bound to {host}: other machines can reach it, with no login")
+    out.print(f"serving {store} on {server.url} ({where}); Ctrl-C stops", markup=False,
+              highlight=False, soft_wrap=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        err.print("stopped", highlight=False)
+    finally:
+        server.server_close()
+
+
 tickets_app = typer.Typer(no_args_is_help=True, help="Lottery tickets found while building zoos.")
 app.add_typer(tickets_app, name="tickets")
 
@@ -1150,6 +1263,17 @@ def _open(store: str, options: list[str] | None, create: bool = False):
 
     return Store(store, create=create,
                  storage_options=_key_values(options, "--storage-option "))
+
+
+def _open_existing(store: str, storage_option: list[str]):
+    """The store if it exists, None if nothing is there yet (an importer creates it once its
+    source has passed its checks); a location that holds something else is refused."""
+    try:
+        return _open(store, storage_option)
+    except StoreError as e:
+        if "does not exist" not in str(e):
+            raise
+        return None
 
 
 def _key_values(items: list[str] | None, what: str, hint: str = "") -> dict[str, str]:

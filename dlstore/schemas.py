@@ -17,6 +17,11 @@ ZOOS = pa.schema([
     ("n_runs", pa.int64()),
     ("created_at", TS),
     ("dlstore_version", pa.string()),
+    # imported zoos (`dlstore import`): where from, and what the zoo held after the import
+    ("source_format", pa.string()),  # raytune | unterthiner | hf | csv; null for a built zoo
+    ("source_path", pa.string()),
+    ("n_checkpoints", pa.int64()),
+    ("n_metric_rows", pa.int64()),
 ])
 
 RUNS = pa.schema([

@@ -2,7 +2,10 @@
 neural network loss landscapes"), from a store's train losses, Hessians and group metrics.
 
 Each config (a group: the seeds of one grid point) is labelled from the means over its seeds at
-its last group-metric step:
+its last group-metric step. Mode connectivity is Yang et al.'s signed mc of the train error along
+the trained Bezier curve (`curve_mode_connectivity`, `[metrics] curve`) when the zoo has it, as
+they measure it, else along the straight line (`mode_connectivity`); a phase table says which
+(`mc_metric`):
 
 | phase | train loss | Hessian | mode connectivity | CKA |
 |-------|------------|---------|-------------------|-----|
@@ -24,6 +27,7 @@ from __future__ import annotations
 import polars as pl
 
 from dlstore.errors import NotFoundError, QueryError
+from dlstore.metrics.curves import CURVE_METRICS
 from dlstore.metrics.groups import GROUP_METRICS
 from dlstore.schemas import HYPERPARAMETER_COLUMNS
 from dlstore.spec import PhaseOptions, ZooSpec
@@ -78,22 +82,36 @@ def _check_axes(*axes: str) -> None:
             raise QueryError(f"{axis!r} is not a grid axis; use one of {', '.join(AXES)}")
 
 
-def phase_table(store: Store, x: str, y: str, zoo: str | None = None,
-                thresholds: PhaseOptions | None = None) -> pl.DataFrame:
-    """One row per (x, y) cell: the means over its groups (and seeds) of train_loss,
-    hessian_top_eig (null if not recorded), mode_connectivity and cka at each group's last
-    group-metric step, the number of groups, and the phase label."""
+MC_METRICS = {"line": "mode_connectivity", "curve": "curve_mode_connectivity"}
+
+
+def mc_metric(store: Store, zoo: str, mc: str = "auto") -> str:
+    """The mode connectivity a phase diagram of `zoo` uses: along the trained curve
+    (`curve_mode_connectivity`, as Yang et al. measure it) when the zoo has it and `mc` is
+    "auto", else the straight line's (`mode_connectivity`); "line" / "curve" choose."""
+    if mc not in ("auto", *MC_METRICS):
+        raise QueryError(f"mc must be auto, line or curve, got {mc!r}")
+    if mc == "auto":
+        has_curve = store.sql("SELECT 1 FROM group_metrics WHERE zoo = ? AND metric = ? LIMIT 1",
+                              [zoo, MC_METRICS["curve"]]).height
+        return MC_METRICS["curve" if has_curve else "line"]
+    return MC_METRICS[mc]
+
+
+def phase_query(x: str, y: str) -> str:
+    """The SQL behind `phase_table`, for checked axes x and y; its parameters are the zoo and
+    the mode-connectivity metric twice (`phase_params`). Shown by the report under its phase
+    diagram, to copy into `dlstore sql`."""
     _check_axes(x, y)
-    zoo = zoo_of(store, zoo)
-    thresholds = thresholds or spec_thresholds(store, zoo)
-    frame = store.sql(f"""
-        WITH last AS (SELECT group_id, max(step) AS step FROM group_metrics
-                      WHERE zoo = ? AND metric = 'mode_connectivity'  -- seed groups only
-                      GROUP BY group_id),
+    return f"""
+        WITH both_at AS (SELECT group_id, step FROM group_metrics
+                         WHERE zoo = ? AND metric IN (?, 'cka')  -- seed groups only
+                         GROUP BY group_id, step HAVING count(DISTINCT metric) = 2),
+        last AS (SELECT group_id, max(step) AS step FROM both_at GROUP BY group_id),
         per_group AS (
             SELECT g.group_id, g.step, any_value(g.{x}) AS x, any_value(g.{y}) AS y,
                    any_value(g.run_ids) AS run_ids,
-                   avg(g.value) FILTER (WHERE g.metric = 'mode_connectivity') AS mc,
+                   avg(g.value) FILTER (WHERE g.metric = ?) AS mc,
                    avg(g.value) FILTER (WHERE g.metric = 'cka') AS cka
             FROM group_metrics g JOIN last USING (group_id, step) GROUP BY ALL),
         members AS (SELECT group_id, step, unnest(run_ids) AS run_id FROM per_group),
@@ -107,10 +125,32 @@ def phase_table(store: Store, x: str, y: str, zoo: str | None = None,
                avg(hessian) AS hessian_top_eig, avg(mc) AS mode_connectivity,
                avg(cka) AS cka, count(*) AS groups
         FROM per_group JOIN per_run USING (group_id)
-        GROUP BY x, y ORDER BY x, y""", [zoo])
+        GROUP BY x, y ORDER BY x, y"""
+
+
+def phase_params(zoo: str, metric: str) -> list:
+    return [zoo, metric, metric]
+
+
+def phase_table(store: Store, x: str, y: str, zoo: str | None = None,
+                thresholds: PhaseOptions | None = None, mc: str = "auto") -> pl.DataFrame:
+    """One row per (x, y) cell: the means over its groups (and seeds) of train_loss,
+    hessian_top_eig (null if not recorded), mode_connectivity and cka at each group's last
+    step with both, the number of groups, the phase label, and `mc_metric`: which mode
+    connectivity went into `mode_connectivity` (`mc_metric()`: the curve's when the zoo has it)."""
+    _check_axes(x, y)
+    zoo = zoo_of(store, zoo)
+    thresholds = thresholds or spec_thresholds(store, zoo)
+    metric = mc_metric(store, zoo, mc)
+    frame = store.sql(phase_query(x, y), phase_params(zoo, metric))
+    if frame.height == 0:
+        raise NotFoundError(f"zoo {zoo!r} has no step with both {metric} and cka recorded "
+                            "(the phases need both: [metrics] groups, and curve at the same "
+                            "steps)")
     labels = [phase_of(r["train_loss"], r["mode_connectivity"], r["cka"],
                        r["hessian_top_eig"], thresholds) for r in frame.iter_rows(named=True)]
-    return frame.with_columns(pl.Series("phase", labels, dtype=pl.String))
+    return frame.with_columns(pl.Series("phase", labels, dtype=pl.String),
+                              pl.lit(metric).alias("mc_metric"))
 
 
 def metric_table(store: Store, metric: str, x: str, y: str, zoo: str | None = None,
@@ -123,7 +163,7 @@ def metric_table(store: Store, metric: str, x: str, y: str, zoo: str | None = No
     if zoo is not None:
         where += " AND zoo = ?"
         params.append(zoo)
-    if metric in GROUP_METRICS:
+    if metric in GROUP_METRICS or metric in CURVE_METRICS:
         query = f"""
             WITH last AS (SELECT group_id, max(step) AS step FROM group_metrics GROUP BY ALL)
             SELECT {x} AS "{x}", {y} AS "{y}", avg(value) AS _value, count(*) AS n
@@ -143,7 +183,8 @@ def metric_table(store: Store, metric: str, x: str, y: str, zoo: str | None = No
         what = f"{metric!r}" + (f" of tensor {tensor!r}" if tensor else "")
         raise NotFoundError(f"no values of {what}" + (f" in zoo {zoo!r}" if zoo else "")
                             + f"; whole-model metrics: {known}; group metrics: "
-                            f"{list(GROUP_METRICS)}; per-tensor metrics need --tensor")
+                            f"{list(GROUP_METRICS + CURVE_METRICS)}; per-tensor metrics need "
+                            "--tensor")
     return frame
 
 

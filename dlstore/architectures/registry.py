@@ -12,11 +12,19 @@ from dlstore.errors import NotFoundError, SpecError
 
 ARCHS: dict[str, type[Architecture]] = {}
 register_arch = plugins.registrar(ARCHS, "architecture")
+# The networks of imported zoos (`dlstore import`: the Model Zoos' CNNs, transformers models):
+# `load_model` rebuilds a stored run's from these; a spec cannot name them, since their layers
+# (torch's own dropout, fixed image sizes, a library's model) are no cohort-trainable family.
+IMPORTED_ARCHS: dict[str, type[Architecture]] = {}
+register_imported_arch = plugins.registrar(IMPORTED_ARCHS, "architecture")
 
 
 def parse_arch_options(raw: dict) -> Architecture:
     """Validate a spec's [model] table against its architecture's options, naming bad fields.
     `arch` is a built-in's or an entry point's name, or an import path `package.module:Class`."""
+    if isinstance(raw, dict) and raw.get("arch") in IMPORTED_ARCHS:
+        raise SpecError(f"model.arch: {raw['arch']!r} is the network of imported zoos (dlstore "
+                        "import), which load_model rebuilds; a spec cannot train it")
     return plugins.parse_table("architecture", raw, "model", "arch", ARCHS, Architecture)
 
 
@@ -31,6 +39,9 @@ def run_architecture(run: dict) -> Architecture:
                             "`n_classes` in its config); load_state_dict gives its weights, "
                             "load_model(run_id, step, module=MyNet()) loads them into yours")
     name = config["model"].get("arch")
+    if isinstance(name, str) and name in IMPORTED_ARCHS:
+        return plugins.parse_table("architecture", config["model"], "model", "arch",
+                                   IMPORTED_ARCHS, Architecture)
     try:
         return parse_arch_options(config["model"])
     except plugins.PluginImportError as e:

@@ -29,6 +29,7 @@ from dlstore.building.runners import local_runner
 from dlstore.errors import BuildInterrupted, DlstoreError, SpecError
 from dlstore.experiments.base import experiment_for
 from dlstore.interrupts import exit_code
+from dlstore.metrics.curve_groups import compute_curve_metrics
 from dlstore.metrics.groups import compute_group_metrics
 from dlstore.spec import ZooSpec
 from dlstore.store.leases import BuildLease
@@ -49,6 +50,7 @@ class BuildReport:
     seconds: float
     train_seconds: float
     group_steps: int = 0  # (group, step) pairs whose group metrics were computed
+    curve_steps: int = 0  # (group, step) pairs whose curve metrics were computed
     runs_dropped: int = 0  # trained, but their shards were gone at commit: rebuilt next time
 
 
@@ -144,6 +146,9 @@ def _build_zoo(spec: ZooSpec, writer: StoreWriter, device: str,
         if spec.metrics.groups is not None:
             report.group_steps = compute_group_metrics(
                 writer, spec.name, spec.metrics.groups, {r.run_id for r in spec.runs}, device=dev)
+        if spec.metrics.curve is not None:
+            report.curve_steps = compute_curve_metrics(
+                writer, spec.name, spec.metrics.curve, {r.run_id for r in spec.runs}, device=dev)
         writer.record_zoo({"zoo": spec.name, "spec": spec.text, "spec_hash": spec.spec_hash,
                           "n_runs": plan.zoo_runs, "dlstore_version": dlstore.__version__})
     except KeyboardInterrupt as stop:

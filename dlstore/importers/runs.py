@@ -27,6 +27,7 @@ from pathlib import Path
 
 from dlstore.errors import DlstoreError
 from dlstore.ids import hashed_id
+from dlstore.importers.base import json_lines, read_state_dict
 from dlstore.store.store import Store
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt")
@@ -85,26 +86,7 @@ def checkpoint_files(run: Path) -> list[tuple[int, Path]]:
 
 def read_checkpoint(path: Path) -> dict:
     """A checkpoint file's state dict, without unpickling arbitrary objects."""
-    import torch
-
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any reader failure is this file's fault
-        detail = " ".join(str(e).split())[:200]
-        raise RunSourceError(f"import-runs: {path} cannot be read as a checkpoint ({detail})"
-                           ) from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not (isinstance(state, dict) and state
-            and all(isinstance(v, torch.Tensor) for v in state.values())):
-        raise RunSourceError(f"import-runs: {path} holds no state dict (a mapping of names to "
-                           "tensors)")
-    return state
+    return read_state_dict(path, "import-runs", RunSourceError)
 
 
 def read_metrics(run: Path) -> Iterator[tuple[int, dict[str, float]]]:
@@ -120,17 +102,8 @@ def read_metrics(run: Path) -> Iterator[tuple[int, dict[str, float]]]:
                 yield _metric_row(path, line, row)
     elif (run / "metrics.jsonl").is_file():
         path = run / "metrics.jsonl"
-        with path.open() as f:
-            for line, text in enumerate(f, start=1):
-                if not text.strip():
-                    continue
-                try:
-                    row = json.loads(text)
-                except ValueError:
-                    raise RunSourceError(f"import-runs: {path} line {line}: not JSON") from None
-                if not isinstance(row, dict):
-                    raise RunSourceError(f"import-runs: {path} line {line}: expected an object")
-                yield _metric_row(path, line, row)
+        for line, row in json_lines(path, "import-runs", RunSourceError):
+            yield _metric_row(path, line, row)
 
 
 def _metric_row(path: Path, line: int, row: dict) -> tuple[int, dict[str, float]]:

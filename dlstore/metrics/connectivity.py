@@ -55,10 +55,16 @@ def interpolation_barrier(forward: Callable[[Params, torch.Tensor], torch.Tensor
     out = {}
     for name, path in (("loss", loss), ("error", 1.0 - acc)):
         path = path.view(n_points, n_pairs).T  # [P, T]
-        chord = (1.0 - ts) * path[:, :1] + ts * path[:, -1:]
-        out[f"{name}_barrier"] = (path - chord).amax(1)
+        out[f"{name}_barrier"] = path_barrier(path, ts)
         out[f"{name}_path"] = path
     return out
+
+
+def path_barrier(path: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+    """The barrier [P] of values along a path [P, T] at positions `ts` [T] in [0, 1]: the
+    largest rise above the chord between its two ends (0 where it never rises above it)."""
+    chord = (1.0 - ts) * path[:, :1] + ts * path[:, -1:]
+    return (path - chord).amax(1)
 
 
 def mode_connectivity(path: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,9 @@ by name with `@register_family`; a plugin's family is named in `[metrics]` by it
 build's checkpoint evaluation (`population.CheckpointEvaluator`) and `dlstore metrics compute`
 (`backfill`) all read this one registry, so adding a family is one class.
 
-`groups` (barriers, mode connectivity, CKA and disagreement between seeds) is not a checkpoint
-family: it is computed after a build, from the store, over pairs of runs, and stays its own key.
+`groups` (barriers, mode connectivity, CKA and disagreement between seeds) and `curve` (the same
+along a trained curve) are no checkpoint families: they are computed after a build, from the
+store, over pairs of runs, and stay their own keys.
 """
 
 from __future__ import annotations
@@ -208,6 +209,26 @@ class GroupOptions(BaseModel):
                            "train-split barriers")
 
 
+class CurveOptions(GroupOptions):
+    """Over the seeds of each config: barriers and mode connectivity along a trained quadratic
+    Bezier curve between two seeds (computed after the build, from the store). The optimizer
+    settings default to Garipov et al.'s (`train.py`: SGD, lr 0.01, momentum 0.9, weight decay
+    1e-4 on the curve's point, batch 128, their schedule); the number of steps is this
+    project's choice. `at` and `pairs` as for the straight line."""
+
+    points: int = Field(default=11, ge=2, description="evenly spaced points on the curve")
+    subsample: int = Field(default=4096, ge=1, description="first n training examples for the "
+                           "train-split barriers and the BatchNorm statistics")
+    steps: int = Field(default=2000, ge=0, description="training steps of each curve's bend")
+    batch_size: int = Field(default=128, ge=1, description="training examples per step")
+    lr: float = Field(default=0.01, gt=0, description="SGD learning rate of the bend (Garipov "
+                      "et al.'s schedule scales it)")
+    momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(default=1e-4, ge=0, description="L2 of the curve's point "
+                                "(0.5 wd ||theta(t)||^2 added to the loss)")
+    seed: int = Field(default=0, description="with the pair's run ids, seeds its t and batches")
+
+
 class MetricsOptions:
     """What is measured, chosen per zoo: the selected families, each with its options, and the
     group metrics. Not part of any run id (metrics never change weights), so adding a metric to a
@@ -227,10 +248,14 @@ class MetricsOptions:
             raise SpecError(f"metrics: expected a table, got {type(table).__name__}")
         chosen: dict[str, MetricFamily | None] = {}
         self.groups: GroupOptions | None = None
+        self.curve: CurveOptions | None = None
         for key, value in table.items():
             field = f"metrics.{key}"
             if key == "groups":
                 self.groups = _options(GroupOptions, value, field, shorthand=False)
+                continue
+            if key == "curve":
+                self.curve = _options(CurveOptions, value, field, shorthand=False)
                 continue
             cls = plugins.resolve("metric family", key, METRIC_FAMILIES, MetricFamily, field)
             chosen[key] = _options(cls, value, field, cls.shorthand)
@@ -249,13 +274,14 @@ class MetricsOptions:
 
     def __eq__(self, other: object) -> bool:
         return (isinstance(other, MetricsOptions) and self.families == other.families
-                and self.groups == other.groups)
+                and self.groups == other.groups and self.curve == other.curve)
 
     def __hash__(self) -> int:
-        return hash((self.families, self.groups))
+        return hash((self.families, self.groups, self.curve))
 
     def __repr__(self) -> str:
-        return f"MetricsOptions(families={dict(self.families)!r}, groups={self.groups!r})"
+        return (f"MetricsOptions(families={dict(self.families)!r}, groups={self.groups!r}, "
+                f"curve={self.curve!r})")
 
 
 def _options(cls: type[BaseModel], value: Any, field: str, shorthand: bool):

@@ -82,35 +82,41 @@ def compute_group_metrics(writer: StoreWriter, zoo: str, options: GroupOptions,
     groups = find_groups(store, zoo, run_ids)
     done = {(r["group_id"], r["step"]) for r in store.sql(
         "SELECT DISTINCT group_id, step FROM _group_metrics WHERE zoo = ?", [zoo]).to_dicts()}
-    columns = _empty_columns()
+    columns = empty_columns()
     computed = 0
     for k, group in enumerate(groups):
-        for step in _group_steps(store, group, options):
+        for step in group_steps(store, group, options):
             if (group.group_id, step) in done:
                 continue
-            values = group_metrics_at(store, group, step, options, torch.device(device))
-            for name, value in values.items():
-                for column, item in (("group_id", group.group_id), ("zoo", zoo),
-                                     ("run_ids", [r["run_id"] for r in group.runs]),
-                                     ("group_key", group.key), ("step", step),
-                                     ("metric", name), ("value", value)):
-                    columns[column].append(item)
+            add_rows(columns, group, step,
+                     group_metrics_at(store, group, step, options, torch.device(device)))
             computed += 1
         if (k + 1) % COMMIT_GROUPS == 0:
             writer.record_group_metrics(columns)
-            columns = _empty_columns()
+            columns = empty_columns()
         if progress:
             progress(k + 1, len(groups))
     writer.record_group_metrics(columns)
     return computed
 
 
-def _empty_columns() -> dict[str, list]:
+def add_rows(columns: dict[str, list], group: Group, step: int,
+             values: dict[str, float]) -> None:
+    """The `group_metrics` rows of `values` ({metric: value}) of `group` at `step`."""
+    for name, value in values.items():
+        for column, item in (("group_id", group.group_id), ("zoo", group.zoo),
+                             ("run_ids", [r["run_id"] for r in group.runs]),
+                             ("group_key", group.key), ("step", step),
+                             ("metric", name), ("value", value)):
+            columns[column].append(item)
+
+
+def empty_columns() -> dict[str, list]:
     return {k: [] for k in ("group_id", "zoo", "run_ids", "group_key", "step", "metric",
                             "value")}
 
 
-def _group_steps(store: Store, group: Group, options: GroupOptions) -> list[int]:
+def group_steps(store: Store, group: Group, options: GroupOptions) -> list[int]:
     ids = [r["run_id"] for r in group.runs]
     shared = store.sql("SELECT step FROM checkpoints WHERE list_contains(?, run_id) "
                        "GROUP BY step HAVING count(DISTINCT run_id) = ? ORDER BY step",
@@ -181,7 +187,7 @@ def record_stability(writer: StoreWriter, pairs: list[tuple[str, str]]) -> int:
         dataset = {k: v for k, v in config["dataset"].items() if k not in RUN_LEVEL}
         model = {k: v for k, v in config["model"].items() if k != "init_seed"}
         batches.setdefault(json.dumps([dataset, model], sort_keys=True), []).append((a, b))
-    columns = _empty_columns()
+    columns = empty_columns()
     for members in batches.values():
         first = runs[members[0][0]]
         kernel = run_kernel(first)

@@ -20,10 +20,11 @@ import time
 
 import pyarrow as pa
 from deltalake import CommitProperties, DeltaTable, Schema, write_deltalake
-from deltalake.exceptions import DeltaError, TableNotFoundError
+from deltalake.exceptions import DeltaError
 
 from dlstore.errors import StoreError
 from dlstore.schemas import TABLES
+from dlstore.store.deltalog import LogReplay, UnsupportedTable
 from dlstore.store.location import Location
 
 _COMMIT = re.compile(r"^(\d{20})\.json$")
@@ -41,7 +42,7 @@ class Tables:
         self.prefix = prefix
         self.options = location.storage_options
         self._current: set[str] = set()  # tables whose schema this process has brought up to date
-        self._loaded: dict[str, DeltaTable] = {}  # snapshots read so far, brought up to date
+        self._replays: dict[str, LogReplay] = {}  # snapshots read so far, brought up to date
         self._checked: dict[str, int] = {}  # newest log entry checked to parse, per table
 
     def path(self, name: str) -> str:
@@ -114,10 +115,11 @@ class Tables:
 
     # -- the log: damage found before deltalake reads it ----------------------------------
 
-    def _log_entries(self, name: str) -> tuple[dict[int, object], list[int]]:
-        """(commit version -> FileInfo, checkpoint versions) of the table's _delta_log."""
+    def _log_entries(self, name: str) -> tuple[dict[int, object], dict[int, list[str]]]:
+        """(commit version -> FileInfo, checkpoint version -> keys of its parts) of the
+        table's _delta_log."""
         folder = f"{self.prefix}/{name}/_delta_log/"
-        commits, checkpoints = {}, []
+        commits, checkpoints = {}, {}
         for info in self.location.list(folder.rstrip("/")):
             leaf = info.key.removeprefix(folder)
             if "/" in leaf:
@@ -125,7 +127,7 @@ class Tables:
             if m := _COMMIT.match(leaf):
                 commits[int(m.group(1))] = info
             elif m := _CHECKPOINT.match(leaf):
-                checkpoints.append(int(m.group(1)))
+                checkpoints.setdefault(int(m.group(1)), []).append(info.key)
         return commits, checkpoints
 
     def _head(self, name: str) -> int:
@@ -256,33 +258,44 @@ class Tables:
         return out
 
     def snapshot(self, name: str) -> tuple[int, list[str]]:
-        """(version, Parquet file URIs) of the table's current snapshot. A table that a newer
-        dlstore added and this store has not written yet reads as empty (version -1)."""
+        """(version, Parquet file URIs) of the table's current snapshot, replayed from its log
+        (`dlstore.store.deltalog`: only the entries committed since the last call are read).
+        A table that a newer dlstore added and this store has not written yet reads as empty
+        (version -1)."""
+        replay = self._replay(name)
+        base = self.path(name)
+        return replay.version, [f"{base}/{path}" for path in replay.files]
+
+    def _replay(self, name: str) -> LogReplay:
         self.check_log(name)
-        try:
-            table = self._loaded.get(name)
-            if table is None:
-                table = self._loaded[name] = self._open(name)
-            else:  # only the log entries committed since (on an object store: fewer requests)
-                table.update_incremental()
-        except TableNotFoundError:
-            if not self.location.list(f"{self.prefix}/{name}"):
-                return -1, []
-            raise StoreError(f"table {name!r} is missing from the store ({self.path(name)})"
-                             ) from None
-        except (DeltaError, OSError) as e:
-            raise StoreError(f"table {name!r} cannot be read ({self.path(name)}): "
-                             f"{_first_line(e)}; run `dlstore verify`") from None
-        return table.version(), table.file_uris()
+        replay = self._replays.setdefault(name, LogReplay())
+        for _ in range(3):
+            commits, checkpoints = self._log_entries(name)
+            if not commits and not checkpoints:
+                if self.location.list(f"{self.prefix}/{name}"):
+                    raise StoreError(f"table {name!r} is missing from the store "
+                                     f"({self.path(name)})")
+                return replay
+            try:
+                replay.advance({v: info.key for v, info in commits.items()}, checkpoints,
+                               self.location.read_bytes)
+                return replay
+            except FileNotFoundError:
+                continue  # a log clean-up after a new checkpoint removed entries we listed
+            except UnsupportedTable as e:
+                raise StoreError(f"table {name!r} uses a Delta feature dlstore does not read "
+                                 f"({e}): {self.path(name)}") from None
+            except (ValueError, KeyError, TypeError, OSError, pa.ArrowException) as e:
+                raise StoreError(f"table {name!r} cannot be read ({self.path(name)}): "
+                                 f"{_first_line(e)}; run `dlstore verify`") from None
+        raise StoreError(f"table {name!r} cannot be read ({self.path(name)}): its log changed "
+                         "under three readings in a row")
 
     def data_files(self, name: str) -> list[tuple[str, int]]:
         """(URI, rows the log records) of every data file of the current snapshot."""
-        version, files = self.snapshot(name)
-        if version < 0:
-            return []
-        actions = pa.table(self._loaded[name].get_add_actions(flatten=True)).to_pydict()
-        rows = dict(zip(actions["path"], actions["num_records"]))
-        return [(uri, rows.get(uri.rsplit("/", 1)[-1], -1)) for uri in files]
+        replay = self._replay(name)
+        base = self.path(name)
+        return [(f"{base}/{path}", rows) for path, rows in replay.files.items()]
 
 
 def _first_line(error: Exception) -> str:
