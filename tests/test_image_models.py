@@ -220,7 +220,7 @@ def test_cnn2d_channel_permutations_keep_the_function_and_canonicalize_alike():
     stacked = {k: torch.stack([s[k] for s in states]) for k in states[0]}
     layers = hidden_layers(Layout.from_state_dict(states[0]), arch)
     assert [(layer.units, layer.outgoing, layer.block) for layer in layers] == [
-        (6, "convs.1.weight", 1), (6, "convs.2.weight", 1), (6, "out.weight", 1)]
+        (6, ("convs.1.weight",), 1), (6, ("convs.2.weight",), 1), (6, ("out.weight",), 1)]
     permuted = random_permutation(stacked, layers, torch.Generator().manual_seed(0))
     assert not torch.equal(permuted["convs.0.weight"], stacked["convs.0.weight"])
     kernel = VmapKernel(arch, DIGITS, 10)

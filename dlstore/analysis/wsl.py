@@ -61,13 +61,15 @@ class WeightSpaceError(DlstoreError):
 @dataclass(frozen=True)
 class HiddenLayer:
     """Hidden units whose order does not change the network's function: permuting axis 0 of
-    `incoming` (their weights and biases) together with axis 1 of `outgoing` (the next layer's
-    weights; `block` consecutive columns per unit where channels are flattened into a linear
-    layer) leaves every output unchanged."""
+    `incoming` (their weights and biases, and any other per-unit tensor such as a norm's
+    parameters and running statistics) together with axis 1 of every tensor of `outgoing` (the
+    layers that read them: one for a chain, several for a residual stream; `block` consecutive
+    columns per unit where channels are flattened into a linear layer) leaves every output
+    unchanged."""
 
     units: int
     incoming: tuple[str, ...]
-    outgoing: str
+    outgoing: tuple[str, ...]
     block: int = 1
 
 
@@ -97,7 +99,7 @@ def hidden_layers(layout: Layout, arch=None) -> list[HiddenLayer]:
         if fan_in % units:
             raise WeightSpaceError(f"{next_weight} takes {fan_in} inputs, not a multiple of the "
                                    f"{units} units of {weight} ({family})")
-        out.append(HiddenLayer(units, (weight, bias), next_weight, fan_in // units))
+        out.append(HiddenLayer(units, (weight, bias), (next_weight,), fan_in // units))
     return out
 
 
@@ -109,12 +111,19 @@ def _declared_layers(layout: Layout, arch) -> list[HiddenLayer]:
                                "permutation augmentation need")
     out = []
     for incoming, outgoing in spec:
+        readers = (outgoing,) if isinstance(outgoing, str) else tuple(outgoing)
         units = layout[incoming[0]].shape[0]
-        fan_in = layout[outgoing].shape[1]
-        if fan_in % units:
-            raise WeightSpaceError(f"{outgoing} takes {fan_in} inputs, not a multiple of the "
-                                   f"{units} units of {incoming[0]} ({arch.arch})")
-        out.append(HiddenLayer(units, tuple(incoming), outgoing, fan_in // units))
+        blocks = set()
+        for reader in readers:
+            fan_in = layout[reader].shape[1]
+            if fan_in % units:
+                raise WeightSpaceError(f"{reader} takes {fan_in} inputs, not a multiple of the "
+                                       f"{units} units of {incoming[0]} ({arch.arch})")
+            blocks.add(fan_in // units)
+        if len(blocks) != 1:
+            raise WeightSpaceError(f"the readers {list(readers)} of the units of {incoming[0]} "
+                                   f"take them in blocks of different sizes ({arch.arch})")
+        out.append(HiddenLayer(units, tuple(incoming), readers, blocks.pop()))
     return out
 
 
@@ -142,17 +151,18 @@ def weight_bias_pairs(layout: Layout) -> list[tuple[str, str]]:
 def permute_units(params: Mapping[str, torch.Tensor], layer: HiddenLayer,
                   perm: torch.Tensor) -> Params:
     """Permute one hidden layer's units in stacked params [n, ...]: unit j of member i becomes
-    unit perm[i, j]'s old self. Returns new tensors for the three it touches, the rest as is."""
+    unit perm[i, j]'s old self. Returns new tensors for those it touches, the rest as is."""
     n = perm.shape[0]
     out = dict(params)
     for name in layer.incoming:
         t = params[name]
         out[name] = torch.take_along_dim(t, perm.reshape(n, -1, *[1] * (t.dim() - 2)), dim=1)
-    t = params[layer.outgoing]
     columns = (perm[:, :, None] * layer.block
                + torch.arange(layer.block, device=perm.device)).reshape(n, -1)
-    out[layer.outgoing] = torch.take_along_dim(
-        t, columns.reshape(n, 1, -1, *[1] * (t.dim() - 3)), dim=2)
+    for name in layer.outgoing:
+        t = params[name]
+        out[name] = torch.take_along_dim(
+            t, columns.reshape(n, 1, -1, *[1] * (t.dim() - 3)), dim=2)
     return out
 
 
@@ -440,16 +450,22 @@ def _encode_target(values: pl.Series, task: str) -> tuple[str, list | None, torc
 def _pull_stats(store: Store, keys: pl.DataFrame, batch_size: int
                 ) -> tuple[torch.Tensor, list[str]]:
     """Statistics features of every row, pulled in batches per layout (stats need no common
-    layout: runs of several widths get the same features at their true shapes)."""
+    layout: runs of several widths get the same features at their true shapes). Features are
+    of the tensors every run holds: a tensor only some runs have has no value for the others
+    (weights as data hold floating-point tensors only: `Store.weights` leaves out integer
+    buffers such as cnn2d's dropout counter, which would give away the training step)."""
     layouts, which = store.weight_layouts(keys)
     names_of = [[e.name for e in lay.entries] for lay in layouts]
-    if any(n != names_of[0] for n in names_of):
-        raise LayoutError(f"stats features need the same tensors in every run; the query mixes "
+    common = [n for n in names_of[0] if all(n in other for other in names_of[1:])]
+    if not common:
+        raise LayoutError(f"stats features need tensors that every run holds; the query mixes "
                           f"{names_of[0]} and {next(n for n in names_of if n != names_of[0])}")
     which = np.asarray(which)
     out: torch.Tensor | None = None
     names: list[str] = []
     for k, lay in enumerate(layouts):
+        shapes = {e.name: e.shape for e in lay.entries}
+        lay = Layout.from_shapes([(n, shapes[n]) for n in common], lay.dtype)
         rows = np.flatnonzero(which == k)
         done = 0
         for _, flat in store.iter_weights(keys[rows], batch_size=batch_size, layout=lay):

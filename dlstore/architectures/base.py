@@ -65,6 +65,9 @@ class Architecture(BaseModel):
     depth: int | None = None
     init_seed: int | None = Field(default=None, description="None = derived from the run seed")
     init: Init = Field(default="default", description="initialisation of the weights")
+    init_scale: float = Field(default=1.0, gt=0, le=100, allow_inf_nan=False,
+                              description="factor on every weight matrix / kernel the scheme "
+                              "draws (its std times this); biases and norm scales unscaled")
 
     # Declared properties (class attributes, so that they are no options of a spec):
     # - the built module's method that gives the penultimate features [N, d] (neural collapse,
@@ -94,13 +97,16 @@ class Architecture(BaseModel):
         return None
 
     def permutation_symmetries(self, shapes: dict[str, tuple[int, ...]]
-                               ) -> list[tuple[tuple[str, ...], str]] | None:
+                               ) -> list[tuple[tuple[str, ...], str | tuple[str, ...]]] | None:
         """The hidden units whose order does not change the network's function, for the weight
-        space (`dlstore.analysis.wsl`: canonical features, permutation augmentation): per hidden
-        layer, the tensors whose axis 0 indexes its units (weight, bias) and the next tensor
-        whose axis 1 takes them (in equal blocks where channels are flattened), as UNF's
-        perm_spec says per tensor axis. `shapes`: the state dict's names and shapes, in order.
-        None = undeclared."""
+        space (`dlstore.analysis.wsl`: canonical features, permutation augmentation): per group
+        of units that permute together, the tensors whose axis 0 indexes them (weight, bias, a
+        norm's parameters and running statistics) and the tensor, or tensors, whose axis 1 takes
+        them (in equal blocks where channels are flattened; several where more than one layer
+        reads them, as every block of a residual stage does), as UNF's perm_spec says per
+        tensor axis. `shapes`: the state dict's names and shapes, in order. None = undeclared;
+        an architecture whose symmetries depend on its options may raise `UndeclaredProperty`
+        for the options it cannot declare."""
         return None
 
     def cohort_kernel(self, input_shape: tuple[int, ...], n_classes: int):
@@ -132,9 +138,11 @@ class Architecture(BaseModel):
         does not where the architecture pads to a wider member (in every built-in family a
         narrower network is the corner of a wider one: hidden units / channels first,
         channel-major flattening, and zero units with zero weights stay inert under any
-        activation). The initialisation only decides where members start, so it does not
-        separate cohorts either."""
-        exclude = {"init_seed", "init", "width"} if self.pads_to_wider else {"init_seed", "init"}
+        activation). The initialisation (scheme and scale) only decides where members start,
+        so it does not separate cohorts either."""
+        exclude = {"init_seed", "init", "init_scale"}
+        if self.pads_to_wider:
+            exclude.add("width")
         return self.model_dump_json(exclude=exclude)
 
     def size(self, input_shape: tuple[int, ...], n_classes: int) -> SizeEstimate:
@@ -189,8 +197,8 @@ def chain_symmetries(shapes: dict[str, tuple[int, ...]]) -> list[tuple[tuple[str
 def init_state(options: Architecture, input_shape: tuple[int, ...], n_classes: int,
                run_seed: int) -> dict[str, torch.Tensor]:
     """The initial parameters of one run, drawn from the run's init seed (PyTorch's default init,
-    or the scheme `options.init` names), independent of global RNG state and of anything else in
-    the process."""
+    or the scheme `options.init` names) with every weight matrix / kernel multiplied by
+    `options.init_scale`, independent of global RNG state and of anything else in the process."""
     seed = seed_for(options.init_seed, run_seed, "init")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -202,6 +210,11 @@ def init_state(options: Architecture, input_shape: tuple[int, ...], n_classes: i
                         _INITS[options.init](param)
                     elif name.rpartition(".")[2] != "weight":  # a norm's scale stays at one
                         param.zero_()
+        if options.init_scale != 1.0:  # scale 1 leaves the draw bit for bit as it was
+            with torch.no_grad():
+                for param in module.parameters():
+                    if param.dim() >= 2:
+                        param.mul_(options.init_scale)
     return {k: v.detach() for k, v in module.state_dict().items()}
 
 

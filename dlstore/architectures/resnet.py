@@ -35,9 +35,19 @@ why its groups have a fixed size, not a fixed count: with widths that are multip
 padding fills whole groups of zeros. With a fixed number of groups, padding would regroup the
 true channels and change what the member computes.
 
-Permutation symmetries are not declared: the channels of a stage's residual stream are read by
-every block of the stage at once, which the contract's pairs of (incoming, outgoing) tensors
-cannot say.
+Permutation symmetries (`permutation_symmetries`), for norm "none" and "batchnorm":
+- each block's inner channels (conv1's outputs) permute on their own: conv1's kernel and bias,
+  norm2's weight, bias and running statistics on axis 0, conv2's kernel on axis 1;
+- a stage's residual stream permutes as one: every tensor that writes it (the stem or the
+  stage's first projection, and every block's conv2) and every norm that reads it (norm1 of the
+  blocks it enters, the final norm after the last stage) on axis 0, and every layer that reads
+  it (conv1 and the projection of the blocks it enters, the classifier after the last stage) on
+  axis 1. A block adds conv2's output to its input channel by channel, so the channels of all
+  blocks of a stage must move together.
+BatchNorm normalises each channel on its own, so its parameters and buffers simply move with
+their channel. GroupNorm normalises groups of channels together: only permutations that keep
+every group's channels in one group keep the function, which the contract (any permutation of
+the units) cannot say, so with groupnorm the symmetries are refused in one line.
 """
 
 from __future__ import annotations
@@ -53,6 +63,7 @@ from dlstore.architectures.base import (
     Activation,
     Architecture,
     SizeEstimate,
+    UndeclaredProperty,
     weight_tensors,
 )
 from dlstore.architectures.cnn2d import image_shape, standard_layout
@@ -201,6 +212,46 @@ class ResNetOptions(Architecture):
     def prunable_tensors(self, state: dict[str, torch.Tensor]) -> list[str]:
         # the kernels and the classifier's weights; norm weights and buffers are 1-D or scalars
         return weight_tensors(state)
+
+    def permutation_symmetries(self, shapes: dict[str, tuple[int, ...]]
+                               ) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+        # see the module docstring; the names are ResNet's, present ones only (biases exist
+        # without norm, projections where a block changes the shape)
+        if self.norm == "groupnorm":
+            raise UndeclaredProperty(
+                "permutation symmetries: resnet with norm = 'groupnorm' keeps its function only "
+                "under permutations within each group, which canonical features and permutation "
+                "augmentation cannot use; use norm = 'batchnorm' or 'none'")
+
+        def per_channel(module: str, fields=("weight", "bias", "running_mean", "running_var")
+                        ) -> tuple[str, ...]:
+            return tuple(f"{module}.{f}" for f in fields if f"{module}.{f}" in shapes)
+
+        def reads(block: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+            """What block `block` takes from its input stream: norms (axis 0), layers (axis 1)."""
+            layers = [f"blocks.{block}.conv1.weight", f"blocks.{block}.proj.weight"]
+            return per_channel(f"blocks.{block}.norm1"), tuple(n for n in layers if n in shapes)
+
+        symmetries = []
+        for i in range(self.stages * self.blocks):
+            inner = per_channel(f"blocks.{i}.conv1") + per_channel(f"blocks.{i}.norm2")
+            symmetries.append((inner, (f"blocks.{i}.conv2.weight",)))
+        for stage in range(self.stages):
+            first = stage * self.blocks
+            writers = per_channel("stem" if stage == 0 else f"blocks.{first}.proj")
+            entered = range(first + (stage > 0), first + self.blocks)  # blocks fed by the stream
+            writers += sum((per_channel(f"blocks.{i}.conv2") for i in
+                            range(first, first + self.blocks)), ())
+            if stage + 1 < self.stages:
+                entered = [*entered, first + self.blocks]
+                norms, readers = (), ()
+            else:
+                norms, readers = per_channel("norm"), ("out.weight",)
+            for i in entered:
+                block_norms, block_readers = reads(i)
+                norms, readers = norms + block_norms, readers + block_readers
+            symmetries.append((writers + norms, readers))
+        return symmetries
 
     def size(self, input_shape: tuple[int, ...], n_classes: int) -> SizeEstimate:
         c_in, height, width = image_shape(input_shape, self.arch)

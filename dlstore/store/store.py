@@ -416,8 +416,12 @@ class Store:
         for code, blob in enumerate(names):
             tensors, capacity[code] = self.blobs.layout(blob)
             if tensors not in seen:
-                shard_layout = Layout.from_shapes([(name, shape) for name, shape, _ in tensors],
-                                                  tensors[0][2] if tensors else "float32")
+                # weights as data are the floating-point tensors: integer ones (BatchNorm's
+                # batch counter, dropout's seed and call counter) are bookkeeping, and would
+                # give away how far a checkpoint has trained
+                real = [t for t in tensors if "float" in t[2]]
+                shard_layout = Layout.from_shapes([(name, shape) for name, shape, _ in real],
+                                                  real[0][2] if real else "float32")
                 if shard_layout not in layouts:
                     layouts.append(shard_layout)
                 seen[tensors] = layouts.index(shard_layout)
