@@ -5,6 +5,7 @@
     python bench/train_throughput.py --arch cnn1d --width 16 --members 256
     python bench/train_throughput.py --arch cnn1d --kernel fast --threads 1
     python bench/train_throughput.py --arch cnn2d --members 256            # 4,970 params, mnist
+    python bench/train_throughput.py --arch cnn2d --resize 14 --batch 32   # small-cnn-zoo.toml
     python bench/train_throughput.py --arch resnet --stages 2 --members 32
     python bench/train_throughput.py --device cuda --members 10000
 
@@ -103,6 +104,7 @@ def spec_for(args, members: int) -> ZooSpec:
         checkpoints = [0]
         [dataset]
         name = "{args.dataset or defaults['dataset']}"
+        {f"resize = {args.resize}" if args.resize else ""}
         [model]
         arch = "{args.arch}"
     """) + model + textwrap.dedent(f"""
@@ -118,6 +120,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="mlp", choices=list(DEFAULTS))
     parser.add_argument("--dataset", default=None, help="mnist1d or mnist (default: by arch)")
+    parser.add_argument("--resize", type=int, default=None,
+                        help="side of mnist's images (zoo/small-cnn-zoo.toml: 14)")
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--depth", type=int, default=None, help="mlp, cnn1d, cnn2d")
     parser.add_argument("--stages", type=int, default=None, help="resnet")

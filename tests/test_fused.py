@@ -12,7 +12,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from dlstore.architectures.base import init_state
 from dlstore.architectures.cnn1d import CNN1dOptions
-from dlstore.architectures.cnn2d import CNN2dOptions
+from dlstore.architectures.cnn2d import GENERIC_BELOW, CNN2dOptions
 from dlstore.architectures.fused import ConvLayer, ConvNetKernel
 from dlstore.architectures.kernels import VmapKernel
 from dlstore.building.plan import cohort_plan, plan_cohorts
@@ -224,6 +224,7 @@ def test_cnn2d_kernel_matches_autograd_through_its_module(fields, shape):
     options = CNN2dOptions(arch="cnn2d", **fields)
     fast, reference = options.cohort_kernel(shape, 10), VmapKernel(options, shape, 10)
     assert isinstance(fast, ConvNetKernel) and not reference.buffers
+    fast.generic_below = 0  # every step fused, however small
     params = stacked([init_state(options, shape, 10, seed) for seed in range(4)])
     g = torch.Generator().manual_seed(2)
     x = torch.rand((4, 6, *shape), generator=g)
@@ -237,6 +238,7 @@ def test_cnn2d_dropout_in_the_fused_kernel_is_the_modules_own():
     options = CNN2dOptions(arch="cnn2d", width=6, dropout=0.4)
     fast, reference = options.cohort_kernel(DIGITS, 10), VmapKernel(options, DIGITS, 10)
     assert isinstance(fast, ConvNetKernel)
+    fast.generic_below = 0
     assert fast.buffers == reference.buffers == ("dropout.seed", "dropout.calls")
     states = [init_state(options, DIGITS, 10, seed) for seed in range(4)]
     state = {k: torch.stack([s[k] for s in states]) for k in states[0]}
@@ -282,6 +284,31 @@ def test_cnn2d_fused_tickets_of_mixed_widths_match_the_reference_loop(optimizer,
     plan = cohort_plan(runs, datas)
     trainer = CohortTrainer(plan)
     assert isinstance(trainer.kernel, ConvNetKernel)
+    trainer.kernel.generic_below = 0  # digits' small steps fused too
     starts = rewind_and_prune(plan, runs, datas)
     together = {ck.step: ck.params for ck in trainer.run()}
     assert_tickets_match_reference(runs, starts, together, [0, 15], "convs.1.weight")
+
+
+def test_small_cnn2d_steps_train_on_the_generic_kernel():
+    # below GENERIC_BELOW examples x pixels a step goes to vmap's kernel (faster there), with
+    # or without dropout; larger steps are fused; both give the module's loss and gradients
+    assert 64 * 8 * 8 < GENERIC_BELOW <= 256 * 8 * 8
+    for dropout in (0.0, 0.3):
+        options = CNN2dOptions(arch="cnn2d", width=4, dropout=dropout)
+        kernel = options.cohort_kernel(DIGITS, 10)
+        states = [init_state(options, DIGITS, 10, i) for i in range(3)]
+        state = {k: torch.stack([s[k] for s in states]) for k in states[0]}
+        for batch, generic in ((64, True), (256, False)):
+            x, y = torch.rand(3, batch, *DIGITS), torch.randint(0, 10, (3, batch))
+            assert kernel._small(y) == generic
+            if dropout:
+                losses, grads, _ = kernel.loss_grads_and_buffers(state, x, y)
+                want_losses, want_grads, _ = kernel.generic.loss_grads_and_buffers(state, x, y)
+            else:
+                losses, grads = kernel.loss_and_grads(state, x, y)
+                want_losses, want_grads = kernel.generic.loss_and_grads(state, x, y)
+            assert_close(losses, want_losses)
+            assert list(grads) == list(want_grads)
+            for name, value in want_grads.items():
+                assert_close(grads[name], value)

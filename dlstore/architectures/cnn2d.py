@@ -45,6 +45,12 @@ from dlstore.architectures.base import (
 from dlstore.architectures.registry import register_arch
 from dlstore.errors import SpecError
 
+# Training steps of fewer examples x pixels than this go to the generic vmap kernel: measured
+# on the 2-core CPU (one thread, 64 members, bench/train_throughput.py --arch cnn2d), vmap ran
+# 1.3x the fused kernel at 14x14 and batch 32 (6,272), both the same at 20x20 and batch 32
+# (12,800), and the fused kernel 1.2-1.4x vmap at 14x14 and batch 128 or 28x28 and batch 32
+GENERIC_BELOW = 12_800
+
 _LOW32 = 0xFFFFFFFF
 _MIX = 0x45D9F3B  # a 32-bit integer hash's multiplier (< 2^31: no int64 product overflows)
 
@@ -149,12 +155,16 @@ class CNN2dOptions(Architecture):
         # the convolutions as batched matmuls over the member axis, backward written out
         # (dlstore.architectures.fused): several times the generic vmap kernel on a CPU
         from dlstore.architectures.fused import ConvLayer, ConvNetKernel
+        from dlstore.architectures.kernels import VmapKernel
 
         image_shape(input_shape, self.arch)
         layers = [ConvLayer(f"convs.{i}", (3, 3), (2, 2), (1, 1)) for i in range(self.depth)]
-        # dropout draws the module's own masks (`dropout_mask`), from its buffers
+        # dropout draws the module's own masks (`dropout_mask`), from its buffers; steps of
+        # few examples x pixels train faster on vmap's grouped convolutions (GENERIC_BELOW)
         return ConvNetKernel(layers, self.activation, "mean", "out", input_shape,
-                             dropout=CohortDropout(self.dropout) if self.dropout > 0 else None)
+                             dropout=CohortDropout(self.dropout) if self.dropout > 0 else None,
+                             generic=VmapKernel(self, input_shape, n_classes),
+                             generic_below=GENERIC_BELOW)
 
     def padded_axes(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
         # kernels [out, in, 3, 3]: channels on both axes; biases [out]; the classifier [C, d]

@@ -328,7 +328,11 @@ class ConvNetKernel:
     def __init__(self, layers: list[ConvLayer], activation: Activation,
                  head: Literal["flatten", "mean"], classifier: str,
                  input_shape: tuple[int, ...], chunk_bytes: int = CHUNK_BYTES,
-                 dropout: FeatureDropout | None = None):
+                 dropout: FeatureDropout | None = None, generic=None, generic_below: int = 0):
+        # training steps of fewer than `generic_below` examples x input positions go to
+        # `generic` (a kernel of the same network, e.g. VmapKernel): where a member's step is
+        # that small, the fused kernel's fixed cost per op outweighs what it saves
+        self.generic, self.generic_below = generic, generic_below
         self.layers = layers
         self.dropout = dropout
         self.buffers = dropout.buffers if dropout is not None else ()
@@ -560,6 +564,8 @@ class ConvNetKernel:
                                ) -> tuple[torch.Tensor, Params, Params]:
         """Losses [P], gradients of the parameters and the buffers after this training forward
         ([P, ...] each), from stacks `state` of parameters and buffers (the dropout's)."""
+        if self._small(y):
+            return self.generic.loss_grads_and_buffers(state, x, y)
         params = {k: v for k, v in state.items() if k not in self.buffers}
         kept, buffers = self.dropout.keep({k: state[k] for k in self.buffers}, y.shape[1],
                                           params[f"{self.classifier}.weight"].shape[-1],
@@ -573,7 +579,14 @@ class ConvNetKernel:
         `y` [P, B] (each member its own batch), of a network without dropout."""
         if self.dropout is not None:
             raise ValueError("a network with dropout trains through loss_grads_and_buffers")
+        if self._small(y):
+            return self.generic.loss_and_grads(params, x, y)
         return self._loss_and_grads(params, x, y, None)
+
+    def _small(self, y: torch.Tensor) -> bool:
+        """Whether a training step of labels `y` [P, B] goes to the generic kernel."""
+        return (self.generic is not None
+                and y.shape[1] * math.prod(self.input_shape[1:]) < self.generic_below)
 
     def _loss_and_grads(self, params: Params, x: torch.Tensor, y: torch.Tensor,
                         kept: torch.Tensor | None) -> tuple[torch.Tensor, Params]:
