@@ -68,6 +68,7 @@ def test_a_sharded_tickets_build_equals_the_whole(tmp_path, whole):
     assert store.sql(stability).equals(whole.sql(stability))
 
 
+@pytest.mark.slow  # a Ray build is also in the default run: tests/test_distributed.py
 def test_a_ray_tickets_build_equals_the_local_build(ray_instance, tmp_path, whole):  # noqa: F811
     """Each cohort of each level a Ray task that reads the previous level's masks and rewind
     weights from the store itself: bit for bit the local build (the same cohorts)."""

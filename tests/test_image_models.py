@@ -199,8 +199,10 @@ def test_zero_padding_changes_nothing_the_narrow_network_computes(raw, widths):
 @pytest.mark.parametrize("model", [
     'arch = "cnn2d"',
     'arch = "resnet"\nstages = 2\nactivation = "gelu"',  # BatchNorm (see test_population)
-    'arch = "resnet"\nstages = 2\nnorm = "groupnorm"\ngroup_size = 2',
-    'arch = "resnet"\nstages = 2\nnorm = "none"',
+    # the other norms: minutes on two cores, in `make test-slow`
+    pytest.param('arch = "resnet"\nstages = 2\nnorm = "groupnorm"\ngroup_size = 2',
+                 marks=pytest.mark.slow),
+    pytest.param('arch = "resnet"\nstages = 2\nnorm = "none"', marks=pytest.mark.slow),
 ])
 def test_mixed_widths_share_one_cohort_and_match_the_unpadded_reference(model):
     # widths 2 and 6 (stages of 2-12 channels) are also the ones whose reference runs crashed
@@ -306,6 +308,7 @@ def test_one_cohort_step_gives_each_member_its_module_step():
     assert (buffers["norm.num_batches_tracked"] == 1).all()
 
 
+@pytest.mark.slow  # a minute on two cores; BatchNorm's cohort equivalence stays in the default run
 def test_batchnorm_relu_resnet_matches_the_reference():
     # BatchNorm with ReLU in a cohort. The buffers are the module's own (its train-mode
     # forward updates them), and a member's step is the module's step (the test above), yet
@@ -467,6 +470,7 @@ def test_stored_checkpoints_hold_the_buffers(image_store):
         assert int(store.load_state_dict(run.run_id)["dropout.calls"]) > 0
 
 
+@pytest.mark.slow  # builds of a few minutes; tickets of cnn1d are in the default run
 @pytest.mark.parametrize("arch, model", [("cnn2d", ""), ("resnet", "stages = 2")])
 def test_lottery_tickets_build(tmp_path, arch, model):
     spec = ZooSpec.from_text(textwrap.dedent(IMAGE_ZOO.format(arch=arch, model=model)).replace(

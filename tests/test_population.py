@@ -292,7 +292,10 @@ IMAGE_RUNS = {"cnn2d": ("", "[0.05, 0.2]"),
               "resnet": ('activation = "gelu"', "[0.02, 0.05]")}
 
 
-@pytest.mark.parametrize("arch", REGISTERED)
+# resnet's equivalence runs in the default suite in tests/test_image_models.py (mixed widths);
+# here, with its build and load, it takes two minutes: `make test-slow`
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.slow) if a == "resnet" else a
+                                  for a in REGISTERED])
 def test_every_registered_architecture_matches_reference(arch):
     if arch in IMAGE_RUNS:
         dataset, (model, lrs) = 'name = "digits"', IMAGE_RUNS[arch]
