@@ -4,17 +4,24 @@
     python bench/train_throughput.py --width 128 --members 512          # ~23k
     python bench/train_throughput.py --arch cnn1d --width 16 --members 256
     python bench/train_throughput.py --arch cnn1d --kernel fast --threads 1
+    python bench/train_throughput.py --arch cnn2d --members 256            # 4,970 params, mnist
+    python bench/train_throughput.py --arch cnn2d --resize 14 --batch 32   # small-cnn-zoo.toml
+    python bench/train_throughput.py --arch resnet --stages 2 --members 32
     python bench/train_throughput.py --device cuda --members 10000
 
-Both sides train MNIST-1D-shaped networks with SGD + momentum, data already on the device: the
+Both sides train with SGD + momentum, data already on the device (`--dataset`: MNIST-1D for mlp and
+cnn1d, the 28x28x1 `mnist` digits for cnn2d and resnet; `--width`, `--depth`, `--stages`: the
+architecture's own defaults where not given, but width 32 and depth 2 for mlp and cnn1d): the
 sequential side is one `nn.Module` and one `torch.optim` optimizer per member, stepped one after
 another (`dlstore.training.reference`); the cohort side is `CohortTrainer`, once with each kernel
 `--kernel` names (`fast`: the one the architecture declares, `Architecture.cohort_kernel`;
 `vmap`: the generic `VmapKernel`; by default both, in one run). The sequential rate is measured on
-`--seq-members` members (its cost is linear in members). Prints model-steps per second of each,
-the ratios, achieved GFLOP/s (3 x the forward FLOPs torch counts, per example) against the
-device's own measured matmul peak, and peak memory; the last line is JSON (`pop_steps_per_s`,
-`speedup`, `gflops`: the first kernel named; `<kernel>_steps_per_s` etc.: each).
+`--seq-members` members (its cost is linear in members). `--repeats N` measures N rounds of every
+side in turn and reports medians, and the range of the ratios per round. Prints model-steps per
+second of each, the ratios, achieved GFLOP/s (3 x the forward FLOPs torch counts, per example)
+against the device's own measured matmul peak, and peak memory; the last line is JSON
+(`pop_steps_per_s`, `speedup`, `gflops`: the first kernel named; `<kernel>_steps_per_s` etc.:
+each).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import textwrap
 import time
 
@@ -63,9 +71,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def cohort_rate(plan, device: torch.device, kernel: str) -> float:
-    """Model-steps per second of the cohort trainer with `kernel`, its first step left out:
-    first calls are slow (the sequential side is warmed up too)."""
+def cohort_rate(plan, device: torch.device, kernel: str) -> tuple[float, str]:
+    """Model-steps per second of the cohort trainer with `kernel`, its first step left out
+    (first calls are slow; the sequential side is warmed up too), and the kernel's class."""
     first_step = {}
     trainer = CohortTrainer(plan, device, on_step=lambda t: first_step.setdefault(
         "seconds", trainer.train_seconds))
@@ -74,20 +82,32 @@ def cohort_rate(plan, device: torch.device, kernel: str) -> float:
     for _ in trainer.run():
         pass
     steps = plan.total_steps - plan.start_step - 1
-    return len(plan.members) * steps / (trainer.train_seconds - first_step["seconds"])
+    return (len(plan.members) * steps / (trainer.train_seconds - first_step["seconds"]),
+            type(trainer.kernel).__name__)
+
+
+# what the bench trains where a flag is not given: MNIST-1D and the MLP / 1-D CNN rows README
+# has always measured; the image networks on real 28x28 digits at their own default sizes
+DEFAULTS = {"mlp": {"dataset": "mnist1d", "width": 32, "depth": 2},
+            "cnn1d": {"dataset": "mnist1d", "width": 32, "depth": 2},
+            "cnn2d": {"dataset": "mnist"},
+            "resnet": {"dataset": "mnist"}}
 
 
 def spec_for(args, members: int) -> ZooSpec:
+    defaults = DEFAULTS[args.arch]
+    model = "\n".join(f"{field} = {value}" for field in ("width", "depth", "stages")
+                       if (value := getattr(args, field, None) or defaults.get(field)))
     return ZooSpec.from_text(textwrap.dedent(f"""
         name = "bench"
         seeds = {members}
         checkpoints = [0]
         [dataset]
-        name = "mnist1d"
+        name = "{args.dataset or defaults['dataset']}"
+        {f"resize = {args.resize}" if args.resize else ""}
         [model]
         arch = "{args.arch}"
-        width = {args.width}
-        depth = {args.depth}
+    """) + model + textwrap.dedent(f"""
         [train]
         lr = 0.01
         momentum = 0.9
@@ -98,13 +118,19 @@ def spec_for(args, members: int) -> ZooSpec:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="mlp", choices=["mlp", "cnn1d"])
-    parser.add_argument("--width", type=int, default=32)
-    parser.add_argument("--depth", type=int, default=2)
+    parser.add_argument("--arch", default="mlp", choices=list(DEFAULTS))
+    parser.add_argument("--dataset", default=None, help="mnist1d or mnist (default: by arch)")
+    parser.add_argument("--resize", type=int, default=None,
+                        help="side of mnist's images (zoo/small-cnn-zoo.toml: 14)")
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--depth", type=int, default=None, help="mlp, cnn1d, cnn2d")
+    parser.add_argument("--stages", type=int, default=None, help="resnet")
     parser.add_argument("--members", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=100, help="at least 2")
     parser.add_argument("--seq-members", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds of every side in turn (medians, ratios per round)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--kernel", default="fast,vmap",
                         help="cohort kernels to measure, comma-separated: fast (the "
@@ -125,18 +151,27 @@ def main() -> None:
     n_params = sum(v.numel() for v in plan.members[0].init.values())
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    pop_rates = {kernel: cohort_rate(plan, device, kernel) for kernel in kernels}
-
     seq_runs = runs[:args.seq_members]
     train_reference(seq_runs[0], datas[0], device=device)  # warm-up: first calls are slow
-    started = time.perf_counter()
-    for run, data in zip(seq_runs, datas):
-        train_reference(run, data, device=device)
-    _sync(device)
-    seq_rate = len(seq_runs) * args.steps / (time.perf_counter() - started)
+    # rounds of every side in turn, each reported as its median and the ratios per round:
+    # on a shared machine the load drifts within a run, and a ratio of the same round holds
+    rounds = []
+    for _ in range(args.repeats):
+        measured = {kernel: cohort_rate(plan, device, kernel) for kernel in kernels}
+        started = time.perf_counter()
+        for run, data in zip(seq_runs, datas):
+            train_reference(run, data, device=device)
+        _sync(device)
+        seq = len(seq_runs) * args.steps / (time.perf_counter() - started)
+        rounds.append((measured, seq, matmul_peak(device)))
+    seq_rate = statistics.median(seq for _, seq, _ in rounds)
+    peak = statistics.median(peak for _, _, peak in rounds)
+    pop_rates = {kernel: statistics.median(m[kernel][0] for m, _, _ in rounds)
+                 for kernel in kernels}
+    ratios = {kernel: sorted(m[kernel][0] / seq for m, seq, _ in rounds) for kernel in kernels}
+    classes = {kernel: rounds[0][0][kernel][1] for kernel in kernels}
 
     flops_per_model_step = 3 * args.batch * forward_flops(plan)  # backward ~ 2x forward
-    peak = matmul_peak(device)
     memory_mb = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     result = {
@@ -145,7 +180,9 @@ def main() -> None:
         "threads": torch.get_num_threads(), "seq_steps_per_s": round(seq_rate, 1),
     }
     for i, (kernel, rate) in enumerate(pop_rates.items()):
-        row = {"steps_per_s": round(rate, 1), "speedup": round(rate / seq_rate, 2),
+        row = {"class": classes[kernel], "steps_per_s": round(rate, 1),
+               "speedup": round(statistics.median(ratios[kernel]), 2),
+               "speedup_range": [round(ratios[kernel][0], 2), round(ratios[kernel][-1], 2)],
                "gflops": round(rate * flops_per_model_step / 1e9, 1)}
         if i == 0:
             result.update({"kernel": kernel, "pop_steps_per_s": row["steps_per_s"],
@@ -153,13 +190,15 @@ def main() -> None:
         result.update({f"{kernel}_{k}": v for k, v in row.items()})
     result.update({"peak_gflops": round(peak, 1), "peak_memory_mb": round(memory_mb, 1)})
     print(f"{args.arch} {n_params} params, batch {args.batch}, {args.members} members, "
-          f"{args.steps} steps on {result['device']}, {result['threads']} threads")
+          f"{args.steps} steps on {result['device']}, {result['threads']} threads, "
+          f"medians of {args.repeats} rounds")
     print(f"  sequential loop : {seq_rate:12,.0f} model-steps/s")
     for kernel, rate in pop_rates.items():
         gflops = result[f"{kernel}_gflops"]
         print(f"  cohort ({kernel:4s})   : {rate:12,.0f} model-steps/s   "
-              f"({result[f'{kernel}_speedup']}x), {gflops:,.1f} GFLOP/s of a measured matmul "
-              f"peak of {peak:,.1f} ({gflops / peak:.0%})")
+              f"({result[f'{kernel}_speedup']}x, rounds {ratios[kernel][0]:.2f}-"
+              f"{ratios[kernel][-1]:.2f}x), {gflops:,.1f} GFLOP/s of a measured matmul "
+              f"peak of {peak:,.1f} ({gflops / peak:.0%}), {classes[kernel]}")
     print(f"  peak memory     : {memory_mb:12,.0f} MiB")
     print(json.dumps(result))
 

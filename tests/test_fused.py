@@ -12,8 +12,13 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from dlstore.architectures.base import init_state
 from dlstore.architectures.cnn1d import CNN1dOptions
+from dlstore.architectures.cnn2d import GENERIC_BELOW, CNN2dOptions
 from dlstore.architectures.fused import ConvLayer, ConvNetKernel
 from dlstore.architectures.kernels import VmapKernel
+from dlstore.building.plan import cohort_plan, plan_cohorts
+from dlstore.training.cohort import CohortTrainer
+from tests.test_image_models import DIGITS, image_spec
+from tests.test_population import assert_tickets_match_reference, rewind_and_prune
 
 # float32 sums in another order than autograd's; the differences seen are ~1e-7
 ATOL = 1e-5
@@ -53,19 +58,23 @@ def test_cnn1d_kernel_matches_autograd_through_the_module(fields, shape):
     g = torch.Generator().manual_seed(1)
     x = torch.randn((6, 7, *shape), generator=g)  # each member its own batch
     y = torch.randint(0, 5, (6, 7), generator=g)
+    assert_kernels_agree(fast, reference, params, x, y, torch.randn((11, *shape), generator=g))
+
+
+def assert_kernels_agree(fast, reference, params, x, y, shared):
+    """Losses, gradients, shared logits and features, and one member's logits of two kernels."""
     losses, grads = fast.loss_and_grads(params, x, y)
     want_losses, want_grads = reference.loss_and_grads(params, x, y)
     assert_close(losses, want_losses)
     assert list(grads) == list(params)
     for name in params:
         assert_close(grads[name], want_grads[name])
-    shared = torch.randn((11, *shape), generator=g)
     assert_close(fast.forward_shared(params, shared), reference.forward_shared(params, shared))
     assert_close(fast.features_shared(params, shared),
                  reference.features_shared(params, shared))
-    one = {k: v[2] for k, v in params.items()}
+    one = {k: v[1] for k, v in params.items()}
     assert_close(fast.forward_one(one, shared), reference.forward_one(one, shared))
-    assert fast.classifier == "out"
+    assert fast.classifier == reference.classifier == "out"
 
 
 def test_members_in_chunks_give_what_the_cohort_at_once_gives():
@@ -199,3 +208,107 @@ class _FeaturesOf(nn.Module):
 
     def forward(self, x):
         return self.net.features(x)
+
+
+# -- cnn2d declares the fused kernel ------------------------------------------------------------
+
+CNN2D = [  # options, input shape
+    (dict(), (1, 28, 28)),  # the Small CNN Zoo's 4,970-parameter network on MNIST
+    (dict(width=5, depth=6, activation="tanh"), (3, 9, 7)),  # reaches 1x1, not square
+    (dict(width=3, depth=1, activation="gelu"), (2, 12, 12)),  # one layer: the first is the last
+]
+
+
+@pytest.mark.parametrize("fields, shape", CNN2D)
+def test_cnn2d_kernel_matches_autograd_through_its_module(fields, shape):
+    options = CNN2dOptions(arch="cnn2d", **fields)
+    fast, reference = options.cohort_kernel(shape, 10), VmapKernel(options, shape, 10)
+    assert isinstance(fast, ConvNetKernel) and not reference.buffers
+    fast.generic_below = 0  # every step fused, however small
+    params = stacked([init_state(options, shape, 10, seed) for seed in range(4)])
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand((4, 6, *shape), generator=g)
+    y = torch.randint(0, 10, (4, 6), generator=g)
+    assert_kernels_agree(fast, reference, params, x, y, torch.rand((9, *shape), generator=g))
+
+
+def test_cnn2d_dropout_in_the_fused_kernel_is_the_modules_own():
+    # the fused kernel draws each member's masks from its own seed and forward count, as the
+    # module does: losses, gradients and buffers as the generic kernel gives them, step by step
+    options = CNN2dOptions(arch="cnn2d", width=6, dropout=0.4)
+    fast, reference = options.cohort_kernel(DIGITS, 10), VmapKernel(options, DIGITS, 10)
+    assert isinstance(fast, ConvNetKernel)
+    fast.generic_below = 0
+    assert fast.buffers == reference.buffers == ("dropout.seed", "dropout.calls")
+    states = [init_state(options, DIGITS, 10, seed) for seed in range(4)]
+    state = {k: torch.stack([s[k] for s in states]) for k in states[0]}
+    state["dropout.calls"] = torch.tensor([0, 3, 7, 3])
+    params = [k for k in state if k not in fast.buffers]
+    state |= stacked([{k: s[k] for k in params} for s in states])
+    g = torch.Generator().manual_seed(3)
+    for _ in range(2):
+        x, y = torch.rand((4, 16, *DIGITS), generator=g), torch.randint(0, 10, (4, 16), generator=g)
+        losses, grads, buffers = fast.loss_grads_and_buffers(state, x, y)
+        want_losses, want_grads, want_buffers = reference.loss_grads_and_buffers(state, x, y)
+        assert_close(losses, want_losses)
+        assert list(grads) == params
+        for name in params:
+            assert_close(grads[name], want_grads[name])
+        for name in fast.buffers:
+            assert torch.equal(buffers[name], want_buffers[name])
+        state |= buffers
+    assert state["dropout.calls"].tolist() == [2, 5, 9, 5]
+    # dropout acts: without it the same weights on the same batch give other losses
+    undropped = options.model_copy(update={"dropout": 0.0}).cohort_kernel(DIGITS, 10)
+    assert not torch.allclose(undropped.loss_and_grads(
+        {k: state[k] for k in params}, x, y)[0], losses)
+    shared = torch.rand((5, *DIGITS), generator=g)  # evaluation: no dropout, as in eval mode
+    assert_close(fast.forward_shared(state, shared), reference.forward_shared(state, shared))
+    with pytest.raises(ValueError, match="loss_grads_and_buffers"):
+        fast.loss_and_grads({k: state[k] for k in params}, x, y)
+
+
+@pytest.mark.parametrize("optimizer, activation, dropout", [("sgd", "relu", 0.0),
+                                                            ("adam", "tanh", 0.3)])
+def test_cnn2d_fused_tickets_of_mixed_widths_match_the_reference_loop(optimizer, activation,
+                                                                     dropout):
+    # everything a cnn2d cohort mixes, trained by the fused kernel: widths padded to the
+    # widest, pruning masks of several densities, rewound starts, weight decay, momentum/adam,
+    # dropout (each member's own masks, also where its width is padded)
+    lr, momentum = (0.05, "momentum = 0.9") if optimizer == "sgd" else (0.005, "")
+    spec = image_spec(f'arch = "cnn2d"\nactivation = "{activation}"\ndropout = {dropout}',
+                      f"model.width = [3, 6]\ntrain.lr = [{lr}]",
+                      train=f'optimizer = "{optimizer}"\nweight_decay = 0.01\n{momentum}',
+                      checkpoints="[0, 15]")
+    [(runs, datas)] = plan_cohorts(list(spec.runs), cohort_size=8)
+    plan = cohort_plan(runs, datas)
+    trainer = CohortTrainer(plan)
+    assert isinstance(trainer.kernel, ConvNetKernel)
+    trainer.kernel.generic_below = 0  # digits' small steps fused too
+    starts = rewind_and_prune(plan, runs, datas)
+    together = {ck.step: ck.params for ck in trainer.run()}
+    assert_tickets_match_reference(runs, starts, together, [0, 15], "convs.1.weight")
+
+
+def test_small_cnn2d_steps_train_on_the_generic_kernel():
+    # below GENERIC_BELOW examples x pixels a step goes to vmap's kernel (faster there), with
+    # or without dropout; larger steps are fused; both give the module's loss and gradients
+    assert 64 * 8 * 8 < GENERIC_BELOW <= 256 * 8 * 8
+    for dropout in (0.0, 0.3):
+        options = CNN2dOptions(arch="cnn2d", width=4, dropout=dropout)
+        kernel = options.cohort_kernel(DIGITS, 10)
+        states = [init_state(options, DIGITS, 10, i) for i in range(3)]
+        state = {k: torch.stack([s[k] for s in states]) for k in states[0]}
+        for batch, generic in ((64, True), (256, False)):
+            x, y = torch.rand(3, batch, *DIGITS), torch.randint(0, 10, (3, batch))
+            assert kernel._small(y) == generic
+            if dropout:
+                losses, grads, _ = kernel.loss_grads_and_buffers(state, x, y)
+                want_losses, want_grads, _ = kernel.generic.loss_grads_and_buffers(state, x, y)
+            else:
+                losses, grads = kernel.loss_and_grads(state, x, y)
+                want_losses, want_grads = kernel.generic.loss_and_grads(state, x, y)
+            assert_close(losses, want_losses)
+            assert list(grads) == list(want_grads)
+            for name, value in want_grads.items():
+                assert_close(grads[name], value)

@@ -150,6 +150,14 @@ def test_cnn1d_tickets_of_mixed_widths_match_reference(optimizer, activation, ke
     """))
     [(runs, datas)] = plan_cohorts(list(spec.runs), cohort_size=8)
     plan = cohort_plan(runs, datas)
+    starts = rewind_and_prune(plan, runs, datas)
+    together = {ck.step: ck.params for ck in CohortTrainer(plan).run()}
+    assert_tickets_match_reference(runs, starts, together, [0, 10, 20], "convs.0.weight")
+
+
+def rewind_and_prune(plan, runs, datas) -> list:
+    """Each member of `plan` restarted from other weights, and all but the first pruned (masks
+    of several densities); the (start, mask) of each."""
     starts = []
     for i, (member, run, data) in enumerate(zip(plan.members, runs, datas)):
         rewound = init_state(run.model, data.input_shape, data.n_classes, 100 + i)
@@ -157,11 +165,17 @@ def test_cnn1d_tickets_of_mixed_widths_match_reference(optimizer, activation, ke
                 if i else None)
         member.init, member.mask = rewound, mask
         starts.append((rewound, mask))
-    together = {ck.step: ck.params for ck in CohortTrainer(plan).run()}
+    return starts
+
+
+def assert_tickets_match_reference(runs, starts, together, steps: list[int], trained: str):
+    """Every member's checkpoints `together` ({step: stacked params}) against the reference
+    loop from the same start and mask: within ATOL, exactly zero outside its true shape and
+    where pruned, and tensor `trained` moved."""
     worst = 0.0
     for i, (run, (rewound, mask)) in enumerate(zip(runs, starts)):
         alone = train_reference(run, run_data(run.dataset, run.seed), init=rewound, mask=mask)
-        assert sorted(alone) == sorted(together) == [0, 10, 20]
+        assert sorted(alone) == sorted(together) == steps
         for step, state in alone.items():
             for name, value in state.items():
                 padded = together[step][name][i]
@@ -173,7 +187,7 @@ def test_cnn1d_tickets_of_mixed_widths_match_reference(optimizer, activation, ke
                 if mask is not None and name in mask:  # pruned: exactly zero in both
                     assert torch.count_nonzero(value[~mask[name]]) == 0
                     assert torch.count_nonzero(corner[~mask[name]]) == 0
-        assert not torch.equal(alone[20]["convs.0.weight"], alone[0]["convs.0.weight"])
+        assert not torch.equal(alone[steps[-1]][trained], alone[steps[0]][trained])
     assert worst < ATOL, f"cohort and reference differ by {worst}"
 
 

@@ -21,6 +21,10 @@ of a per-network seed (drawn from the init seed when the module is built), a cou
 training forwards, the example's position in its batch and the unit: two int64 buffers
 (`dropout.seed`, `dropout.calls`) that travel in the state dict, advance in train mode only, and
 make a cohort member's dropout exactly the reference's.
+
+A cohort trains on the fused convolution kernel (`dlstore.architectures.fused`: every member's
+convolutions as batched matmuls, backward written out), dropout included: `dropout_mask` draws
+the masks of a whole cohort from the stacked seeds and counters, as the module draws its own.
 """
 
 from __future__ import annotations
@@ -40,6 +44,12 @@ from dlstore.architectures.base import (
 )
 from dlstore.architectures.registry import register_arch
 from dlstore.errors import SpecError
+
+# Training steps of fewer examples x pixels than this go to the generic vmap kernel: measured
+# on the 2-core CPU (one thread, 64 members, bench/train_throughput.py --arch cnn2d), vmap ran
+# 1.3x the fused kernel at 14x14 and batch 32 (6,272), both the same at 20x20 and batch 32
+# (12,800), and the fused kernel 1.2-1.4x vmap at 14x14 and batch 128 or 28x28 and batch 32
+GENERIC_BELOW = 12_800
 
 _LOW32 = 0xFFFFFFFF
 _MIX = 0x45D9F3B  # a 32-bit integer hash's multiplier (< 2^31: no int64 product overflows)
@@ -65,12 +75,36 @@ class HashedDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, d]
         if not self.training:
             return x
-        key = _hash((self.seed + _hash(self.calls & _LOW32)) & _LOW32)
+        mask = dropout_mask(self.seed, self.calls, x.shape[0], x.shape[1], self.p, x.dtype)
         self.calls.add_(1)
-        rows = _hash((key ^ torch.arange(x.shape[0], device=x.device)) & _LOW32)  # [N]
-        units = torch.arange(x.shape[1], device=x.device)
-        uniform = _hash(rows[:, None] ^ _hash(units)[None, :]).to(x.dtype) / 2.0**32  # [N, d]
-        return x * (uniform >= self.p).to(x.dtype) / (1.0 - self.p)
+        return x * mask / (1.0 - self.p)
+
+
+def dropout_mask(seed: torch.Tensor, calls: torch.Tensor, n: int, d: int, p: float,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """The masks [..., n, d] (1 kept, 0 dropped) of networks with seeds and forward counts
+    [...] (0-d for one network, [P] for a cohort's stacks) on a batch of n examples of d
+    units: unit j's draw depends on j alone, so a narrower network's masks are the leading
+    columns of a wider one's."""
+    key = _hash((seed + _hash(calls & _LOW32)) & _LOW32)
+    rows = _hash((key[..., None] ^ torch.arange(n, device=seed.device)) & _LOW32)  # [..., n]
+    units = _hash(torch.arange(d, device=seed.device))
+    uniform = _hash(rows[..., :, None] ^ units).to(dtype) / 2.0**32  # [..., n, d]
+    return (uniform >= p).to(dtype)
+
+
+class CohortDropout:
+    """`HashedDropout` of a whole cohort at once, for the fused kernel (`FeatureDropout`)."""
+
+    buffers = ("dropout.seed", "dropout.calls")
+
+    def __init__(self, rate: float):
+        self.rate = rate
+
+    def keep(self, buffers, batch: int, units: int, dtype: torch.dtype):
+        seed, calls = buffers["dropout.seed"], buffers["dropout.calls"]
+        return (dropout_mask(seed, calls, batch, units, self.rate, dtype),
+                {"dropout.seed": seed, "dropout.calls": calls + 1})
 
 
 class CNN2d(nn.Module):
@@ -116,6 +150,21 @@ class CNN2dOptions(Architecture):
 
     def classifier_layer(self) -> str:
         return "out"
+
+    def cohort_kernel(self, input_shape: tuple[int, ...], n_classes: int):
+        # the convolutions as batched matmuls over the member axis, backward written out
+        # (dlstore.architectures.fused): several times the generic vmap kernel on a CPU
+        from dlstore.architectures.fused import ConvLayer, ConvNetKernel
+        from dlstore.architectures.kernels import VmapKernel
+
+        image_shape(input_shape, self.arch)
+        layers = [ConvLayer(f"convs.{i}", (3, 3), (2, 2), (1, 1)) for i in range(self.depth)]
+        # dropout draws the module's own masks (`dropout_mask`), from its buffers; steps of
+        # few examples x pixels train faster on vmap's grouped convolutions (GENERIC_BELOW)
+        return ConvNetKernel(layers, self.activation, "mean", "out", input_shape,
+                             dropout=CohortDropout(self.dropout) if self.dropout > 0 else None,
+                             generic=VmapKernel(self, input_shape, n_classes),
+                             generic_below=GENERIC_BELOW)
 
     def padded_axes(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
         # kernels [out, in, 3, 3]: channels on both axes; biases [out]; the classifier [C, d]

@@ -34,6 +34,11 @@ Why not grouped convolutions (members on the channel axis, [B, P * C, L] with `g
 member's gradient at once since members do not interact): on a CPU (oneDNN) they measured no
 faster than the generic `vmap` kernel, about 5x slower than this (bench/conv_kernels.py prints
 the three side by side: 328, 298 and 1,575 model-steps/s in the run above).
+For cnn2d's 2-D network (16 channels of 3x3 at stride 2 on 28x28x1, batch 128, one thread,
+64 members, the machine shared with other jobs; `bench/conv_kernels.py --arch cnn2d`) grouped
+`conv2d`s ran 47-62 model-steps/s, `vmap` 42-57, this kernel 91-135: the same picture in 2-D.
+There a member's intermediates exceed `CHUNK_BYTES`, so chunks are single members; larger
+budgets ran slower (109 at 64 MiB, 77 at 256, against 135 in the same run).
 
 On a CPU members go through in chunks of about `CHUNK_BYTES` of intermediates: a step is
 bound by memory traffic, so a chunk that stays in cache runs faster per member than the whole
@@ -47,7 +52,7 @@ import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +70,19 @@ _ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "gelu": F.gelu}
 Activation = Literal["relu", "tanh", "gelu"]
 # role, shape -> an uninitialised tensor (a workspace's reused memory, or a fresh one)
 Buffer = Callable[[str, tuple[int, ...]], torch.Tensor]
+
+
+class FeatureDropout(Protocol):
+    """Inverted dropout on the head's features whose masks are the network's own (state-dict
+    buffers, `buffers`), so that the kernel draws what the module draws: `keep` gives the
+    masks [P, B, d] (1 kept, 0 dropped) of one training forward of B examples and the buffers
+    as that forward leaves them; kept features are scaled by 1 / (1 - `rate`)."""
+
+    rate: float
+    buffers: tuple[str, ...]
+
+    def keep(self, buffers: Params, batch: int, units: int, dtype: torch.dtype
+             ) -> tuple[torch.Tensor, Params]: ...
 
 
 @dataclass(frozen=True)
@@ -301,12 +319,23 @@ class ConvNetKernel:
 
     The same interface as `MLPKernel`: `loss_and_grads` for training, `forward_shared` and
     `features_shared` for the metrics, `forward_one` for what `torch.func` differentiates
-    (Hessians), `classifier`."""
+    (Hessians), `classifier`.
+
+    With `dropout` on the head's features the module has buffers (its masks' state, named in
+    `buffers`): training goes through `loss_grads_and_buffers`, as `VmapKernel`'s does, and
+    everything that evaluates runs without dropout, as the module in eval mode."""
 
     def __init__(self, layers: list[ConvLayer], activation: Activation,
                  head: Literal["flatten", "mean"], classifier: str,
-                 input_shape: tuple[int, ...], chunk_bytes: int = CHUNK_BYTES):
+                 input_shape: tuple[int, ...], chunk_bytes: int = CHUNK_BYTES,
+                 dropout: FeatureDropout | None = None, generic=None, generic_below: int = 0):
+        # training steps of fewer than `generic_below` examples x input positions go to
+        # `generic` (a kernel of the same network, e.g. VmapKernel): where a member's step is
+        # that small, the fused kernel's fixed cost per op outweighs what it saves
+        self.generic, self.generic_below = generic, generic_below
         self.layers = layers
+        self.dropout = dropout
+        self.buffers = dropout.buffers if dropout is not None else ()
         self.activation = activation
         self.head = head
         self.classifier = classifier
@@ -447,14 +476,16 @@ class ConvNetKernel:
 
     def _chunk_loss_and_grads(self, params: Params, matrices: dict[str, list], x: torch.Tensor,
                               y: torch.Tensor, geometries: list[_Geometry], buffer: Buffer,
-                              out: Params) -> torch.Tensor:
+                              out: Params, kept: torch.Tensor | None) -> torch.Tensor:
         """The members' losses [P]; their gradients written to `out` (in the matmuls' layouts,
-        as `loss_and_grads` allocates them)."""
+        as `loss_and_grads` allocates them); `kept`: dropout masks of the features [P, B, d]."""
         n_members, batch = y.shape
         h, saved = self._forward(params, matrices, x, geometries, buffer, keep=True)
         last = geometries[-1]
         n = len(last.out)
         features = self._features(h, last.out, buffer)  # [P, B, d]
+        if kept is not None:  # as the module computes it: x * mask / (1 - p)
+            features = features * kept / (1.0 - self.dropout.rate)
         head_weight = matrices[self.classifier][0]  # [P, n_classes, d]
         logits = self._logits(features, head_weight, params[f"{self.classifier}.bias"])
         losses, grad = cross_entropy_and_grad(logits, y)  # [P], [P, B, n_classes]
@@ -462,6 +493,8 @@ class ConvNetKernel:
         torch.sum(grad, 1, out=out[f"{self.classifier}.bias"])
         grad_features = torch.bmm(grad, head_weight, out=buffer("features.grad",
                                                                 features.shape))
+        if kept is not None:  # (g * mask) / (1 - p): exactly autograd's (g / (1 - p)) * mask
+            grad_features.mul_(kept).div_(1.0 - self.dropout.rate)
         c_last, valid = h.shape[-1], (slice(None), *(slice(0, m) for m in last.out))
         if self.head == "flatten":  # [P, *S, B, C], as the valid positions of the grid
             sources = [(grad_features.view(n_members, batch, *last.out, c_last)
@@ -527,10 +560,36 @@ class ConvNetKernel:
         step = max(1, min(n_members, self.chunk_bytes // (4 * batch * max(floats, 1))))
         return [slice(s, s + step) for s in range(0, n_members, step)]
 
+    def loss_grads_and_buffers(self, state: Params, x: torch.Tensor, y: torch.Tensor
+                               ) -> tuple[torch.Tensor, Params, Params]:
+        """Losses [P], gradients of the parameters and the buffers after this training forward
+        ([P, ...] each), from stacks `state` of parameters and buffers (the dropout's)."""
+        if self._small(y):
+            return self.generic.loss_grads_and_buffers(state, x, y)
+        params = {k: v for k, v in state.items() if k not in self.buffers}
+        kept, buffers = self.dropout.keep({k: state[k] for k in self.buffers}, y.shape[1],
+                                          params[f"{self.classifier}.weight"].shape[-1],
+                                          x.dtype)
+        losses, grads = self._loss_and_grads(params, x, y, kept)
+        return losses, grads, buffers
+
     def loss_and_grads(self, params: Params, x: torch.Tensor, y: torch.Tensor
                        ) -> tuple[torch.Tensor, Params]:
         """Per-member mean cross-entropy [P] and gradients of inputs `x` [P, B, ...] with labels
-        `y` [P, B] (each member its own batch)."""
+        `y` [P, B] (each member its own batch), of a network without dropout."""
+        if self.dropout is not None:
+            raise ValueError("a network with dropout trains through loss_grads_and_buffers")
+        if self._small(y):
+            return self.generic.loss_and_grads(params, x, y)
+        return self._loss_and_grads(params, x, y, None)
+
+    def _small(self, y: torch.Tensor) -> bool:
+        """Whether a training step of labels `y` [P, B] goes to the generic kernel."""
+        return (self.generic is not None
+                and y.shape[1] * math.prod(self.input_shape[1:]) < self.generic_below)
+
+    def _loss_and_grads(self, params: Params, x: torch.Tensor, y: torch.Tensor,
+                        kept: torch.Tensor | None) -> tuple[torch.Tensor, Params]:
         n_members, batch = y.shape
         geometries = self._geometries(params)
         matrices = self._prepare(params, geometries)
@@ -551,7 +610,7 @@ class ConvNetKernel:
             losses[s] = self._chunk_loss_and_grads(
                 {k: v[s] for k, v in params.items()},
                 {k: [m[s] for m in v] for k, v in matrices.items()}, x[s], y[s], geometries,
-                buffer, {k: v[s] for k, v in grads.items()})
+                buffer, {k: v[s] for k, v in grads.items()}, None if kept is None else kept[s])
         n = len(self.input_shape) - 1
         for g, layer in zip(geometries, self.layers):
             name = f"{layer.name}.weight"

@@ -13,9 +13,9 @@ Three implementations:
   backward pass written out with batched matmuls (`baddbmm`/`bmm`). On a CPU it is several
   times faster than the generic path at the sizes of a model zoo, because autograd's layouts
   make the elementwise backward ops and `log_softmax` over ten classes slow there;
-- `ConvNetKernel` (`dlstore.architectures.fused`), the fast kernel `cnn1d` declares: strided
-  convolutions as batched matmuls over shifted views of blocked inputs, backward written out,
-  for any number of spatial axes.
+- `ConvNetKernel` (`dlstore.architectures.fused`), the fast kernel `cnn1d` and `cnn2d` declare:
+  strided convolutions as batched matmuls over shifted views of blocked inputs, backward
+  written out, for any number of spatial axes (and cnn2d's dropout, from its buffers).
 Equivalence tests pin them against the `torch.optim` reference.
 
 Buffers. A module's state dict may hold tensors that are not parameters (BatchNorm's running
