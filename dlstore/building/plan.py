@@ -89,7 +89,7 @@ def cohort_plan(runs: list[RunConfig], datas: list[DatasetTensors],
         x_train=datas[largest].x_train, x_test=data.x_test, y_test=data.y_test,
         members=[_member(r, d) for r, d in zip(runs, datas)],
         metrics=metrics if metrics is not None else MetricsOptions(),
-        start_step=first.start_step,
+        start_step=first.start_step, entropy_rate=data.entropy_rate,
     )
 
 
