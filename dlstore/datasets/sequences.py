@@ -35,7 +35,7 @@ from dlstore.datasets.registry import register_dataset
 from dlstore.errors import DataSourceError, SpecError
 
 IGNORE = -100  # a target position no loss or accuracy counts (F.cross_entropy's ignore_index)
-MAX_MARKOV_STATES = 1 << 16  # V^k: the stationary distribution is solved densely over states
+MAX_MARKOV_STATES = 4096  # V^k: the stationary distribution is solved densely (V^2k floats)
 
 
 class SequenceDataset(Dataset):
