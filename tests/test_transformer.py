@@ -14,7 +14,7 @@ from dlstore.architectures.base import init_state, n_params
 from dlstore.architectures.kernels import VmapKernel
 from dlstore.architectures.registry import parse_arch_options
 from dlstore.building.build import build_zoo
-from dlstore.building.plan import cohort_plan, plan_cohorts
+from dlstore.building.plan import cohort_plan, plan_build, plan_cohorts
 from dlstore.datasets.sequences import IGNORE
 from dlstore.errors import SpecError
 from dlstore.metrics.basic import loss_and_accuracy
@@ -84,6 +84,20 @@ def test_bad_options_are_one_line(raw, shape, message):
     with pytest.raises(SpecError) as e:
         options(**raw).build(shape, 10)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("dataset, model, message", [
+    ('name = "mnist1d"\nnum_samples = 200', 'arch = "transformer"\nwidth = 16\nhead_dim = 8',
+     "transformer predicts a token at every position; dataset mnist1d gives one class"),
+    ('name = "arithmetic"\np = 7', 'arch = "mlp"',
+     "mlp predicts one class per example; dataset arithmetic is a sequence task"),
+])
+def test_a_network_paired_with_targets_it_does_not_predict_fails_before_training(
+        dataset, model, message):
+    spec = ZooSpec.from_text(f'name = "bad"\n[dataset]\n{dataset}\n[model]\n{model}\n'
+                             '[train]\nbatch_size = 8\nsteps = 2\n')
+    with pytest.raises(SpecError, match=message):
+        plan_build(spec, "cpu")
 
 
 def test_prunable_tensors_are_the_linear_weights_head_last():

@@ -161,6 +161,7 @@ class TransformerOptions(Architecture):
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="dropout rate (training "
                            "only)")
     features_method: ClassVar[str] = "features"
+    predicts_tokens: ClassVar[bool] = True
 
     @model_validator(mode="after")
     def _whole_heads(self) -> TransformerOptions:
