@@ -15,12 +15,14 @@ from dlstore.architectures.kernels import VmapKernel
 from dlstore.architectures.registry import parse_arch_options
 from dlstore.building.build import build_zoo
 from dlstore.building.plan import cohort_plan, plan_build, plan_cohorts
+from dlstore.datasets.base import run_data
 from dlstore.datasets.sequences import IGNORE
 from dlstore.errors import SpecError
 from dlstore.metrics.basic import loss_and_accuracy
 from dlstore.spec import ZooSpec
 from dlstore.store.store import Store
 from dlstore.training.cohort import CohortTrainer
+from dlstore.training.reference import train_reference
 from tests.test_population import ATOL, assert_matches_reference, train_cohorts
 
 
@@ -29,7 +31,7 @@ def options(**raw):
 
 
 def seq_spec(model: str, grid: str, dataset: str = 'name = "arithmetic"\np = 11',
-             train: str = "", seeds: int = 2, steps: int = 10) -> ZooSpec:
+             train: str = "", seeds: int | list[int] = 2, steps: int = 10) -> ZooSpec:
     return ZooSpec.from_text(textwrap.dedent(f"""
         name = "tf"
         seeds = {seeds}
@@ -143,20 +145,20 @@ def test_mixed_widths_share_one_cohort_and_match_the_reference():
 # -- dropout -----------------------------------------------------------------------------------
 
 def test_dropout_is_the_members_own_and_reproducible():
-    spec = seq_spec("width = 16\ndropout = 0.2", "train.lr = [0.003, 0.01]", steps=6)
-    assert_matches_reference(spec)  # the reference loop draws the same masks alone
-    together = train_cohorts(spec)
-    again = train_cohorts(spec)
+    spec = seq_spec("width = 16\ndropout = 0.2", "train.lr = [0.003, 0.01]", steps=6)  # 4 runs
+    together, again = train_cohorts(spec), train_cohorts(spec)
     target = spec.runs[1]
     runs, datas = plan_cohorts([target], cohort_size=1)[0]
     alone = {ck.step: ck.params for ck in CohortTrainer(cohort_plan(runs, datas)).run()}
+    reference = train_reference(target, run_data(target.dataset, target.seed))
     for name, value in alone[6].items():
-        torch.testing.assert_close(value[0], together[target.run_id][6][name], atol=ATOL,
-                                   rtol=0)
-        assert torch.equal(again[target.run_id][6][name], together[target.run_id][6][name])
+        mine = together[target.run_id][6][name]
+        torch.testing.assert_close(value[0], mine, atol=ATOL, rtol=0)  # any cohort
+        torch.testing.assert_close(reference[6][name], mine, atol=ATOL, rtol=0)  # the loop
+        assert torch.equal(again[target.run_id][6][name], mine)  # a rerun
     assert int(alone[6]["dropout_calls"][0]) == 6
-    plain = seq_spec("width = 16", "train.lr = [0.003, 0.01]", steps=6)
-    undropped = train_cohorts(plain)[plain.runs[1].run_id][6]
+    plain = seq_spec("width = 16", "train.lr = [0.003]", steps=6, seeds=[1])  # the same run
+    undropped = train_cohorts(plain)[plain.runs[0].run_id][6]
     assert not torch.allclose(undropped["head.weight"], together[target.run_id][6]["head.weight"])
 
 
