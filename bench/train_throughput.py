@@ -8,9 +8,12 @@
     python bench/train_throughput.py --arch cnn2d --resize 14 --batch 32   # small-cnn-zoo.toml
     python bench/train_throughput.py --arch resnet --stages 2 --members 32
     python bench/train_throughput.py --device cuda --members 10000
+    python bench/train_throughput.py --arch transformer --width 64 --depth 1 --members 32 \
+        --batch 32 --steps 30 --seq-members 4 --kernel vmap          # ~54k, Markov sequences
 
 Both sides train with SGD + momentum, data already on the device (`--dataset`: MNIST-1D for mlp and
-cnn1d, the 28x28x1 `mnist` digits for cnn2d and resnet; `--width`, `--depth`, `--stages`: the
+cnn1d, the 28x28x1 `mnist` digits for cnn2d and resnet, sequences of 32 tokens of the `markov`
+language (V = 16, heads of 16 units) for the transformer; `--width`, `--depth`, `--stages`: the
 architecture's own defaults where not given, but width 32 and depth 2 for mlp and cnn1d): the
 sequential side is one `nn.Module` and one `torch.optim` optimizer per member, stepped one after
 another (`dlstore.training.reference`); the cohort side is `CohortTrainer`, once with each kernel
@@ -91,13 +94,16 @@ def cohort_rate(plan, device: torch.device, kernel: str) -> tuple[float, str]:
 DEFAULTS = {"mlp": {"dataset": "mnist1d", "width": 32, "depth": 2},
             "cnn1d": {"dataset": "mnist1d", "width": 32, "depth": 2},
             "cnn2d": {"dataset": "mnist"},
-            "resnet": {"dataset": "mnist"}}
+            "resnet": {"dataset": "mnist"},
+            "transformer": {"dataset": "markov", "width": 32, "depth": 2,
+                            "dataset_options": "seq_len = 32", "model": ["head_dim = 16"]}}
 
 
 def spec_for(args, members: int) -> ZooSpec:
     defaults = DEFAULTS[args.arch]
-    model = "\n".join(f"{field} = {value}" for field in ("width", "depth", "stages")
-                       if (value := getattr(args, field, None) or defaults.get(field)))
+    model = "\n".join([f"{field} = {value}" for field in ("width", "depth", "stages")
+                        if (value := getattr(args, field, None) or defaults.get(field))]
+                       + defaults.get("model", []))
     return ZooSpec.from_text(textwrap.dedent(f"""
         name = "bench"
         seeds = {members}
@@ -105,6 +111,7 @@ def spec_for(args, members: int) -> ZooSpec:
         [dataset]
         name = "{args.dataset or defaults['dataset']}"
         {f"resize = {args.resize}" if args.resize else ""}
+        {defaults.get("dataset_options", "")}
         [model]
         arch = "{args.arch}"
     """) + model + textwrap.dedent(f"""
@@ -119,11 +126,11 @@ def spec_for(args, members: int) -> ZooSpec:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="mlp", choices=list(DEFAULTS))
-    parser.add_argument("--dataset", default=None, help="mnist1d or mnist (default: by arch)")
+    parser.add_argument("--dataset", default=None, help="mnist1d, mnist or markov (default: by arch)")
     parser.add_argument("--resize", type=int, default=None,
                         help="side of mnist's images (zoo/small-cnn-zoo.toml: 14)")
     parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--depth", type=int, default=None, help="mlp, cnn1d, cnn2d")
+    parser.add_argument("--depth", type=int, default=None, help="mlp, cnn1d, cnn2d, transformer")
     parser.add_argument("--stages", type=int, default=None, help="resnet")
     parser.add_argument("--members", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=128)

@@ -1002,7 +1002,7 @@ def plot_grokking(
     _print_frame(grokking_signature(table), format)
     operations = s.sql("SELECT DISTINCT json_extract_string(config, '$.dataset.operation') AS op "
                        "FROM runs WHERE zoo = ?", [zoo])["op"].drop_nulls().to_list()
-    names = {"add": "addition", "sub": "subtraction", "mul": "multiplication"}
+    names = {"add": "addition", "sub": "subtraction", "mul": "multiplication", "div": "division"}
     title = (f"grokking: modular {', '.join(names.get(o, o) for o in operations) or 'arithmetic'}"
              f" ({zoo})")
     _save(grokking_figure(table, title), out_path)

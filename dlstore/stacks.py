@@ -41,9 +41,9 @@ def pad_stack(tensors: list[torch.Tensor], axes: tuple[int, ...] = ()
 
 def stack_labels(labels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Members' label vectors of different lengths as one [P, N_max] stack (zero-padded) and
-    their lengths [P]."""
+    their lengths [P]; per-position targets [n, T] of sequence tasks stack to [P, N_max, T]."""
     n = torch.tensor([y.shape[0] for y in labels])
-    out = torch.zeros((len(labels), int(n.max())), dtype=torch.long)
+    out = torch.zeros((len(labels), int(n.max()), *labels[0].shape[1:]), dtype=torch.long)
     for i, y in enumerate(labels):
         out[i, :y.shape[0]] = y
     return out, n

@@ -185,7 +185,7 @@ def simplicity_signature(table: pl.DataFrame, chance: float, tracking: float = 0
 # recipe -> (datasets it is about (None: any), fewest distinct values of a grid axis)
 RECIPE_NEEDS = {
     "double-descent": (None, ("width", 3)),
-    "grokking": (("modular",), ("weight_decay", 1)),
+    "grokking": (("modular", "arithmetic"), ("weight_decay", 1)),
     "neural-collapse": (None, None),
     "simplicity-bias": (None, None),
 }

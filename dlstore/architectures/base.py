@@ -73,6 +73,21 @@ class Architecture(BaseModel):
     # - the built module's method that gives the penultimate features [N, d] (neural collapse,
     #   CKA); None = undeclared
     features_method: ClassVar[str | None] = None
+    # - reads token ids [T] and predicts a token at every position (logits [N, V, T]): it trains
+    #   on sequence tasks (per-position targets) and nothing else, every other network on
+    #   classification data (one label per example)
+    predicts_tokens: ClassVar[bool] = False
+
+    def check_targets(self, per_position: bool, dataset: str) -> None:
+        """Refuse, in one line, data whose targets this network does not predict."""
+        if self.predicts_tokens and not per_position:
+            raise SpecError(f"model: {self.arch} predicts a token at every position; dataset "
+                            f"{dataset} gives one class per example; use a sequence dataset "
+                            "(arithmetic, sparse_parity, markov, text)")
+        if per_position and not self.predicts_tokens:
+            raise SpecError(f"model: {self.arch} predicts one class per example; dataset "
+                            f"{dataset} is a sequence task with a target at every position; "
+                            "use arch = \"transformer\"")
 
     def build(self, input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
         raise NotImplementedError

@@ -40,6 +40,7 @@ def plan_cohorts(runs: list[RunConfig], cohort_size: int | str = "auto", device:
     groups: dict[str, list[tuple[RunConfig, DatasetTensors]]] = {}
     for run in runs:
         data = run_data(run.dataset, run.seed)
+        run.model.check_targets(data.y_train.dim() == 2, run.dataset.name)
         n_train = data.x_train.shape[0]
         if run.train.batch_size > n_train:
             raise SpecError(f"train.batch_size: {run.train.batch_size} is larger than the "
@@ -89,7 +90,7 @@ def cohort_plan(runs: list[RunConfig], datas: list[DatasetTensors],
         x_train=datas[largest].x_train, x_test=data.x_test, y_test=data.y_test,
         members=[_member(r, d) for r, d in zip(runs, datas)],
         metrics=metrics if metrics is not None else MetricsOptions(),
-        start_step=first.start_step,
+        start_step=first.start_step, entropy_rate=data.entropy_rate,
     )
 
 

@@ -37,6 +37,9 @@ class DatasetTensors:
     x_test: torch.Tensor  # float32 [N_test, *input_shape]
     y_test: torch.Tensor  # int64 [N_test]
     n_classes: int
+    # nats per token of the source that generated a sequence task, where it is known exactly
+    # (`markov`): the best loss any model can reach, held against fitted irreducible losses
+    entropy_rate: float | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -230,7 +233,8 @@ def _run_data(cls: type[Dataset], options_json: str, noise_seed: int | None,
     y = full.y_train[:n]
     if noise_seed is not None:
         y = apply_label_noise(y, full.n_classes, options.label_noise, noise_seed)
-    return DatasetTensors(full.x_train[:n], y, full.x_test, full.y_test, full.n_classes)
+    return DatasetTensors(full.x_train[:n], y, full.x_test, full.y_test, full.n_classes,
+                          full.entropy_rate)
 
 
 @functools.lru_cache(maxsize=16)

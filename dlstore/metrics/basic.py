@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 Params = dict[str, torch.Tensor]
+IGNORE = -100  # a target position of a sequence task that no loss counts
 
 
 def loss_and_accuracy(forward: Callable[[Params, torch.Tensor], torch.Tensor], params: Params,
@@ -21,27 +22,33 @@ def loss_and_accuracy(forward: Callable[[Params, torch.Tensor], torch.Tensor], p
     `forward(params, x)` maps stacked params [P, ...] and shared inputs [N, ...] to logits
     [P, N, C]. `y` is [N] (shared labels) or [P, N] (per-member labels, e.g. label noise);
     `n_valid` [P] restricts member i to the first n_valid[i] examples (its training subset).
-    Examples are processed in chunks to bound activation memory.
+    Sequence tasks: logits [P, N, V, T] and per-position targets [N, T] or [P, N, T], where
+    positions holding IGNORE (-100) are no targets; loss and accuracy are then means over the
+    marked tokens. Examples are processed in chunks to bound activation memory.
     """
     n_members = next(iter(params.values())).shape[0]
     n = x.shape[0]
     loss_sum = torch.zeros(n_members, dtype=torch.float64, device=x.device)
     correct = torch.zeros(n_members, dtype=torch.float64, device=x.device)
+    count = torch.zeros(n_members, dtype=torch.float64, device=x.device)
     for start in range(0, n, chunk):
         xs = x[start:start + chunk]
-        logits = forward(params, xs)  # [P, n, C]
-        ys = (y[start:start + chunk] if y.dim() == 1 else y[:, start:start + chunk])
-        ys = ys.expand(n_members, -1)
-        losses = F.cross_entropy(logits.transpose(1, 2), ys, reduction="none")
-        hits = (logits.argmax(-1) == ys).to(torch.float64)
+        logits = forward(params, xs)  # [P, n, C] or [P, n, V, T]
+        per_member = y.dim() == logits.dim() - 1  # [P, N] or [P, N, T]
+        ys = y[:, start:start + chunk] if per_member else y[start:start + chunk]
+        ys = ys.expand(n_members, *ys.shape[-(logits.dim() - 2):])  # [P, n] or [P, n, T]
+        # the class axis second, as cross_entropy takes it
+        losses = F.cross_entropy(logits.movedim(2, 1), ys, reduction="none")
+        marked = ys != IGNORE
+        hits = (logits.argmax(2) == ys) & marked
         if n_valid is not None:
-            keep = (torch.arange(start, start + xs.shape[0], device=x.device)[None, :]
-                    < n_valid[:, None])
-            losses = torch.where(keep, losses, 0.0)
-            hits = hits * keep
-        loss_sum += losses.sum(1, dtype=torch.float64)
-        correct += hits.sum(1)
-    count = n_valid.to(torch.float64) if n_valid is not None else torch.full_like(loss_sum, n)
+            rows = (torch.arange(start, start + xs.shape[0], device=x.device)[None, :]
+                    < n_valid[:, None])  # [P, n]
+            marked = marked & rows.view(*rows.shape, *([1] * (ys.dim() - 2)))
+            hits = hits & marked
+        loss_sum += torch.where(marked, losses, 0.0).flatten(1).sum(1, dtype=torch.float64)
+        correct += hits.flatten(1).sum(1, dtype=torch.float64)
+        count += marked.flatten(1).sum(1, dtype=torch.float64)
     return loss_sum / count, correct / count
 
 

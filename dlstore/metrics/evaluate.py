@@ -19,7 +19,8 @@ from dlstore.stacks import Params, member_slices
 class CheckpointEvaluator:
     """The metrics of a checkpoint snapshot, for the families the spec selects at its step
     (`steps`: family -> steps; "basic" = losses and accuracies on the full splits, each member
-    on its own training subset and labels, weight norm and distance from init).
+    on its own training subset and labels, weight norm and distance from init; for sequence
+    tasks per marked token, with the tokens seen and the excess over a known entropy rate).
 
     Per-tensor metrics are computed per shape group (members of identical true shapes), on each
     member's true slice of the padded stack, so that padding never counts. Buffers (the
@@ -41,6 +42,8 @@ class CheckpointEvaluator:
     options: MetricsOptions
     steps: dict[str, set[int]]
     member_chunk: int = 256  # members per Hessian / collapse computation (bounds memory)
+    batch_size: int | None = None  # examples a training step sees (tokens seen), if known
+    entropy_rate: float | None = None  # nats per token of a sequence task's source, if known
     _cache: dict = field(default_factory=dict, repr=False)
 
     def __call__(self, params: Params, step: int) -> dict[MetricKey, torch.Tensor]:
@@ -48,7 +51,7 @@ class CheckpointEvaluator:
         selected = [f for name, f in self.options.families if step in self.steps.get(name, ())]
         with torch.no_grad():
             if step in self.steps.get("basic", ()):
-                metrics.update(self._basic(params))
+                metrics.update(self._basic(params, step))
             for family in selected:
                 if not family.needs_grad:
                     metrics.update(family.compute(self, params, step))
@@ -57,7 +60,7 @@ class CheckpointEvaluator:
                 metrics.update(family.compute(self, params, step))
         return {k: v.cpu() for k, v in metrics.items()}
 
-    def _basic(self, params: Params) -> dict[MetricKey, torch.Tensor]:
+    def _basic(self, params: Params, step: int) -> dict[MetricKey, torch.Tensor]:
         forward = self.kernel.forward_shared
         train_loss, train_acc = loss_and_accuracy(forward, params, self.x_train, self.y_train,
                                                   n_valid=self.n_train, chunk=self.chunk)
@@ -66,7 +69,21 @@ class CheckpointEvaluator:
         return {"train_loss": train_loss, "train_acc": train_acc,
                 "test_loss": test_loss, "test_acc": test_acc,
                 "weight_norm": weight_norm(self.weights(params)),
-                "dist_from_init": dist_from_init(self.weights(params), self.init)}
+                "dist_from_init": dist_from_init(self.weights(params), self.init),
+                **self._sequence(train_loss, test_loss, step)}
+
+    def _sequence(self, train_loss: torch.Tensor, test_loss: torch.Tensor, step: int
+                  ) -> dict[MetricKey, torch.Tensor]:
+        """Of a sequence task: the tokens a member has trained on (inputs, `tokens_seen`) and,
+        where the source's entropy rate is known, each loss's excess over it."""
+        out: dict[MetricKey, torch.Tensor] = {}
+        if self.y_train.dim() == 3 and self.batch_size is not None:
+            tokens = float(step * self.batch_size * self.x_train.shape[1])
+            out["tokens_seen"] = torch.full_like(train_loss, tokens)
+        if self.entropy_rate is not None:
+            out["train_excess_loss"] = train_loss - self.entropy_rate
+            out["test_excess_loss"] = test_loss - self.entropy_rate
+        return out
 
     def weights(self, params: Params) -> Params:
         """The trainable tensors of `params`, without the kernel's buffers."""

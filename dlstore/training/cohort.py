@@ -75,6 +75,14 @@ def shape_groups(members: list[MemberPlan]) -> list[list[int]]:
 
 
 
+def batch_labels(y_train: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Each member's labels at its batch indices idx [P, B]: [P, B] from [P, N], or the
+    per-position targets [P, B, T] of a sequence task from [P, N, T]."""
+    if y_train.dim() == 2:
+        return y_train.gather(1, idx)
+    return y_train.gather(1, idx.unsqueeze(-1).expand(-1, -1, y_train.shape[2]))
+
+
 def _write_buffers(params: Params, updated: Params, alive: torch.Tensor, masks: Params) -> None:
     """Buffers after a training forward replace the old ones of members still training (a
     frozen member's stay as they were); padding stays zero."""
@@ -154,6 +162,7 @@ class CohortTrainer:
             self.kernel, init, x_train, y_train, n_train, x_test, y_test, self.eval_chunk,
             n_classes=plan.n_classes, shape_groups=groups,
             shapes=[members[g[0]].init for g in groups], masks=masks, options=plan.metrics,
+            batch_size=plan.batch_size, entropy_rate=plan.entropy_rate,
             steps={"basic": checkpoints,
                    **checkpoint_metric_steps(plan.metrics, plan.checkpoint_steps)})
 
@@ -167,12 +176,12 @@ class CohortTrainer:
                 break
             started = time.perf_counter()
             idx = sampler.batch(t)  # [P, B]
+            y = batch_labels(y_train, idx)  # [P, B] (or [P, B, T] per-position targets)
             if buffers:
                 losses, grads, updated = self.kernel.loss_grads_and_buffers(
-                    params, x_train[idx], y_train.gather(1, idx))
+                    params, x_train[idx], y)
             else:
-                losses, grads = self.kernel.loss_and_grads(params, x_train[idx],
-                                                           y_train.gather(1, idx))
+                losses, grads = self.kernel.loss_and_grads(params, x_train[idx], y)
             finite = torch.isfinite(losses)
             if not bool(finite.all()):
                 self.diverged_step[(alive & ~finite).cpu()] = t

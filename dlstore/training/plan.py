@@ -55,3 +55,4 @@ class CohortPlan:
     members: list[MemberPlan] = field(default_factory=list)
     start_step: int = 0  # rewound tickets resume the schedule and data order here
     metrics: MetricsOptions = field(default_factory=MetricsOptions)
+    entropy_rate: float | None = None  # of a sequence task's source, where known (excess loss)
