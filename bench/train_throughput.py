@@ -126,7 +126,8 @@ def spec_for(args, members: int) -> ZooSpec:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="mlp", choices=list(DEFAULTS))
-    parser.add_argument("--dataset", default=None, help="mnist1d, mnist or markov (default: by arch)")
+    parser.add_argument("--dataset", default=None,
+                        help="mnist1d, mnist or markov (default: by arch)")
     parser.add_argument("--resize", type=int, default=None,
                         help="side of mnist's images (zoo/small-cnn-zoo.toml: 14)")
     parser.add_argument("--width", type=int, default=None)
