@@ -175,3 +175,35 @@ def test_a_killed_build_on_s3_resumes(s3, tmp_path):
     build_zoo(ZooSpec.from_text(text), reference, device="cpu")
     _same_weights(store, reference)
 
+
+
+def test_report_and_serve_read_a_store_on_s3(s3, s3_store, tmp_path):
+    """`dlstore report` and `dlstore serve` over object storage: the page holds the zoo's runs,
+    the SQL box answers and refuses as `dlstore sql` does."""
+    import json
+    import threading
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from dlstore.report.server import ReportServer
+
+    out = tmp_path / "report.html"
+    result = _cli("report", "--store", s3_store.root, "--out", str(out), *s3.cli_options())
+    assert result.returncode == 0, result.stderr
+    page = out.read_text()
+    assert all(run_id in page for run_id in s3_store.runs()["run_id"])
+
+    server = ReportServer(dlstore.open(s3_store.root, storage_options=s3.options), port=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        ask = server.url + "api/sql?" + urllib.parse.urlencode(
+            {"q": "SELECT count(*) AS n FROM runs"})
+        answer = json.loads(urllib.request.urlopen(ask, timeout=60).read())
+        assert (answer["columns"], answer["rows"]) == (["n"], [[8]])
+        refused = server.url + "api/sql?" + urllib.parse.urlencode({"q": "CREATE TABLE t (x INT)"})
+        assert "refused" in urllib.request.urlopen(refused, timeout=60).read().decode()
+    finally:
+        server.shutdown()
+        server.server_close()
