@@ -39,7 +39,7 @@ lint: setup
 	$(BIN)/lint-imports --no-cache
 
 # two workers: most tests wait on subprocesses and disks, so two cores run them in 3/4 the time
-test: lint
+test: browser lint
 	$(BIN)/python -m pytest -q -n 2
 
 test-slow: setup
