@@ -525,8 +525,9 @@ def import_command(
 
     mapping = _key_values(map_, "--map ", " (COLUMN=CSV_COLUMN)")
     s = _open_existing(store, storage_option)
+    # a bad source is refused before a store is made, and before the progress bar starts
+    check_source(format, path, mapping)
     if s is None:
-        check_source(format, path, mapping)  # a bad source is refused before a store is made
         s = _open(store, storage_option, create=True)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(),
                TextColumn("{task.completed}/{task.total} runs"), TimeElapsedColumn(),

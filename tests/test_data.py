@@ -37,6 +37,8 @@ DATA_SEED = {"mnist1d": "data_seed", "digits": "split_seed", "modular": "split_s
              "teacher_student": "data_seed", "gaussian_mixture": "data_seed"}
 # real images: tests/test_image_data.py writes the files they read (mnist takes seconds)
 IMAGE_DATASETS = {"mnist", "idx", "cifar", "svhn", "image_folder"}
+# token sequences for the transformer: tests/test_sequences.py
+SEQUENCE_DATASETS = {"arithmetic", "sparse_parity", "markov", "text"}
 
 
 def opts(name: str, **raw) -> Dataset:
@@ -44,8 +46,9 @@ def opts(name: str, **raw) -> Dataset:
 
 
 def test_every_registered_dataset_is_covered():
-    assert IMAGE_DATASETS <= set(DATASETS)
-    assert set(DATASETS) - IMAGE_DATASETS == set(SHAPES) == set(SMALL) == set(DATA_SEED)
+    assert IMAGE_DATASETS | SEQUENCE_DATASETS <= set(DATASETS)
+    assert (set(DATASETS) - IMAGE_DATASETS - SEQUENCE_DATASETS == set(SHAPES) == set(SMALL)
+            == set(DATA_SEED))
 
 
 @pytest.mark.parametrize("name", sorted(SHAPES))
@@ -213,8 +216,10 @@ def test_noise_applies_to_the_subset_only():
 
 
 @pytest.mark.parametrize(("raw", "fragment"), [
-    ({}, "dataset.name: missing; known datasets: cifar, digits, gaussian_mixture"),
-    ({"name": "imagenet"}, "dataset.name: unknown dataset 'imagenet'; known: cifar, digits"),
+    ({}, "dataset.name: missing; known datasets: arithmetic, cifar, digits, "
+          "gaussian_mixture"),
+    ({"name": "imagenet"}, "dataset.name: unknown dataset 'imagenet'; known: arithmetic, cifar, "
+                          "digits"),
     ({"name": "mnist1d", "n_trian": 5}, "dataset.n_trian: Extra inputs are not permitted"),
     ({"name": "mnist1d", "n_train": "many"}, "dataset.n_train: "),
     ({"name": "mnist1d", "n_train": 0}, "dataset.n_train: "),

@@ -189,8 +189,8 @@ def test_metric_family_errors_name_the_key(metrics, message):
 
 
 def test_unknown_names_list_the_plugin_among_the_known_ones():
-    with pytest.raises(SpecError, match="known: cnn1d, cnn2d, mlp, resmlp, resnet, or an "
-                                        "import path"):
+    with pytest.raises(SpecError, match="known: cnn1d, cnn2d, mlp, resmlp, resnet, transformer, "
+                                        "or an import path"):
         ZooSpec.from_text(spec_with('arch = "vit"'))
     with pytest.raises(SpecError, match="margin"):
         ZooSpec.from_text(spec_with('arch = "mlp"', "colour = true"))

@@ -299,6 +299,10 @@ IMAGE_RUNS = {"cnn2d": ("", "[0.05, 0.2]"),
 def test_every_registered_architecture_matches_reference(arch):
     if arch in IMAGE_RUNS:
         dataset, (model, lrs) = 'name = "digits"', IMAGE_RUNS[arch]
+    elif arch == "transformer":  # next-token prediction on a small Markov source
+        dataset = ('name = "markov"\nvocab = 8\norder = 1\nseq_len = 8\ntrain_tokens = 2048\n'
+                   'test_tokens = 512')
+        model, lrs = "width = 16\nhead_dim = 8\ndepth = 1", "[0.05, 0.2]"
     else:
         dataset, model, lrs = 'name = "gaussian_mixture"\nn_samples = 300', "", "[0.05, 0.2]"
     spec = ZooSpec.from_text(textwrap.dedent(f"""

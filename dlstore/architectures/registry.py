@@ -22,7 +22,8 @@ register_imported_arch = plugins.registrar(IMPORTED_ARCHS, "architecture")
 def parse_arch_options(raw: dict) -> Architecture:
     """Validate a spec's [model] table against its architecture's options, naming bad fields.
     `arch` is a built-in's or an entry point's name, or an import path `package.module:Class`."""
-    if isinstance(raw, dict) and raw.get("arch") in IMPORTED_ARCHS:
+    if isinstance(raw, dict) and isinstance(raw.get("arch"), str) \
+            and raw["arch"] in IMPORTED_ARCHS:
         raise SpecError(f"model.arch: {raw['arch']!r} is the network of imported zoos (dlstore "
                         "import), which load_model rebuilds; a spec cannot train it")
     return plugins.parse_table("architecture", raw, "model", "arch", ARCHS, Architecture)
