@@ -24,7 +24,6 @@ from urllib.parse import parse_qs, urlsplit
 from dlstore.errors import DlstoreError, NotFoundError, UsageError
 from dlstore.report.page import error_page, render, report_data
 from dlstore.report.queries import plain
-from dlstore.schemas import TABLES
 from dlstore.store.store import Store
 
 SQL_ROWS = 1000  # rows of a SQL answer sent to the page (the count says how many there were)
@@ -68,7 +67,7 @@ class ReportServer(ThreadingHTTPServer):
     def version(self) -> str:
         """The tables' Delta versions: changes with every commit to the store."""
         with self.lock:
-            return ".".join(str(self.store.tables.snapshot(name)[0]) for name in sorted(TABLES))
+            return self.store.version()
 
     def page(self, zoos: list[str]) -> str:
         version = self.version()

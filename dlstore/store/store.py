@@ -31,6 +31,7 @@ from dlstore.errors import (
     StoreError,
     UsageError,
 )
+from dlstore.schemas import TABLES
 from dlstore.store.blobs import BlobStore, MappedShard, as_torch
 from dlstore.store.catalog import Catalog
 from dlstore.store.location import open_location
@@ -142,6 +143,11 @@ class Store:
             return relation.pl()
         except duckdb.Error as e:
             raise QueryError(one_line(e)) from None
+
+    def version(self) -> str:
+        """The tables' Delta versions as one text, which changes with every commit to the
+        store (a live page polls it to know when to refresh)."""
+        return ".".join(str(self.tables.snapshot(name)[0]) for name in sorted(TABLES))
 
     def close(self) -> None:
         """Append what tracked runs have buffered, and close the DuckDB connection."""
@@ -625,7 +631,6 @@ def _callers_frames(query: str, frame) -> dict:
     names: what DuckDB's replacement scan would find if the caller ran the query itself."""
     import re
 
-    from dlstore.schemas import TABLES
     from dlstore.store.catalog import VIEWS
 
     if frame is None:
