@@ -174,6 +174,18 @@ TABLES: dict[str, pa.Schema] = {
     "run_updates": RUN_UPDATES,
 }
 
+# The order rows are written in, per table, within each file: a query that filters on the
+# leading columns skips the row groups whose statistics rule them out (DuckDB reads min/max per
+# row group). Nearly every metrics query names a metric, and `final` joins on each run's last
+# step, so metric rows go by metric, then step; a flush of 100,000 tracked rows then leaves
+# most row groups holding one metric.
+CLUSTER_BY: dict[str, tuple[str, ...]] = {
+    "metrics": ("metric", "step", "run_id"),
+}
+# rows per Parquet row group: small enough that a file of one flush holds several, so the
+# statistics above can rule some out
+ROW_GROUP_ROWS = 16_384
+
 # Run columns that describe what was trained: joined onto metric rows by the `final` and
 # `curves` views so that a query can group by them directly.
 HYPERPARAMETER_COLUMNS = (

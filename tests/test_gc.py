@@ -171,3 +171,30 @@ def test_rm_is_refused_while_a_build_of_the_zoo_runs(built_store, tmp_path):
             store.remove_runs([run])
     with BuildLease(store.location, "another-zoo"):
         assert store.remove_runs([run]) == 1
+
+
+def test_gc_removes_table_files_no_log_entry_added_once_they_are_old(tmp_path):
+    """A compaction that lost a race (or an append that died before its commit) leaves a data
+    file that no log entry names: gc removes it once it is ORPHAN_SECONDS old, never sooner,
+    even at --older-than 0 (an append in flight has such a file for a few seconds)."""
+    from dlstore.store.tables import ORPHAN_SECONDS
+
+    root = tmp_path / "s"
+    store = Store(root, create=True)
+    run_rows = {"run_id": ["r"], "step": [0], "metric": ["m"], "tensor": [None],
+                "value": [1.0], "commit_id": ["c"]}
+    StoreWriter(store).append_rows("metrics", run_rows)
+    (live,) = store.tables.snapshot("metrics")[1]
+    folder = Path(live).parent
+    old, fresh = folder / "part-orphan-old.parquet", folder / "part-orphan-new.parquet"
+    shutil.copy(live, old)
+    shutil.copy(live, fresh)
+    long_ago = time.time() - ORPHAN_SECONDS - 60
+    os.utime(old, (long_ago, long_ago))
+    os.utime(live, (long_ago, long_ago))  # the live file is old too, and stays
+    assert gc(Store(root), older_than_hours=0, dry_run=True).table_files == 1
+    assert gc(Store(root), older_than_hours=0).table_files == 1
+    assert not old.exists() and fresh.exists() and Path(live).exists()
+    assert verify(Store(root)).ok
+    assert Store(root).sql("SELECT count(*) AS n FROM metrics")["n"][0] == 0  # no runs row
+    assert Store(root).sql("SELECT count(*) AS n FROM _metrics")["n"][0] == 1

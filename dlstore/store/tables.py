@@ -17,13 +17,14 @@ import json
 import random
 import re
 import time
+import uuid
 
 import pyarrow as pa
-from deltalake import CommitProperties, DeltaTable, Schema, write_deltalake
+from deltalake import CommitProperties, DeltaTable, Schema, WriterProperties, write_deltalake
 from deltalake.exceptions import DeltaError
 
 from dlstore.errors import StoreError
-from dlstore.schemas import TABLES
+from dlstore.schemas import CLUSTER_BY, ROW_GROUP_ROWS, TABLES
 from dlstore.store.deltalog import LogReplay, UnsupportedTable
 from dlstore.store.location import Location
 
@@ -34,6 +35,17 @@ _CHECKPOINT = re.compile(r"^(\d{20})\.checkpoint(\.\d+\.\d+)?\.parquet$")
 # older table
 HEADS = "heads"
 APPEND_ATTEMPTS = 5  # rounds of deltalake's own commit retries
+# Every COMPACT_EVERY-th version of a table, the writer that committed it merges the table's
+# small files (see `append`); files grow to COMPACT_TARGET_BYTES at most, which bounds how often
+# a merged file is written again
+COMPACT_EVERY = 10
+COMPACT_TARGET_BYTES = 32 * 2**20
+# a data file no log entry names (a compaction that lost a race, an append that died before
+# its commit) is removed by `gc` only once it is this old: an append in flight is seconds old
+ORPHAN_SECONDS = 3600.0
+_MARKER = "dlstore_append"  # commitInfo key: which commit is this writer's
+# deltalake's own default codec, which naming any property would otherwise turn off
+_WRITER = WriterProperties(max_row_group_size=ROW_GROUP_ROWS, compression="SNAPPY")
 
 
 class Tables:
@@ -86,24 +98,37 @@ class Tables:
         self._current.add(name)
 
     def append(self, name: str, rows: list[dict] | dict[str, list]) -> None:
-        """Append rows (a list of dicts, or a dict of equal-length columns) in one commit."""
+        """Append rows (a list of dicts, or a dict of equal-length columns) in one commit, in
+        the table's `CLUSTER_BY` order, in row groups of `ROW_GROUP_ROWS`.
+
+        Compaction comes with appending: the writer whose commit is a multiple of
+        COMPACT_EVERY versions merges the table's small files, so that a tracker flushing every
+        few seconds for days, or a build of thousands of cohorts, leaves a bounded number of
+        files for readers to open (a query's cost grows with files more than with rows). Every
+        version has one committer, so concurrent writers elect one compactor without talking;
+        a compaction that still overlaps an earlier one loses Delta's conflict check, commits
+        nothing, and its files wait for `gc` (ORPHAN_SECONDS)."""
         if isinstance(rows, dict):
             table = pa.Table.from_pydict(rows, schema=TABLES[name])
         else:
             table = pa.Table.from_pylist(rows, schema=TABLES[name])
         if table.num_rows == 0:
             return
+        if name in CLUSTER_BY:
+            table = table.sort_by([(column, "ascending") for column in CLUSTER_BY[name]])
         self._ensure_schema(name)
         self.check_log(name)
         self.location.check_space(table.nbytes, f"appending to table {name!r}")
+        marker = uuid.uuid4().hex
         for attempt in range(APPEND_ATTEMPTS):
             try:
                 # appends never conflict with each other: deltalake retries a commit whose
                 # version another writer took; many writers at once (a job array of tracked
                 # runs) can use up its retries, so a few more rounds start after a random pause
                 write_deltalake(self.path(name), table, mode="append",
-                                storage_options=self.options,
-                                commit_properties=CommitProperties(max_commit_retries=100))
+                                storage_options=self.options, writer_properties=_WRITER,
+                                commit_properties=CommitProperties(
+                                    max_commit_retries=100, custom_metadata={_MARKER: marker}))
                 break
             except (DeltaError, OSError) as e:
                 if attempt + 1 < APPEND_ATTEMPTS and "Failed to commit transaction" in str(e):
@@ -111,6 +136,18 @@ class Tables:
                     continue
                 raise StoreError(f"cannot append to table {name!r} at {self.path(name)}: "
                                  f"{_first_line(e)}") from None
+        version = self._raise_head(name, marker)
+        if version is not None and version > 0 and version % COMPACT_EVERY == 0:
+            self._merge_small_files(name)
+
+    def _merge_small_files(self, name: str) -> None:
+        """The elected compaction after an append: an optimization, so a failure (a race lost,
+        a full disk) leaves the table as it was and the append's success stands."""
+        try:
+            self._open(name).optimize.compact(target_size=COMPACT_TARGET_BYTES,
+                                              writer_properties=_WRITER)
+        except (DeltaError, OSError):
+            return
         self._raise_head(name)
 
     # -- the log: damage found before deltalake reads it ----------------------------------
@@ -136,9 +173,11 @@ class Tables:
         except (FileNotFoundError, OSError, ValueError, KeyError, TypeError):
             return -1
 
-    def _raise_head(self, name: str) -> None:
+    def _raise_head(self, name: str, marker: str | None = None) -> int | None:
         """Record the newest committed version as the table's mark (never lowered by this
-        writer; a concurrent writer may leave a lower one, which only weakens the check)."""
+        writer; a concurrent writer may leave a lower one, which only weakens the check).
+        Returns the version of the commit whose commitInfo carries `marker` (the newest few
+        entries are looked at; None when not found there)."""
         commits, _ = self._log_entries(name)
         if commits and max(commits) > self._head(name):
             try:
@@ -146,14 +185,33 @@ class Tables:
                                            json.dumps({"version": max(commits)}).encode())
             except OSError:
                 pass  # the mark is a check, not data: a failed write loses nothing
+        if marker is None:
+            return None
+        for version in sorted(commits, reverse=True)[:64]:
+            try:
+                data = self.location.read_bytes(commits[version].key)
+            except FileNotFoundError:
+                continue
+            for line in data.splitlines():
+                if line.startswith(b'{"commitInfo"'):
+                    info = json.loads(line)["commitInfo"]
+                    if isinstance(info, dict) and info.get(_MARKER) == marker:
+                        return version
+        return None
 
-    def log_problems(self, name: str, every_entry: bool = False) -> list[str]:
+    def _listing(self, name: str) -> tuple[int, dict[int, object], dict[int, list[str]]]:
+        """(the table's mark, its commits, its checkpoints): the mark read before the listing,
+        so that the listing holds at least the version the mark names."""
+        head = self._head(name)
+        return (head, *self._log_entries(name))
+
+    def log_problems(self, name: str, every_entry: bool = False, listing=None) -> list[str]:
         """What is wrong with the table's log, in words: a missing entry (the log must run
         without gaps from 0, or from its newest checkpoint, to its last entry), an entry that
         is empty or not JSON (every entry with `every_entry`, else the newest only), or a last
-        entry older than the version the table's mark says was committed. [] when sound."""
-        head = self._head(name)  # read before listing: the listing then holds at least it
-        commits, checkpoints = self._log_entries(name)
+        entry older than the version the table's mark says was committed. [] when sound.
+        `listing`: `_listing(name)` when the caller has read it already."""
+        head, commits, checkpoints = listing or self._listing(name)
         if not commits and not checkpoints:
             return [f"its log holds no entries, but version {head} was committed"] if head >= 0 \
                 else []
@@ -198,10 +256,10 @@ class Tables:
                 return f"log entry {version} has a line that is no Delta action (line {number})"
         return None
 
-    def check_log(self, name: str) -> None:
+    def check_log(self, name: str, listing=None) -> None:
         """StoreError naming the damage, before deltalake sees a damaged log (it would print
         Rust panics and debug dumps, or read fewer rows)."""
-        problems = self.log_problems(name)
+        problems = self.log_problems(name, listing=listing)
         if problems:
             raise StoreError(f"table {name!r} is damaged: {problems[0]}; run `dlstore verify` "
                              "for the whole report")
@@ -213,17 +271,20 @@ class Tables:
         size = sum(f.size for f in self.location.list(f"{self.prefix}/{name}"))
         self.location.check_space(size, f"compacting table {name!r}")
         try:
-            result = self._open(name).optimize.compact()
+            result = self._open(name).optimize.compact(target_size=COMPACT_TARGET_BYTES,
+                                                       writer_properties=_WRITER)
         except (DeltaError, OSError) as e:
             raise StoreError(f"cannot compact table {name!r} at {self.path(name)}: "
                              f"{_first_line(e)}") from None
         self._raise_head(name)
         return result
 
-    def stale_files(self, name: str, cutoff: float) -> list[str]:
+    def stale_files(self, name: str, cutoff: float, now: float | None = None) -> list[str]:
         """Data files of the table that no snapshot since `cutoff` (seconds since the epoch)
-        needs: removed from the table (by a compaction) before `cutoff`, and still present.
-        Files the log never added (an append in flight) are never among them."""
+        needs: removed from the table (by a compaction) before `cutoff`, and still present;
+        and files no log entry ever added (a compaction that lost a race, an append that died
+        before its commit) written before `cutoff` and at least ORPHAN_SECONDS ago, so that an
+        append in flight, whose file is not in the log yet, is never among them."""
         self.check_log(name)
         try:
             tombstoned = self._open(name).vacuum(retention_hours=0, dry_run=True,
@@ -231,20 +292,28 @@ class Tables:
         except (DeltaError, OSError) as e:
             raise StoreError(f"cannot list old files of table {name!r}: {_first_line(e)}"
                              ) from None
-        removed_at = self._removal_times(name)
-        present = {info.key.rsplit("/", 1)[-1] for info in
-                   self.location.list(f"{self.prefix}/{name}")}
+        removed_at, added = self._removal_times(name)
+        live = set(self._replay(name).files)
+        present = {info.key.rsplit("/", 1)[-1]: info
+                   for info in self.location.list(f"{self.prefix}/{name}")
+                   if info.key.count("/") == self.prefix.count("/") + 2}  # not in _delta_log/
+        orphan_before = min(cutoff, (time.time() if now is None else now) - ORPHAN_SECONDS)
         # a tombstone whose log entry was cleaned up is older than the log's retention
-        return sorted(path for path in tombstoned if path in present
-                      and removed_at.get(path, 0.0) < cutoff)
+        stale = {path for path in tombstoned if path in present
+                 and removed_at.get(path, 0.0) < cutoff}
+        stale |= {path for path, info in present.items() if path.endswith(".parquet")
+                  and path not in live and path not in added and path not in tombstoned
+                  and info.mtime < orphan_before}
+        return sorted(stale)
 
     def remove_file(self, name: str, path: str) -> None:
         self.location.remove(f"{self.prefix}/{name}/{path}")
 
-    def _removal_times(self, name: str) -> dict[str, float]:
-        """Data file -> when a commit removed it from the table (seconds), from the log."""
+    def _removal_times(self, name: str) -> tuple[dict[str, float], set[str]]:
+        """(data file -> when a commit removed it from the table (seconds), every data file a
+        log entry still present added), from the log."""
         commits, _ = self._log_entries(name)
-        out = {}
+        removed, added = {}, set()
         for version in sorted(commits):
             try:
                 data = self.location.read_bytes(commits[version].key)
@@ -252,10 +321,14 @@ class Tables:
                 continue
             for line in data.splitlines():
                 action = json.loads(line) if line.strip() else {}
-                removed = action.get("remove") if isinstance(action, dict) else None
-                if isinstance(removed, dict) and "path" in removed:
-                    out[removed["path"]] = float(removed.get("deletionTimestamp", 0)) / 1000
-        return out
+                if not isinstance(action, dict):
+                    continue
+                if isinstance(action.get("remove"), dict) and "path" in action["remove"]:
+                    removed[action["remove"]["path"]] = float(
+                        action["remove"].get("deletionTimestamp", 0)) / 1000
+                if isinstance(action.get("add"), dict) and "path" in action["add"]:
+                    added.add(action["add"]["path"])
+        return removed, added
 
     def snapshot(self, name: str) -> tuple[int, list[str]]:
         """(version, Parquet file URIs) of the table's current snapshot, replayed from its log
@@ -267,10 +340,11 @@ class Tables:
         return replay.version, [f"{base}/{path}" for path in replay.files]
 
     def _replay(self, name: str) -> LogReplay:
-        self.check_log(name)
         replay = self._replays.setdefault(name, LogReplay())
         for _ in range(3):
-            commits, checkpoints = self._log_entries(name)
+            listing = self._listing(name)  # one listing for the check and the replay
+            self.check_log(name, listing)
+            _, commits, checkpoints = listing
             if not commits and not checkpoints:
                 if self.location.list(f"{self.prefix}/{name}"):
                     raise StoreError(f"table {name!r} is missing from the store "
