@@ -189,6 +189,12 @@ class TransformerOptions(Architecture):
     def classifier_layer(self) -> str:
         return "head"
 
+    def cohort_kernel(self, input_shape: tuple[int, ...], n_classes: int):
+        # the stacked forward, autograd through it: faster than vmap (transformer_kernel.py)
+        from dlstore.architectures.transformer_kernel import TransformerKernel
+
+        return TransformerKernel(self, input_shape, n_classes)
+
     def padded_axes(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
         # embeddings [V, d] and [T, d] and the head [V, d] pad on their d axis; every weight
         # inside a block on both axes; norms and biases on theirs; scalars (width, dropout
