@@ -9,9 +9,12 @@ forward is written for stacked parameters directly:
   [P, d_out, d_in] (the query, key and value projections concatenated into one);
 - the token embedding one `F.embedding` lookup into the members' tables laid end to end
   [P*V, d] (each member's token ids offset by its index times V);
-- attention over [P*N, heads, T, head_dim] (a wider member's padded heads come last, as in the
-  module), `F.scaled_dot_product_attention` with its causal mask where no dropout applies, the
-  module's explicit softmax where it does (the attention probabilities are dropped);
+- attention as batched matmuls over [P*N*heads, T, head_dim] (a wider member's padded heads
+  come last, as in the module): scores by one `baddbmm` onto the additive causal mask, softmax,
+  the module's dropout of the probabilities, one `bmm` with the values. Measured on the 2-core
+  CPU against `F.scaled_dot_product_attention(..., is_causal=True)` (one thread, T = 32, heads
+  of 16): the same speed at width 64, the explicit form ~5% faster at width 16, and it drops
+  the probabilities, which SDPA cannot (it takes no mask on them);
 - the masked LayerNorm over each member's true width (the `width` buffer, [P]), GELU, the head;
 - the loss: each member's mean cross-entropy over its marked positions (targets -100 ignored),
   as `F.cross_entropy` gives it per member.
@@ -90,17 +93,14 @@ class TransformerKernel:
         q_bias, v_bias = params[f"{block}.q.bias"], params[f"{block}.v.bias"]
         bias = torch.cat([q_bias, torch.zeros_like(q_bias), v_bias], 1)  # no key bias
         qkv = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))  # [P, N*T, 3d]
-        # -> 3 x [P*N, heads, T, head_dim]; a wider member's padded heads come last
-        q, k, v = (qkv.view(members * batch, t, 3, heads, self.head_dim)
-                   .permute(2, 0, 3, 1, 4).unbind(0))
-        if key is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            att = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # [P*N, heads, T, T]
-            causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
-            att = att.masked_fill(~causal, float("-inf")).softmax(-1)
-            att = self._dropout(att.view(members, batch, heads, t, t), key, site)
-            y = att.view(members * batch, heads, t, t) @ v
+        # -> 3 x [P*N*heads, T, head_dim]; a wider member's padded heads come last
+        q, k, v = (qkv.view(members * batch, t, 3, heads, self.head_dim).permute(2, 0, 3, 1, 4)
+                   .reshape(3, -1, t, self.head_dim).unbind(0))
+        causal = torch.full((t, t), float("-inf"), dtype=x.dtype, device=x.device).triu(1)
+        att = torch.baddbmm(causal, q, k.transpose(1, 2), alpha=1 / math.sqrt(self.head_dim)
+                            ).softmax(-1)  # [P*N*heads, T, T]
+        att = self._dropout(att.view(members, batch, heads, t, t), key, site)
+        y = torch.bmm(att.view(-1, t, t), v).view(members * batch, heads, t, self.head_dim)
         y = y.transpose(1, 2).reshape(members, batch * t, d)  # [P, N*T, d]
         out = self._linear(params, f"{block}.proj", y)
         return self._dropout(out.view(members, batch, t, d), key, site + 1).view_as(out)
