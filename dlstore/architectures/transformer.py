@@ -26,6 +26,9 @@ from the init seed after every weight), a count of training forwards, the dropou
 index along every axis, so a member's noise is the same in any cohort as alone (vmap's own
 randomness would couple members), and padded units and heads, which come last on their axes,
 leave the true ones' masks as they are.
+
+A cohort trains on `TransformerKernel` (`dlstore.architectures.transformer_kernel`): this
+forward stacked over the member axis, the same masks drawn from the stacked seeds and counters.
 """
 
 from __future__ import annotations
