@@ -9,7 +9,7 @@
     python bench/train_throughput.py --arch resnet --stages 2 --members 32
     python bench/train_throughput.py --device cuda --members 10000
     python bench/train_throughput.py --arch transformer --width 64 --depth 1 --members 32 \
-        --batch 32 --steps 30 --seq-members 4 --kernel vmap          # ~54k, Markov sequences
+        --batch 32 --steps 30 --seq-members 4 --threads 1 --repeats 3   # ~54k, Markov sequences
 
 Both sides train with SGD + momentum, data already on the device (`--dataset`: MNIST-1D for mlp and
 cnn1d, the 28x28x1 `mnist` digits for cnn2d and resnet, sequences of 32 tokens of the `markov`

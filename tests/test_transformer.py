@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from dlstore.architectures.base import init_state, n_params
-from dlstore.architectures.kernels import VmapKernel
+from dlstore.architectures.kernels import VmapKernel, kernel_for
 from dlstore.architectures.registry import parse_arch_options
+from dlstore.architectures.transformer_kernel import TransformerKernel
 from dlstore.building.build import build_zoo
 from dlstore.building.plan import cohort_plan, plan_build, plan_cohorts
 from dlstore.datasets.base import run_data
@@ -20,6 +21,7 @@ from dlstore.datasets.sequences import IGNORE
 from dlstore.errors import SpecError
 from dlstore.metrics.basic import loss_and_accuracy
 from dlstore.spec import ZooSpec
+from dlstore.stacks import pad_stack
 from dlstore.store.store import Store
 from dlstore.training.cohort import CohortTrainer
 from dlstore.training.reference import train_reference
@@ -248,3 +250,109 @@ def test_answer_token_accuracy_of_arithmetic_is_the_token_accuracy():
     answers = (logits[:, :, -1].argmax(1) == plan.y_test[:, -1]).double().mean().item()
     assert last.metrics["test_acc"][0].item() == pytest.approx(answers, abs=1e-12)
     assert "test_excess_loss" not in last.metrics  # no known entropy rate for arithmetic
+
+
+# -- the cohort kernel -------------------------------------------------------------------------
+
+PARITY = 'name = "sparse_parity"\nn_bits = 6\nk = 2\nn_samples = 64'
+
+
+def _cohort(dataset: str, widths: list[int], dropout: float = 0.0):
+    """Members of `widths` on `dataset` (2 seeds each): their modules in train mode, the widest
+    options, stacked and zero-padded states, and one batch [P, 12, T] each."""
+    spec = seq_spec(f"dropout = {dropout}", f"model.width = {widths}", dataset=dataset)
+    runs = list(spec.runs)
+    data = run_data(runs[0].dataset, runs[0].seed)
+    shape, classes = data.input_shape, data.n_classes
+    nets, states = [], []
+    for run in runs:
+        net = run.model.build(shape, classes)
+        state = init_state(run.model, shape, classes, run.seed)
+        net.load_state_dict(state)
+        nets.append(net.train())
+        states.append(state)
+    wide = max((run.model for run in runs), key=lambda m: m.width)
+    axes = wide.padded_axes({k: tuple(v.shape) for k, v in
+                             wide.build(shape, classes).state_dict().items()})
+    stacked = {k: pad_stack([s[k] for s in states], axes[k])[0] for k in states[0]}
+    rows = torch.randint(0, data.x_train.shape[0], (len(runs), 12),
+                         generator=torch.Generator().manual_seed(0))
+    return nets, wide, shape, classes, stacked, data.x_train[rows], data.y_train[rows]
+
+
+@pytest.mark.parametrize("dataset", ['name = "arithmetic"\np = 7', MARKOV, PARITY],
+                         ids=["arithmetic", "markov", "parity"])
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_the_fast_kernel_gives_the_modules_losses_gradients_and_buffers(dataset, dropout):
+    # mixed widths in one cohort (padded heads and masked LayerNorm), each member against
+    # autograd through its own module; with dropout, the module's own masks and counter
+    nets, wide, shape, classes, state, x, y = _cohort(dataset, [8, 16], dropout)
+    kernel = kernel_for(wide, shape, classes)
+    assert isinstance(kernel, TransformerKernel)
+    assert kernel.buffers == tuple(k for k, _ in nets[0].named_buffers())
+    for _ in range(2):  # twice: the second forward draws new masks (the counter moved)
+        losses, grads, buffers = kernel.loss_grads_and_buffers(state, x, y)
+        for i, net in enumerate(nets):
+            loss = F.cross_entropy(net(x[i]), y[i])  # advances the module's dropout_calls
+            torch.testing.assert_close(losses[i], loss, atol=1e-5, rtol=0)
+            names, params = zip(*net.named_parameters())
+            for name, grad in zip(names, torch.autograd.grad(loss, params)):
+                mine = grads[name][i]
+                corner = mine[tuple(slice(0, n) for n in grad.shape)]
+                torch.testing.assert_close(corner, grad, atol=1e-5, rtol=0)
+                assert mine.abs().sum().item() == pytest.approx(corner.abs().sum().item(), rel=1e-6)
+            for name, value in net.named_buffers():
+                assert torch.equal(buffers[name][i], value), name
+        state = {**state, **buffers}
+    if dropout:
+        assert buffers["dropout_calls"].tolist() == [2] * len(nets)
+
+
+def test_the_fast_kernel_without_padding_or_dropout_trains_through_loss_and_grads():
+    # every member at full width: the fused LayerNorm path; loss_and_grads as the trainer of a
+    # buffer-free module would call it
+    nets, wide, shape, classes, state, x, y = _cohort(MARKOV, [16])
+    losses, grads = kernel_for(wide, shape, classes).loss_and_grads(state, x, y)
+    for i, net in enumerate(nets):
+        loss = F.cross_entropy(net(x[i]), y[i])
+        torch.testing.assert_close(losses[i], loss, atol=1e-5, rtol=0)
+        for (name, _), grad in zip(net.named_parameters(),
+                                   torch.autograd.grad(loss, list(net.parameters()))):
+            torch.testing.assert_close(grads[name][i], grad, atol=1e-5, rtol=0)
+    assert set(grads) == {name for name, _ in nets[0].named_parameters()}
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_the_fast_kernel_evaluates_as_the_module_in_eval_mode(dropout):
+    nets, wide, shape, classes, state, x, _ = _cohort('name = "arithmetic"\np = 7', [8, 16],
+                                                     dropout)
+    kernel = kernel_for(wide, shape, classes)
+    shared = x[0]  # [N, T]: every member on the same inputs
+    logits, features = kernel.forward_shared(state, shared), kernel.features_shared(state, shared)
+    for i, net in enumerate(nets):
+        net.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(logits[i], net(shared), atol=1e-5, rtol=0)  # [N, V, T]
+            width = int(net.width)
+            torch.testing.assert_close(features[i][:, :width], net.features(shared), atol=1e-5,
+                                       rtol=0)
+            one = kernel.forward_one({k: v[i] for k, v in state.items()}, shared)
+            torch.testing.assert_close(one, net(shared), atol=1e-5, rtol=0)
+
+
+def test_the_fast_kernels_forward_one_differentiates_twice():
+    _, wide, shape, classes, state, x, y = _cohort('name = "arithmetic"\np = 7', [8])
+    kernel = kernel_for(wide, shape, classes)
+    member = {k: v[0] for k, v in state.items()}
+    head = member["head.weight"]
+
+    def loss(w):
+        return F.cross_entropy(kernel.forward_one({**member, "head.weight": w}, x[0]), y[0])
+
+    direction = torch.randn_like(head)
+    _, hvp = torch.func.jvp(torch.func.grad(loss), (head,), (direction,))
+    eps = 1e-3  # against a finite difference of the gradient
+    numeric = (torch.func.grad(loss)(head + eps * direction)
+               - torch.func.grad(loss)(head - eps * direction)) / (2 * eps)
+    torch.testing.assert_close(hvp, numeric, atol=2e-3, rtol=1e-2)
+    assert hvp.abs().max() > 1e-4

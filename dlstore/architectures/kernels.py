@@ -6,7 +6,7 @@ Both also give every member's logits and penultimate features on shared inputs
 (`forward_shared`, `features_shared`), one member's logits (`forward_one`, a function of its own
 parameters that `torch.func` can differentiate twice), and name the classifier layer.
 
-Three implementations:
+Four implementations:
 - `VmapKernel`, for any architecture: `torch.func.vmap(grad_and_value(...))` over
   `functional_call` of the architecture's module;
 - `MLPKernel`, the fast kernel `mlp` declares (`Architecture.cohort_kernel`): the forward and
@@ -15,8 +15,12 @@ Three implementations:
   make the elementwise backward ops and `log_softmax` over ten classes slow there;
 - `ConvNetKernel` (`dlstore.architectures.fused`), the fast kernel `cnn1d` and `cnn2d` declare:
   strided convolutions as batched matmuls over shifted views of blocked inputs, backward
-  written out, for any number of spatial axes (and cnn2d's dropout, from its buffers).
-Equivalence tests pin them against the `torch.optim` reference.
+  written out, for any number of spatial axes (and cnn2d's dropout, from its buffers);
+- `TransformerKernel` (`dlstore.architectures.transformer_kernel`), the transformer's: one
+  stacked forward over the member axis (`baddbmm` against stacked weights, attention as
+  batched matmuls, the module's hashed dropout masks) and autograd through it.
+Equivalence tests pin them against the `torch.optim` reference (and the transformer's against
+each member's module).
 
 Buffers. A module's state dict may hold tensors that are not parameters (BatchNorm's running
 statistics and batch counter, cnn2d's dropout seed and counter): a kernel names them in

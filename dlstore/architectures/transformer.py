@@ -26,6 +26,9 @@ from the init seed after every weight), a count of training forwards, the dropou
 index along every axis, so a member's noise is the same in any cohort as alone (vmap's own
 randomness would couple members), and padded units and heads, which come last on their axes,
 leave the true ones' masks as they are.
+
+A cohort trains on `TransformerKernel` (`dlstore.architectures.transformer_kernel`): this
+forward stacked over the member axis, the same masks drawn from the stacked seeds and counters.
 """
 
 from __future__ import annotations
@@ -188,6 +191,12 @@ class TransformerOptions(Architecture):
 
     def classifier_layer(self) -> str:
         return "head"
+
+    def cohort_kernel(self, input_shape: tuple[int, ...], n_classes: int):
+        # the stacked forward, autograd through it: faster than vmap (transformer_kernel.py)
+        from dlstore.architectures.transformer_kernel import TransformerKernel
+
+        return TransformerKernel(self, input_shape, n_classes)
 
     def padded_axes(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
         # embeddings [V, d] and [T, d] and the head [V, d] pad on their d axis; every weight
