@@ -37,7 +37,7 @@ def test_metric_rows_land_clustered_in_bounded_row_groups(tmp_path):
     # the same rows: sorted, not changed
     given = sorted(zip(columns["metric"], columns["step"], columns["run_id"], columns["value"]))
     assert sorted((r["metric"], r["step"], r["run_id"], r["value"]) for r in written) == given
-    # a row group's statistics now rule out the other metrics: most hold one metric only
+    # a row group's statistics can now rule out other metrics: here the last holds one only
     stats = [file.metadata.row_group(i).column(2).statistics for i in range(file.num_row_groups)]
     assert sum(s.min == s.max for s in stats) >= 1
 
@@ -56,7 +56,7 @@ def test_the_writer_of_every_tenth_version_merges_the_small_files(tmp_path):
     expected = [_metric_rows(100, seed=i) for i in [*range(every - 1), every]]
     assert rows["n"][0] == 100 * every
     assert abs(rows["s"][0] - sum(sum(c["value"]) for c in expected)) < 1e-9
-    # the merged file keeps row groups bounded (a compaction writes the append's layout)
+    # the merged file's row groups stay bounded (its rows are not re-sorted: see README)
     assert all(pq.ParquetFile(f).metadata.row_group(0).num_rows <= ROW_GROUP_ROWS
                for f in files)
 
@@ -75,8 +75,8 @@ def test_a_failed_compaction_leaves_the_append_standing(tmp_path, monkeypatch):
     for i in range(tables_module.COMPACT_EVERY):
         writer.append_rows("metrics", _metric_rows(10, seed=i))
     assert called == ["metrics"]
-    assert store.sql("SELECT count(*) AS n FROM _metrics")["n"][0] == 10 * len(range(
-        tables_module.COMPACT_EVERY))
+    rows = store.sql("SELECT count(*) AS n FROM _metrics")["n"][0]
+    assert rows == 10 * tables_module.COMPACT_EVERY
 
 
 def test_appends_and_compactions_stay_compressed(tmp_path):

@@ -279,7 +279,7 @@ class Tables:
         self._raise_head(name)
         return result
 
-    def stale_files(self, name: str, cutoff: float, now: float | None = None) -> list[str]:
+    def stale_files(self, name: str, cutoff: float) -> list[str]:
         """Data files of the table that no snapshot since `cutoff` (seconds since the epoch)
         needs: removed from the table (by a compaction) before `cutoff`, and still present;
         and files no log entry ever added (a compaction that lost a race, an append that died
@@ -297,7 +297,7 @@ class Tables:
         present = {info.key.rsplit("/", 1)[-1]: info
                    for info in self.location.list(f"{self.prefix}/{name}")
                    if info.key.count("/") == self.prefix.count("/") + 2}  # not in _delta_log/
-        orphan_before = min(cutoff, (time.time() if now is None else now) - ORPHAN_SECONDS)
+        orphan_before = min(cutoff, time.time() - ORPHAN_SECONDS)
         # a tombstone whose log entry was cleaned up is older than the log's retention
         stale = {path for path in tombstoned if path in present
                  and removed_at.get(path, 0.0) < cutoff}
