@@ -9,6 +9,8 @@ is downloaded.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 
 import duckdb
@@ -61,8 +63,9 @@ VIEWS = {
     # status and final step are its latest update's. A commit writes a run's row once, so
     # (run_id, commit_id) names the row: found by a join, not a window over every column (twice
     # as long). Materialized by `Catalog` (one row per run: every view over runs joins a table,
-    # not this query); the `runs` view on top turns a `running` run whose heartbeat is older
-    # than STALE_SECONDS into `died`, at query time.
+    # not this query; a process loads it as the last to compute it saved it); the `runs` view
+    # on top turns a `running` run whose heartbeat is older than STALE_SECONDS into `died`, at
+    # query time.
     "_runs_latest": """
         SELECT u.* REPLACE (
                    coalesce(s.status, u.status) AS status,
@@ -97,10 +100,12 @@ VIEWS = {
     "masks": """
         SELECT m.* EXCLUDE (commit_id) FROM _masks m
         JOIN runs r ON m.run_id = r.run_id AND m.commit_id = r.commit_id""",
-    # each run's metrics at its last checkpoint with weights, with its hyperparameters
+    # each run's metrics at its last checkpoint with weights, with its hyperparameters (the
+    # join on the runs row's commit is what `metrics` does: one join, not two)
     "final": f"""
         SELECT {_HYPER}, m.step, m.metric, m.tensor, m.value
-        FROM metrics m JOIN runs r ON m.run_id = r.run_id AND m.step = r.final_step""",
+        FROM _metrics m JOIN runs r ON m.run_id = r.run_id AND m.commit_id = r.commit_id
+                                   AND m.step = r.final_step""",
     # group metrics with the hyperparameters the group's runs share; concurrent writers of one
     # group may each record it: show the first
     "group_metrics": f"""
@@ -113,11 +118,13 @@ VIEWS = {
         WHERE g._rank = 1 AND NOT EXISTS (
             SELECT 1 FROM _removed x WHERE list_contains(g.run_ids, x.run_id)
                                        AND x.removed_at >= g.created_at)""",
-    # whole-model metrics along training, with epochs and hyperparameters
+    # whole-model metrics along training, with epochs and hyperparameters (the rows of the
+    # runs row's commit, as `metrics` and `checkpoints` show them, joined once)
     "curves": f"""
         SELECT {_HYPER}, m.step, c.epoch, m.metric, m.value
-        FROM metrics m JOIN runs r ON m.run_id = r.run_id
-        LEFT JOIN checkpoints c ON c.run_id = m.run_id AND c.step = m.step
+        FROM _metrics m JOIN runs r ON m.run_id = r.run_id AND m.commit_id = r.commit_id
+        LEFT JOIN _checkpoints c ON c.run_id = m.run_id AND c.commit_id = r.commit_id
+                                AND c.step = m.step
         WHERE m.tensor IS NULL""",
     # every run of a tickets zoo with its lineage and its final accuracy and loss
     "tickets": """
@@ -134,8 +141,8 @@ VIEWS = {
                max(m.value) FILTER (WHERE m.metric = 'train_acc') AS train_acc
         FROM runs r
         LEFT JOIN runs s ON s.run_id = r.source_run_id
-        LEFT JOIN metrics m ON m.run_id = r.run_id AND m.step = r.final_step
-                            AND m.tensor IS NULL
+        LEFT JOIN _metrics m ON m.run_id = r.run_id AND m.commit_id = r.commit_id
+                             AND m.step = r.final_step AND m.tensor IS NULL
         WHERE r.level IS NOT NULL
         GROUP BY ALL""",
     # transferred tickets by source condition x target condition x level (density), mean test
@@ -165,9 +172,11 @@ VIEWS = {
         LEFT JOIN dense d ON d.zoo = m.zoo AND d.condition = m.target_condition""",
 }
 
-# made as tables over the current snapshots, again whenever a table changes: small, and read by
-# most queries (a join against a table binds and runs several times faster than one against
-# the query behind it)
+# computed once over the current snapshots, again whenever a table they read changes, and
+# registered as Arrow tables: small, and read by most queries (a join against a table binds and
+# runs several times faster than one against the query behind it). Each is saved under
+# `cache/` in a local store, named by what it was computed from, so that the next process's
+# first query loads it instead of computing it
 MATERIALIZED = {"_runs_latest"}
 
 # one row per (run, step), one column per whole-model metric; DuckDB views need the pivot
@@ -184,14 +193,22 @@ _DEPENDS = {name: {other for other in VIEWS if other != name
 _DEPENDS["metrics_wide"] = {"metrics"}
 
 
+# the tables each view reads itself (`_<table>`)
+_TABLES_DIRECT = {view: {name for name in TABLES
+                         if re.search(rf"\b_{name}\b", VIEWS.get(view, ""))}
+                  for view in _DEPENDS}
+_TABLES_DIRECT["metrics_wide"] = {"metrics"}  # its pivot columns come from _metrics
+
+
 def _tables_read(view: str) -> set[str]:
     """The tables a view reads, through the views it reads."""
-    body = VIEWS.get(view, "")
-    direct = {name for name in TABLES if re.search(rf"\b_{name}\b", body)}
-    return direct.union(*(_tables_read(other) for other in _DEPENDS[view]))
+    return _TABLES_DIRECT[view].union(*(_tables_read(other) for other in _DEPENDS[view]))
 
 
 _TABLES_READ = {view: _tables_read(view) for view in _DEPENDS}
+
+# where the materialized views are kept between processes, under the store's root
+CACHE = "cache"
 
 
 class Catalog:
@@ -199,7 +216,8 @@ class Catalog:
         self.tables = tables
         # DuckDB reads the table files and nothing else (see sandbox.py)
         self.con = sandboxed_connection([tables.location.readable_directory(tables.prefix)])
-        self._versions: dict[str, int] = {}
+        self._snapshots: dict[str, tuple[int, list[str]]] = {}  # as the last refresh found
+        self._tables: dict[str, int] = {}  # the version each `_<table>` view reads
         self._views: set[str] = set()  # views created over the current snapshots
 
     def refresh(self, query: str | None = None) -> duckdb.DuckDBPyConnection:
@@ -223,29 +241,40 @@ class Catalog:
             views, tables = set(_DEPENDS), set(TABLES)
         changed = False
         for name in sorted(tables.union(*(_TABLES_READ[v] for v in views))):
-            version, files = self.tables.snapshot(name)
-            if self._versions.get(name) == version:
-                continue
-            # the empty table of the current schema first: every column exists, in schema order,
-            # null in files written before a column was added
-            source = _empty_select(TABLES[name])
-            if files:
-                files = self.tables.location.readable_files(files)
-                listing = ", ".join(_sql_string(f) for f in files)
-                source += (" UNION ALL BY NAME SELECT * FROM "
-                           f"read_parquet([{listing}], union_by_name = true)")
-            self.con.execute(f"CREATE OR REPLACE VIEW _{name} AS {source}")
-            self._versions[name] = version
-            changed = True
+            snapshot = self.tables.snapshot(name)
+            if self._snapshots.get(name, (None,))[0] != snapshot[0]:
+                self._snapshots[name] = snapshot
+                changed = True
         if changed:  # views made over older snapshots are made again when next named
             self._views.clear()
+        for name in tables:
+            self._table(name)
         for name in views - self._views:
             self._create(name)
         return self.con
 
+    def _table(self, name: str) -> None:
+        """The view `_<name>` over the table's snapshot as the last refresh found it: made
+        when a view that reads it is made (binding it reads its Parquet footers)."""
+        version, files = self._snapshots[name]
+        if self._tables.get(name) == version:
+            return
+        # the empty table of the current schema first: every column exists, in schema order,
+        # null in files written before a column was added
+        source = _empty_select(TABLES[name])
+        if files:
+            files = self.tables.location.readable_files(files)
+            listing = ", ".join(_sql_string(f) for f in files)
+            source += (" UNION ALL BY NAME SELECT * FROM "
+                       f"read_parquet([{listing}], union_by_name = true)")
+        self.con.execute(f"CREATE OR REPLACE VIEW _{name} AS {source}")
+        self._tables[name] = version
+
     def _create(self, name: str) -> None:
-        for other in _DEPENDS[name] - self._views:  # what it reads first: DuckDB binds it now
-            self._create(other)
+        if name in MATERIALIZED:
+            self._materialize(name)
+            return
+        self._inputs(name)
         if name == "metrics_wide":
             # DuckDB views need the pivot columns spelled out: read from the data
             names = [r[0] for r in self.con.execute(
@@ -254,9 +283,85 @@ class Catalog:
                     else "SELECT run_id, step FROM metrics WHERE false")
         else:
             body = VIEWS[name]
-        kind = "TEMP TABLE" if name in MATERIALIZED else "VIEW"
-        self.con.execute(f"CREATE OR REPLACE {kind} {name} AS {body}")
+        self.con.execute(f"CREATE OR REPLACE VIEW {name} AS {body}")
         self._views.add(name)
+
+    def _inputs(self, name: str) -> None:
+        """What a view reads, made first: DuckDB binds a view when it is created."""
+        for other in _DEPENDS[name] - self._views:
+            self._create(other)
+        for table in _TABLES_DIRECT[name]:
+            self._table(table)
+
+    # -- the materialized views, kept between processes ------------------------------------
+
+    def _materialize(self, name: str) -> None:
+        """`name` as an Arrow table registered under its name: the copy an earlier process
+        saved over the same snapshots where there is one (a few milliseconds instead of the
+        query behind it, which was most of a process's first query), else computed and saved
+        for the next process."""
+        key = self._cache_key(name)
+        frame = self._load(name, key)
+        if frame is None:
+            self._inputs(name)
+            frame = self.con.sql(VIEWS[name]).to_arrow_table()
+            self._save(name, key, frame)
+        self.con.register(name, frame)
+        self._views.add(name)
+
+    def _cache_key(self, name: str) -> str | None:
+        """The file that holds `name` materialized over the current snapshots (local stores
+        only: a reader does not write to an object store): named by a hash of everything its
+        rows depend on, so that a commit to a table it reads, another dlstore or DuckDB, or a
+        table file changed on disk names another file. That is the SQL behind it and the views
+        it reads, the schemas of the tables it reads, and their Parquet files: names in the
+        table (a store moved whole keeps its copies), sizes and modification times (a file
+        truncated or replaced is read again, and found damaged as the query would find it).
+        None where a file is missing: the query finds that."""
+        if not self.tables.location.local:
+            return None
+        digest = hashlib.sha256()
+        parts = [duckdb.__version__, *(VIEWS[v] for v in sorted(_DEPENDS[name] | {name}))]
+        for table in sorted(_TABLES_READ[name]):
+            base = self.tables.path(table)
+            parts += [table, str(TABLES[table])]
+            for path in sorted(self._snapshots[table][1]):
+                try:
+                    st = os.stat(path)
+                except OSError:
+                    return None
+                parts.append(f"{path.removeprefix(base)} {st.st_size} {st.st_mtime_ns}")
+        for part in parts:
+            digest.update(part.encode() + b"\0")
+        return f"{CACHE}/{name}-{digest.hexdigest()[:32]}.arrow"
+
+    def _load(self, name: str, key: str | None) -> pa.Table | None:
+        """The saved copy of `name` over the current snapshots; None when there is none or it
+        cannot be read (then it is computed)."""
+        if key is None:
+            return None
+        try:
+            data = self.tables.location.read_bytes(key)
+            return pa.ipc.open_file(pa.BufferReader(data)).read_all()
+        except (OSError, pa.ArrowException):
+            return None
+
+    def _save(self, name: str, key: str | None, frame: pa.Table) -> None:
+        """Keep `frame` for later processes, written atomically, replacing the copies of older
+        snapshots. A failure to write costs only the time it would have saved."""
+        if key is None:
+            return
+        location = self.tables.location
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, frame.schema) as writer:
+            writer.write_table(frame)
+        try:
+            location.write_atomic(key, sink.getvalue().to_pybytes())
+            for old in location.list(CACHE):
+                if old.key != key and old.key.rsplit("/", 1)[-1].startswith(f"{name}-"):
+                    location.remove(old.key)
+        except OSError:
+            pass
 
 
 def _sql_type(kind: pa.DataType) -> str:
