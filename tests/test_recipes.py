@@ -264,6 +264,22 @@ def test_recipe_specs_parse_and_ask_for_their_metrics():
                 }) > 1
 
 
+def test_cpu_grokking_transformer_recipe_is_full_batch_over_a_weight_decay_grid():
+    # the README's built transformer grokking recipe: its zoo name is what `plot grokking --zoo`
+    # is given, and every step sees the whole training set (481 of the 961 pairs mod 31)
+    path = ZOO_DIR / "grokking-transformer-cpu.toml"
+    spec = ZooSpec.from_toml(path)
+    assert spec.name == path.stem
+    assert len(spec.runs) == 8  # 4 weight decays x 2 seeds
+    assert sorted({r.train.weight_decay for r in spec.runs}) == [0.0, 0.5, 1.0, 2.0]
+    for run in spec.runs:
+        n_train = run.dataset.generate().x_train.shape[0]
+        assert n_train == 481 and run.train.batch_size == n_train
+        assert run.train.steps_per_epoch(n_train) == 1 and run.train.total_steps(n_train) == 5000
+        assert run.model.arch == "transformer" and run.model.depth == 1
+        assert run.model.width // run.model.head_dim in (2, 4)
+
+
 # -- the signatures in the zoos the recipes build (minutes each) ----------------------------------
 
 def _build_recipe(recipe: str, tmp_path) -> Store:
