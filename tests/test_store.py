@@ -145,7 +145,7 @@ def test_a_store_that_cannot_be_written_still_answers(tmp_path, built_store, mon
     store = _fresh_copy(built_store, tmp_path / "s")
     expected = dlstore.open(built_store.root).sql(RUNS)
 
-    def refuse(key, data):
+    def refuse(key, data, durable=True):
         raise PermissionError(f"read-only: {key}")
 
     monkeypatch.setattr(store.location, "write_atomic", refuse)

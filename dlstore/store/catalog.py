@@ -356,7 +356,9 @@ class Catalog:
         with pa.ipc.new_file(sink, frame.schema) as writer:
             writer.write_table(frame)
         try:
-            location.write_atomic(key, sink.getvalue().to_pybytes())
+            # not synced: a copy lost to a crash is computed again (and one torn by it does
+            # not read as Arrow, so it is computed again too)
+            location.write_atomic(key, sink.getvalue().to_pybytes(), durable=False)
             for old in location.list(CACHE):
                 if old.key != key and old.key.rsplit("/", 1)[-1].startswith(f"{name}-"):
                     location.remove(old.key)

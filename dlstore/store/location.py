@@ -84,8 +84,9 @@ class Location(ABC):
     def open_read(self, key: str) -> IO[bytes]: ...
 
     @abstractmethod
-    def write_atomic(self, key: str, data: bytes) -> None:
-        """Write `data` under `key` so that `key` is either complete or absent."""
+    def write_atomic(self, key: str, data: bytes, durable: bool = True) -> None:
+        """Write `data` under `key` so that `key` is either complete or absent; `durable`: on
+        disk before this returns (False for what costs only time to lose, as a cache)."""
 
     def touch(self, key: str) -> bool:
         """Mark `key` as written now, if it can be done without rewriting it (True)."""
@@ -157,19 +158,22 @@ class LocalLocation(Location):
     def open_read(self, key: str) -> IO[bytes]:
         return open(self.root / key, "rb")
 
-    def write_atomic(self, key: str, data: bytes) -> None:
+    def write_atomic(self, key: str, data: bytes, durable: bool = True) -> None:
         path = self.root / key
         tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)  # a full disk leaves no partial file behind
             raise
+        if not durable:
+            return
         fd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -262,8 +266,8 @@ class ObjectLocation(Location):
     def open_read(self, key: str) -> IO[bytes]:
         return self._call(key, lambda: self.fs.open_input_stream(self._path(key)))
 
-    def write_atomic(self, key: str, data: bytes) -> None:
-        head, _, name = key.rpartition("/")
+    def write_atomic(self, key: str, data: bytes, durable: bool = True) -> None:
+        head, _, name = key.rpartition("/")  # an object store's put is durable when it returns
         tmp = f"{head}/" * bool(head) + f".{name}.{uuid.uuid4().hex}.tmp"
 
         def write() -> None:
