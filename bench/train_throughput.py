@@ -143,12 +143,16 @@ def main() -> None:
     parser.add_argument("--kernel", default="fast,vmap",
                         help="cohort kernels to measure, comma-separated: fast (the "
                         "architecture's declared one), vmap (the generic one)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch's CPU threads for both sides (0: torch's default)")
+    parser.add_argument("--threads", default="0",
+                        help="torch's CPU threads for both sides (0: torch's default); a "
+                        "comma-separated list measures every side at each count in every "
+                        "round, and adds each side at its best count against the other's")
     args = parser.parse_args()
     device = resolve_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    try:
+        thread_counts = [int(t) for t in args.threads.split(",")]
+    except ValueError:
+        parser.error(f"--threads: whole numbers, comma-separated, not {args.threads!r}")
     kernels = args.kernel.split(",")
     if not kernels or set(kernels) - {"fast", "vmap"}:
         parser.error(f"--kernel: fast, vmap or both, not {args.kernel!r}")
@@ -160,55 +164,98 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seq_runs = runs[:args.seq_members]
+    default_threads = torch.get_num_threads()
+
+    def use(threads: int) -> int:
+        torch.set_num_threads(threads or default_threads)
+        return torch.get_num_threads()
+
+    use(thread_counts[0])
     train_reference(seq_runs[0], datas[0], device=device)  # warm-up: first calls are slow
-    # rounds of every side in turn, each reported as its median and the ratios per round:
-    # on a shared machine the load drifts within a run, and a ratio of the same round holds
-    rounds = []
+    # rounds of every side (at every thread count) in turn, each reported as its median and
+    # the ratios per round: on a shared machine the load drifts within a run, and a ratio of
+    # the same round holds
+    rounds = []  # per round: {threads: ({kernel: (rate, class)}, seq rate, peak)}
     for _ in range(args.repeats):
-        measured = {kernel: cohort_rate(plan, device, kernel) for kernel in kernels}
-        started = time.perf_counter()
-        for run, data in zip(seq_runs, datas):
-            train_reference(run, data, device=device)
-        _sync(device)
-        seq = len(seq_runs) * args.steps / (time.perf_counter() - started)
-        rounds.append((measured, seq, matmul_peak(device)))
-    seq_rate = statistics.median(seq for _, seq, _ in rounds)
-    peak = statistics.median(peak for _, _, peak in rounds)
-    pop_rates = {kernel: statistics.median(m[kernel][0] for m, _, _ in rounds)
-                 for kernel in kernels}
-    ratios = {kernel: sorted(m[kernel][0] / seq for m, seq, _ in rounds) for kernel in kernels}
-    classes = {kernel: rounds[0][0][kernel][1] for kernel in kernels}
+        this = {}
+        for threads in thread_counts:
+            use(threads)
+            measured = {kernel: cohort_rate(plan, device, kernel) for kernel in kernels}
+            started = time.perf_counter()
+            for run, data in zip(seq_runs, datas):
+                train_reference(run, data, device=device)
+            _sync(device)
+            seq = len(seq_runs) * args.steps / (time.perf_counter() - started)
+            this[threads] = (measured, seq, matmul_peak(device))
+        rounds.append(this)
 
     flops_per_model_step = 3 * args.batch * forward_flops(plan)  # backward ~ 2x forward
     memory_mb = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    result = {
-        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "arch": args.arch, "members": args.members, "params": n_params, "batch": args.batch,
-        "threads": torch.get_num_threads(), "seq_steps_per_s": round(seq_rate, 1),
-    }
-    for i, (kernel, rate) in enumerate(pop_rates.items()):
-        row = {"class": classes[kernel], "steps_per_s": round(rate, 1),
-               "speedup": round(statistics.median(ratios[kernel]), 2),
-               "speedup_range": [round(ratios[kernel][0], 2), round(ratios[kernel][-1], 2)],
-               "gflops": round(rate * flops_per_model_step / 1e9, 1)}
-        if i == 0:
-            result.update({"kernel": kernel, "pop_steps_per_s": row["steps_per_s"],
-                           "speedup": row["speedup"], "gflops": row["gflops"]})
-        result.update({f"{kernel}_{k}": v for k, v in row.items()})
-    result.update({"peak_gflops": round(peak, 1), "peak_memory_mb": round(memory_mb, 1)})
+    device_name = str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
     print(f"{args.arch} {n_params} params, batch {args.batch}, {args.members} members, "
-          f"{args.steps} steps on {result['device']}, {result['threads']} threads, "
-          f"medians of {args.repeats} rounds")
-    print(f"  sequential loop : {seq_rate:12,.0f} model-steps/s")
-    for kernel, rate in pop_rates.items():
-        gflops = result[f"{kernel}_gflops"]
-        print(f"  cohort ({kernel:4s})   : {rate:12,.0f} model-steps/s   "
-              f"({result[f'{kernel}_speedup']}x, rounds {ratios[kernel][0]:.2f}-"
-              f"{ratios[kernel][-1]:.2f}x), {gflops:,.1f} GFLOP/s of a measured matmul "
-              f"peak of {peak:,.1f} ({gflops / peak:.0%}), {classes[kernel]}")
+          f"{args.steps} steps on {device_name}, medians of {args.repeats} rounds")
+    result = {"device": device_name, "arch": args.arch, "members": args.members,
+              "params": n_params, "batch": args.batch, "by_threads": {}}
+    for threads in thread_counts:
+        row = _summary([r[threads] for r in rounds], kernels, flops_per_model_step)
+        row["threads"] = use(threads)
+        result["by_threads"][str(threads)] = row
+        _report(row, kernels)
+    if len(thread_counts) > 1:
+        # each side at its best thread count in that round, against the other's best
+        best_seq = [max(r[t][1] for t in thread_counts) for r in rounds]
+        print("  best against best (each side at its fastest thread count):")
+        result["best"] = {}
+        for kernel in kernels:
+            best = [max(r[t][0][kernel][0] for t in thread_counts) for r in rounds]
+            ratios = sorted(b / s for b, s in zip(best, best_seq))
+            result["best"][kernel] = {"steps_per_s": round(statistics.median(best), 1),
+                                      "seq_steps_per_s": round(statistics.median(best_seq), 1),
+                                      "speedup": round(statistics.median(ratios), 2),
+                                      "speedup_range": [round(ratios[0], 2),
+                                                        round(ratios[-1], 2)]}
+            print(f"    cohort ({kernel:4s}) {statistics.median(best):,.0f} against the loop "
+                  f"{statistics.median(best_seq):,.0f} model-steps/s: "
+                  f"{statistics.median(ratios):.2f}x (rounds {ratios[0]:.2f}-{ratios[-1]:.2f}x)")
+    first = result["by_threads"][str(thread_counts[0])]
+    result.update({k: first[k] for k in ("kernel", "pop_steps_per_s", "speedup", "gflops",
+                                         "seq_steps_per_s", "threads")})
+    result["peak_memory_mb"] = round(memory_mb, 1)
     print(f"  peak memory     : {memory_mb:12,.0f} MiB")
     print(json.dumps(result))
+
+
+def _summary(rounds: list, kernels: list[str], flops_per_model_step: int) -> dict:
+    """Medians over rounds of (measured, seq, peak) at one thread count."""
+    seq_rate = statistics.median(seq for _, seq, _ in rounds)
+    peak = statistics.median(peak for _, _, peak in rounds)
+    row = {"seq_steps_per_s": round(seq_rate, 1), "peak_gflops": round(peak, 1)}
+    for i, kernel in enumerate(kernels):
+        rate = statistics.median(m[kernel][0] for m, _, _ in rounds)
+        ratios = sorted(m[kernel][0] / seq for m, seq, _ in rounds)
+        part = {"class": rounds[0][0][kernel][1], "steps_per_s": round(rate, 1),
+                "speedup": round(statistics.median(ratios), 2),
+                "speedup_range": [round(ratios[0], 2), round(ratios[-1], 2)],
+                "gflops": round(rate * flops_per_model_step / 1e9, 1)}
+        if i == 0:
+            row.update({"kernel": kernel, "pop_steps_per_s": part["steps_per_s"],
+                        "speedup": part["speedup"], "gflops": part["gflops"]})
+        row.update({f"{kernel}_{k}": v for k, v in part.items()})
+    return row
+
+
+def _report(row: dict, kernels: list[str]) -> None:
+    peak = row["peak_gflops"]
+    print(f"  {row['threads']} thread{'s' if row['threads'] > 1 else ''}:")
+    print(f"  sequential loop : {row['seq_steps_per_s']:12,.0f} model-steps/s")
+    for kernel in kernels:
+        gflops = row[f"{kernel}_gflops"]
+        low, high = row[f"{kernel}_speedup_range"]
+        print(f"  cohort ({kernel:4s})   : {row[f'{kernel}_steps_per_s']:12,.0f} model-steps/s   "
+              f"({row[f'{kernel}_speedup']}x, rounds {low:.2f}-{high:.2f}x), {gflops:,.1f} "
+              f"GFLOP/s of a measured matmul peak of {peak:,.1f} ({gflops / peak:.0%}), "
+              f"{row[f'{kernel}_class']}")
 
 
 if __name__ == "__main__":
