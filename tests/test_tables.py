@@ -87,3 +87,48 @@ def test_appends_and_compactions_stay_compressed(tmp_path):
     (path,) = store.tables.snapshot("metrics")[1]
     column = pq.ParquetFile(path).metadata.row_group(0).column(4)  # value
     assert column.compression == "SNAPPY"
+
+
+def _small_files(store: Store, n: int) -> None:
+    for i in range(n):
+        StoreWriter(store).append_rows("metrics", _metric_rows(10, seed=100 + i))
+
+
+def _rows(store: Store) -> int:
+    return store.sql("SELECT count(*) AS n FROM _metrics")["n"][0]
+
+
+def test_a_compaction_beside_another_leaves_the_rows_once(tmp_path):
+    # deltalake lets two OPTIMIZE commits that removed the same files both land (their rows
+    # then show twice): while one compaction holds the table's lock, the elected one skips
+    store = Store(tmp_path / "s", create=True)
+    _small_files(store, 3)
+    version, files = store.tables.snapshot("metrics")
+    lock = tables_module.COMPACT_LOCK.format(name="metrics")
+    with store.location.exclusive(lock, wait=False) as held:
+        assert held
+        store.tables._merge_small_files("metrics")
+        assert store.tables.snapshot("metrics") == (version, files)  # it skipped
+    store.tables._merge_small_files("metrics")  # free again: it merges
+    after_version, after_files = store.tables.snapshot("metrics")
+    assert after_version == version + 1 and len(after_files) == 1
+    assert _rows(store) == 30
+
+
+def test_compactions_at_once_wait_for_each_other(tmp_path):
+    import threading
+
+    store = Store(tmp_path / "s", create=True)
+    _small_files(store, 4)
+    lock = tables_module.COMPACT_LOCK.format(name="metrics")
+    done = []
+    with store.location.exclusive(lock, wait=False) as held:
+        assert held
+        other = threading.Thread(target=lambda: done.append(store.tables.compact("metrics")))
+        other.start()
+        other.join(timeout=1.0)
+        assert other.is_alive() and not done  # `dlstore compact` waits for the lock
+        store.tables._open("metrics").optimize.compact()  # the holder's own merge
+    other.join(timeout=30)
+    assert len(done) == 1 and done[0].get("numFilesRemoved", 0) == 0  # nothing left to merge
+    assert _rows(store) == 40 and len(store.tables.snapshot("metrics")[1]) == 1

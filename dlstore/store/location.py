@@ -23,11 +23,14 @@ Keys are '/'-separated paths relative to the store's root.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import time
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -91,6 +94,13 @@ class Location(ABC):
     def touch(self, key: str) -> bool:
         """Mark `key` as written now, if it can be done without rewriting it (True)."""
         return False
+
+    @contextmanager
+    def exclusive(self, key: str, wait: bool) -> Iterator[bool]:
+        """Hold the lock named `key` while the block runs, shared with every process on this
+        store: yields True when held (`wait`: block until it is free), False when another
+        holder has it, or where the store cannot lock (an object store)."""
+        yield False
 
     def free_bytes(self) -> int | None:
         """Bytes free for writing on the store's disk; None where unknown (object stores)."""
@@ -179,6 +189,22 @@ class LocalLocation(Location):
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    @contextmanager
+    def exclusive(self, key: str, wait: bool) -> Iterator[bool]:
+        # flock: the kernel lets go of a holder that dies, so there is no stale lock to break
+        path = self.root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a+b") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
     def free_bytes(self) -> int | None:
         folder = self.root

@@ -40,6 +40,12 @@ APPEND_ATTEMPTS = 5  # rounds of deltalake's own commit retries
 # a merged file is written again
 COMPACT_EVERY = 10
 COMPACT_TARGET_BYTES = 32 * 2**20
+# compactions of a table run one at a time, under this lock: deltalake (1.6) lets two OPTIMIZE
+# commits that removed the same files both land (it no longer counts a delete of a file that a
+# concurrent compaction also deleted as a conflict), and the rows of those files would then
+# show twice. An object store cannot lock: there writers do not compact as they go, and
+# `dlstore compact` must run one at a time
+COMPACT_LOCK = "locks/compact-{name}"
 # a data file no log entry names (a compaction that lost a race, an append that died before
 # its commit) is removed by `gc` only once it is this old: an append in flight is seconds old
 ORPHAN_SECONDS = 3600.0
@@ -144,8 +150,12 @@ class Tables:
         """The elected compaction after an append: an optimization, so a failure (a race lost,
         a full disk) leaves the table as it was and the append's success stands."""
         try:
-            self._open(name).optimize.compact(target_size=COMPACT_TARGET_BYTES,
-                                              writer_properties=_WRITER)
+            with self.location.exclusive(COMPACT_LOCK.format(name=name), wait=False) as held:
+                if not held:
+                    return  # another compaction is running: it merges these files
+                # the table opened under the lock: it sees what an earlier holder merged
+                self._open(name).optimize.compact(target_size=COMPACT_TARGET_BYTES,
+                                                  writer_properties=_WRITER)
         except (DeltaError, OSError):
             return
         self._raise_head(name)
@@ -270,12 +280,13 @@ class Tables:
         self.check_log(name)
         size = sum(f.size for f in self.location.list(f"{self.prefix}/{name}"))
         self.location.check_space(size, f"compacting table {name!r}")
-        try:
-            result = self._open(name).optimize.compact(target_size=COMPACT_TARGET_BYTES,
-                                                       writer_properties=_WRITER)
-        except (DeltaError, OSError) as e:
-            raise StoreError(f"cannot compact table {name!r} at {self.path(name)}: "
-                             f"{_first_line(e)}") from None
+        with self.location.exclusive(COMPACT_LOCK.format(name=name), wait=True):
+            try:  # opened under the lock: it sees what an earlier holder merged
+                result = self._open(name).optimize.compact(target_size=COMPACT_TARGET_BYTES,
+                                                           writer_properties=_WRITER)
+            except (DeltaError, OSError) as e:
+                raise StoreError(f"cannot compact table {name!r} at {self.path(name)}: "
+                                 f"{_first_line(e)}") from None
         self._raise_head(name)
         return result
 
