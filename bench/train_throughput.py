@@ -152,7 +152,9 @@ def main() -> None:
     try:
         thread_counts = [int(t) for t in args.threads.split(",")]
     except ValueError:
-        parser.error(f"--threads: whole numbers, comma-separated, not {args.threads!r}")
+        thread_counts = [-1]
+    if min(thread_counts) < 0:
+        parser.error(f"--threads: whole numbers >= 0, comma-separated, not {args.threads!r}")
     kernels = args.kernel.split(",")
     if not kernels or set(kernels) - {"fast", "vmap"}:
         parser.error(f"--kernel: fast, vmap or both, not {args.kernel!r}")

@@ -10,7 +10,6 @@ is downloaded.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 
 import duckdb
@@ -301,7 +300,7 @@ class Catalog:
         query behind it, which was most of a process's first query), else computed and saved
         for the next process."""
         key = self._cache_key(name)
-        frame = self._load(name, key)
+        frame = self._load(key)
         if frame is None:
             self._inputs(name)
             frame = self.con.sql(VIEWS[name]).to_arrow_table()
@@ -323,21 +322,21 @@ class Catalog:
         digest = hashlib.sha256()
         parts = [duckdb.__version__, *(VIEWS[v] for v in sorted(_DEPENDS[name] | {name}))]
         for table in sorted(_TABLES_READ[name]):
-            base = self.tables.path(table)
+            base, folder = self.tables.path(table), f"{self.tables.prefix}/{table}"
             parts += [table, str(TABLES[table])]
             for path in sorted(self._snapshots[table][1]):
-                try:
-                    st = os.stat(path)
-                except OSError:
+                in_table = path.removeprefix(base)
+                info = self.tables.location.info(folder + in_table)
+                if info is None:
                     return None
-                parts.append(f"{path.removeprefix(base)} {st.st_size} {st.st_mtime_ns}")
+                parts.append(f"{in_table} {info.size} {info.mtime!r}")
         for part in parts:
             digest.update(part.encode() + b"\0")
         return f"{CACHE}/{name}-{digest.hexdigest()[:32]}.arrow"
 
-    def _load(self, name: str, key: str | None) -> pa.Table | None:
-        """The saved copy of `name` over the current snapshots; None when there is none or it
-        cannot be read (then it is computed)."""
+    def _load(self, key: str | None) -> pa.Table | None:
+        """The saved copy of a materialized view (`key`: `_cache_key`); None when there is
+        none or it cannot be read (then it is computed)."""
         if key is None:
             return None
         try:
